@@ -1,0 +1,513 @@
+"""
+model.py: the core every stage shares.
+
+- process and device init (torchrun detection, NCCL on CUDA, gloo on CPU), rank-0 printing
+- the model: Qwen2-VL / Qwen2.5-VL checkpoints (local folder or hub name), a tiny Qwen2.5-VL
+  built from scratch with its own BPE tokenizer (`tiny`, for CPU runs and tests), or the exact
+  published architecture with random weights (`random:qwen2.5-vl-3b`, `random:qwen2-vl-2b`)
+- prompts: (image, question) -> chat-formatted token ids, the image placeholder expanded to the
+  number of tokens the vision tower produces (built from the image processor and the tokenizer
+  directly, so torchvision, which the transformers video processor needs, is not required)
+- batched group sampling with a KV cache, and per-token log-probabilities of completions
+- checkpoints: Hugging Face folders through safetensors, written to a temporary folder and renamed
+
+Everything here works on CPU; on CUDA the same code runs in bf16.
+
+Sampling noise is a counter-based hash of (row seed, position, token id), not a stateful RNG:
+a completion depends only on its own seed, never on which rank or batch it was sampled in, so
+a resumed run, or the same run on 2 processes, samples exactly the same completions.
+
+Usage from Python:
+    vlm = load("tiny", texts=corpus)                  # or a checkpoint folder / hub name
+    batch = vlm.encode(images, questions)             # left-padded prompts, pixel values
+    out = sample(vlm, batch, group_size=6, max_new_tokens=128, temperature=1.0, seeds=seeds)
+    logps = completion_logps(vlm, batch, out["tokens"], group_size=6)   # (N, T)
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# process and device
+
+_DIST = {"rank": 0, "world_size": 1, "local_rank": 0}
+
+
+def init_dist(device=None):
+    """Read torchrun's environment; start the process group. Returns (rank, world_size, device)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            device = f"cuda:{local_rank}"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    _DIST.update(rank=rank, world_size=world, local_rank=local_rank)
+    return rank, world, device
+
+
+def print0(*args, **kwargs):
+    if _DIST["rank"] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def is_main():
+    return _DIST["rank"] == 0
+
+
+def allreduce_grads(params):
+    """Average gradients over ranks. One flat buffer per dtype: a handful of collectives per step."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    for dtype in {g.dtype for g in grads}:
+        group = [g for g in grads if g.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in group])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for g in group:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def default_dtype(device):
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+# -----------------------------------------------------------------------------
+# prompts
+
+SYSTEM = "You are a helpful assistant."
+# The R1-style instruction the MEDFACT-R1 code appends to each question.
+INSTRUCTION = ("First output the thinking process in <think> </think> tags "
+               "and then output the final answer in <answer> </answer> tags.")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+# Qwen2.5-VL's chat template, reduced to what we use (one optional image, system + user turn).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def chat_prompt(question, n_image_tokens=0, instruction=INSTRUCTION):
+    """The prompt text, with the image placeholder already expanded to n_image_tokens."""
+    image = "<|vision_start|>" + "<|image_pad|>" * n_image_tokens + "<|vision_end|>" if n_image_tokens else ""
+    text = f"{question} {instruction}" if instruction else question
+    return (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"
+            f"<|im_start|>user\n{image}{text}<|im_end|>\n<|im_start|>assistant\n")
+
+
+# -----------------------------------------------------------------------------
+# architectures: tiny (from scratch) and the published ones (random weights, no download)
+
+TINY_IMAGE_SIZE = 112  # 8x8 patches of 14 px, merged 2x2 -> 16 image tokens
+
+CONFIGS = {
+    # Qwen/Qwen2.5-VL-3B-Instruct config.json (3.75 B parameters)
+    "qwen2.5-vl-3b": dict(
+        model_type="qwen2_5_vl", tie_word_embeddings=True,
+        text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                         num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
+                         rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)),
+    # Qwen/Qwen2-VL-2B-Instruct config.json (2.21 B parameters)
+    "qwen2-vl-2b": dict(
+        model_type="qwen2_vl", tie_word_embeddings=True,
+        text_config=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                         rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])),
+        vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, mlp_ratio=4, num_heads=16,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2)),
+}
+
+
+def tiny_config(vocab_size):
+    """A ~4M-parameter Qwen2.5-VL: the same code paths as the 3B, fast on a 2-core CPU."""
+    return dict(
+        model_type="qwen2_5_vl", tie_word_embeddings=True,
+        text_config=dict(vocab_size=vocab_size, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048,
+                         rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[4, 6, 6])),
+        vision_config=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=192,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[1], tokens_per_second=2))
+
+
+def build_tokenizer(texts, vocab_size=4096):
+    """Byte-level BPE trained on `texts`, carrying Qwen's chat and vision special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts) + [chat_prompt("x")], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIAL_TOKENS[1:])
+    # the reasoning tags as single (non-special, so decoded) tokens: shorter sequences for the tiny model
+    fast.add_tokens(["<think>", "</think>", "<answer>", "</answer>"])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_config(spec, tokenizer=None):
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+    spec = json.loads(json.dumps(spec))  # deep copy
+    cls = Qwen2_5_VLConfig if spec.pop("model_type") == "qwen2_5_vl" else Qwen2VLConfig
+    if tokenizer is not None:  # point the config at our tokenizer's special ids
+        ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in [
+            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+        spec.update(ids)
+        spec["text_config"].update(bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                   pad_token_id=tokenizer.pad_token_id)
+    return cls(**spec)
+
+
+def tiny_image_processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    n = TINY_IMAGE_SIZE * TINY_IMAGE_SIZE
+    return Qwen2VLImageProcessorPil(min_pixels=n, max_pixels=n, patch_size=14, merge_size=2, temporal_patch_size=2)
+
+
+# -----------------------------------------------------------------------------
+# the model wrapper
+
+
+class VLM:
+    """A Qwen-VL model with its tokenizer and image processor, and the prompt encoder."""
+
+    def __init__(self, model, tokenizer, image_processor, name):
+        self.model, self.tokenizer, self.image_processor, self.name = model, tokenizer, image_processor, name
+        self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.image_token_id = model.config.image_token_id
+        self.merge = model.config.vision_config.spatial_merge_size
+        self.max_len = model.config.text_config.max_position_embeddings
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def encode(self, images, questions, instruction=INSTRUCTION, max_prompt_len=None, names=None):
+        """(PIL images or None, questions) -> left-padded prompt batch on the model's device.
+
+        A prompt longer than max_prompt_len raises: image tokens are never truncated.
+        """
+        n = len(questions)
+        batch = {}
+        n_tok = [0] * n
+        if images is not None and any(im is not None for im in images):
+            if any(im is None for im in images):
+                raise ValueError("a batch must be all images or all text")
+            out = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+            batch["pixel_values"] = out["pixel_values"].to(self.device, self.model.dtype)
+            batch["image_grid_thw"] = out["image_grid_thw"].to(self.device)
+            n_tok = (out["image_grid_thw"].prod(-1) // self.merge ** 2).tolist()
+        ids = [self.tokenizer(chat_prompt(q, k, instruction), add_special_tokens=False).input_ids
+               for q, k in zip(questions, n_tok)]
+        limit = max_prompt_len or self.max_len
+        for i, x in enumerate(ids):
+            if len(x) > limit:
+                who = names[i] if names else f"prompt {i}"
+                raise ValueError(f"{who}: prompt is {len(x)} tokens ({n_tok[i]} image tokens), over the limit "
+                                 f"of {limit}; image tokens are never truncated: lower the image resolution "
+                                 f"(--max_pixels) or shorten the question")
+        L = max(len(x) for x in ids)
+        input_ids = torch.full((n, L), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, L), dtype=torch.long)
+        for i, x in enumerate(ids):  # left padding: every prompt ends where generation starts
+            input_ids[i, L - len(x):] = torch.tensor(x)
+            attention_mask[i, L - len(x):] = 1
+        batch["input_ids"] = input_ids.to(self.device)
+        batch["attention_mask"] = attention_mask.to(self.device)
+        return batch
+
+    def decode(self, tokens, mask=None):
+        rows = tokens.tolist() if mask is None else [t[:int(m.sum())] for t, m in zip(tokens.tolist(), mask)]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+    def generate_text(self, prompts, max_new_tokens=128, temperature=0.0, seed=0):
+        """Text-only generation (no image), e.g. for writing reasoning traces."""
+        batch = self.encode(None, prompts, instruction="")
+        seeds = torch.arange(len(prompts)) + seed * 1_000_003
+        out = sample(self, batch, 1, max_new_tokens, temperature, seeds)
+        return self.decode(out["tokens"], out["mask"])
+
+
+def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remote_code=False):
+    """Load a model by name: 'tiny', 'random:qwen2.5-vl-3b', 'random:qwen2-vl-2b', a folder or a hub name.
+
+    `texts` trains the tiny model's tokenizer (the demo texts if None).
+    """
+    from transformers import (AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2VLForConditionalGeneration)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    classes = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration}
+    dtype = dtype or default_dtype(device)
+    if name == "tiny" or name.startswith("random:"):
+        if name == "tiny":
+            if texts is None:
+                import data  # the demo's texts train the tiny tokenizer by default
+                texts = data.corpus_texts()
+            tokenizer = build_tokenizer(texts)
+            vocab = 64 * math.ceil(len(tokenizer) / 64)
+            spec, image_processor = tiny_config(vocab), tiny_image_processor()
+        else:
+            key = name.split(":", 1)[1]
+            if key not in CONFIGS:
+                raise ValueError(f"unknown random model {name!r}; choose from random:{', random:'.join(CONFIGS)}")
+            if texts is None:
+                import data
+                texts = data.corpus_texts()
+            tokenizer = build_tokenizer(texts, vocab_size=8192)
+            spec, image_processor = CONFIGS[key], Qwen2VLImageProcessorPil()
+        config = build_config(spec, tokenizer)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = classes[config.model_type]._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    else:
+        if os.path.isdir(name):
+            if not os.path.exists(os.path.join(name, "config.json")):
+                raise FileNotFoundError(f"{name}: not a model folder (no config.json)")
+            if not any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(name)):
+                raise FileNotFoundError(f"{name}: no *.safetensors weights in the checkpoint folder "
+                                        f"(only safetensors are loaded, never pickle)")
+        elif os.path.sep in name and not name.count("/") == 1:
+            raise FileNotFoundError(f"{name}: no such checkpoint folder")
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        if config.model_type not in classes:
+            raise ValueError(f"{name}: unsupported model type {config.model_type!r} "
+                             f"(supported: {', '.join(classes)})")
+        model = classes[config.model_type].from_pretrained(
+            name, dtype=dtype, use_safetensors=True, attn_implementation="sdpa",
+            trust_remote_code=trust_remote_code).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(name)
+    if max_pixels:
+        image_processor.size = {"shortest_edge": min(image_processor.size["shortest_edge"], max_pixels),
+                                "longest_edge": max_pixels}
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return VLM(model, tokenizer, image_processor, name)
+
+
+# -----------------------------------------------------------------------------
+# forward pieces: image features, 3D (M-RoPE) positions, hidden states, token log-probs
+
+
+def image_features(model, pixel_values, grid, repeat=1):
+    """Vision tower once per image; each image's tokens repeated `repeat` times (group sampling)."""
+    feats = model.model.get_image_features(pixel_values, grid, return_dict=True).pooler_output
+    return torch.cat([f for f in feats for _ in range(repeat)])
+
+
+def rope_positions(model, input_ids, attention_mask, grid, image_mask):
+    """Qwen-VL's 3D positions (3, B, L), and the next text position per row (B,)."""
+    mm = image_mask.int()
+    pos, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=mm, image_grid_thw=grid,
+                                        attention_mask=attention_mask)
+    return pos, pos.amax(dim=(0, 2)) + 1
+
+
+def hidden_states(model, input_ids, attention_mask, positions, feats=None, image_mask=None, cache=None):
+    """Last-layer hidden states (B, L, H); embeddings at image_mask (B, L) replaced by `feats`."""
+    embeds = model.model.get_input_embeddings()(input_ids)
+    if feats is not None:
+        embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), feats.to(embeds.dtype))
+    out = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
+                                     cache=cache, use_cache=cache is not None)
+    return out.last_hidden_state
+
+
+def _chunk_logps(h, targets, weight, temperature):
+    logits = (h @ weight.t()).float() / temperature  # (n, V), for one chunk only
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def token_logps(model, hidden, targets, temperature=1.0, chunk=1024):
+    """log p(targets) (N, T) from hidden states (N, T, H) at a temperature.
+
+    The lm_head and log-softmax run over `chunk` positions at a time (recomputed in backward), so
+    the (N, T, V) logits tensor never exists: for Qwen's 152k vocabulary it would be the largest
+    tensor of the step.
+    """
+    weight = model.lm_head.weight
+    h, t = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
+    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    out = [checkpoint(_chunk_logps, hc, tc, weight, temperature, use_reentrant=False) if grad
+           else _chunk_logps(hc, tc, weight, temperature) for hc, tc in zip(h.split(chunk), t.split(chunk))]
+    return torch.cat(out).view_as(targets)
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def _mix32(x):
+    # lowbias32-style integer hash on int64 tensors holding 32-bit values
+    m = 0xFFFFFFFF
+    x = ((x >> 16) ^ x) * 0x45D9F3B & m
+    x = ((x >> 16) ^ x) * 0x45D9F3B & m
+    return (x >> 16) ^ x
+
+
+def gumbel_noise(seeds, step, vocab_size, device):
+    """Gumbel(0, 1) noise (N, V), a pure function of (row seed, step, token id)."""
+    m = 0xFFFFFFFF
+    row = _mix32((seeds.to(device) * 0x9E3779B1 + step * 0x85EBCA6B + 0x27D4EB2F) & m)  # (N,)
+    v = torch.arange(vocab_size, device=device)
+    x = _mix32((row[:, None] ^ (v[None, :] * 0xC2B2AE35 & m)) & m)
+    u = ((x.float() + 0.5) / 4294967296.0).clamp(1e-7, 1 - 1e-7)
+    return -torch.log(-torch.log(u))
+
+
+def completion_mask(tokens, eos_id):
+    """1 for tokens up to and including the first EOS, 0 after (also when pad == eos)."""
+    is_eos = (tokens == eos_id).int()
+    after = (is_eos.cumsum(1) - is_eos) > 0
+    return (~after).int()
+
+
+def rollout_seeds(seed, step, prompt_ids, group_size):
+    """One seed per completion, from (run seed, step, global prompt index, sample index), prompt-major."""
+    p = torch.as_tensor(prompt_ids, dtype=torch.long).repeat_interleave(group_size)
+    g = torch.arange(group_size).repeat(len(prompt_ids))
+    return (seed * 1_000_003 + step * 7_919 * 65_536 + p * 64 + g) & 0x7FFFFFFF
+
+
+@torch.no_grad()
+def sample(vlm, batch, group_size=1, max_new_tokens=128, temperature=1.0, seeds=None):
+    """G completions per prompt, prompt-major (prompt 0's G samples, then prompt 1's, ...).
+
+    temperature 0 is greedy. Returns {"tokens": (N, T), "mask": (N, T)} where the mask keeps the
+    tokens up to and including the first EOS; T <= max_new_tokens (stops when all rows ended).
+    """
+    from transformers import DynamicCache
+    model, G = vlm.model, group_size
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    grid = batch.get("image_grid_thw")
+    P, N = ids.size(0), ids.size(0) * G
+    if temperature > 0 and seeds is None:
+        raise ValueError("sampling needs one seed per completion (see rollout_seeds)")
+    # prefill the P prompts once, then copy the cache G times
+    feats = image_features(model, batch["pixel_values"], grid) if grid is not None else None
+    image_mask = ids == model.config.image_token_id
+    pos, next_pos = rope_positions(model, ids, attn, grid, image_mask)
+    cache = DynamicCache(config=model.config.text_config)
+    h = hidden_states(model, ids, attn, pos, feats, image_mask, cache)[:, -1]
+    logits = model.lm_head(h).float()
+    if G > 1:
+        cache.batch_repeat_interleave(G)
+        logits, attn, next_pos = (x.repeat_interleave(G, 0) for x in (logits, attn, next_pos))
+    tokens = torch.full((N, max_new_tokens), vlm.pad_id, dtype=torch.long, device=ids.device)
+    done = torch.zeros(N, dtype=torch.bool, device=ids.device)
+    for t in range(max_new_tokens):
+        if temperature > 0:  # Gumbel-max: argmax(logits / T + g) ~ softmax(logits / T)
+            nxt = (logits / temperature + gumbel_noise(seeds, t, logits.size(-1), logits.device)).argmax(-1)
+        else:
+            nxt = logits.argmax(-1)
+        nxt = torch.where(done, vlm.pad_id, nxt)
+        tokens[:, t] = nxt
+        done |= nxt == vlm.eos_id
+        if done.all():
+            tokens = tokens[:, :t + 1]
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
+        p = (next_pos + t).view(1, N, 1).expand(3, N, 1)
+        h = hidden_states(model, nxt[:, None], attn, p, cache=cache)[:, -1]
+        logits = model.lm_head(h).float()
+    return {"tokens": tokens, "mask": completion_mask(tokens, vlm.eos_id)}
+
+
+def completion_logps(vlm, batch, tokens, group_size=1, temperature=1.0, model=None):
+    """Per-token log-probs (N, T) of completions `tokens` (N = P * G, prompt-major) given the prompts.
+
+    `model` overrides vlm.model (the frozen reference model shares the wrapper). Runs with or
+    without grad; the vision tower runs once per prompt, not once per completion.
+    """
+    model = model or vlm.model
+    G = group_size
+    ids = torch.cat([batch["input_ids"].repeat_interleave(G, 0), tokens], 1)
+    attn = torch.cat([batch["attention_mask"].repeat_interleave(G, 0), torch.ones_like(tokens)], 1)
+    grid = batch.get("image_grid_thw")
+    feats = image_features(model, batch["pixel_values"], grid, repeat=G) if grid is not None else None
+    # image tokens live in the prompt only: a completion token equal to <|image_pad|> is just text
+    image_mask = torch.cat([batch["input_ids"].repeat_interleave(G, 0) == model.config.image_token_id,
+                            torch.zeros_like(tokens, dtype=torch.bool)], 1)
+    pos, _ = rope_positions(model, ids, attn, grid.repeat_interleave(G, 0) if grid is not None else None, image_mask)
+    L = batch["input_ids"].size(1)
+    h = hidden_states(model, ids, attn, pos, feats, image_mask)[:, L - 1:-1]  # states that predict each completion token
+    return token_logps(model, h, tokens, temperature)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: a Hugging Face folder (+ run state), written to a temporary folder then renamed
+
+
+def save_checkpoint(path, vlm, state=None, optimizer=None, model=None):
+    """Write `path` atomically: config, model.safetensors, tokenizer, image processor, state.json,
+    and optimizer.pt (tensors only; loaded back with weights_only=True)."""
+    model = model or vlm.model
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    vlm.tokenizer.save_pretrained(tmp)
+    vlm.image_processor.save_pretrained(tmp)
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    if state is not None:
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(state, f, indent=1)
+    old = path.rstrip("/") + ".old"
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)  # the rename is the commit point: a crash before it leaves `path` intact
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(path):
+    with open(os.path.join(path, "state.json")) as f:
+        return json.load(f)
+
+
+def load_optimizer(path, optimizer):
+    sd = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(sd)
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+if __name__ == "__main__":
+    # smoke: python model.py [name]  -> parameter count (meta device for the published sizes)
+    name = sys.argv[1] if len(sys.argv) > 1 else "tiny"
+    dev = "meta" if name.startswith("random:") else "cpu"
+    vlm = load(name, device=dev)
+    print(f"{name}: {count_params(vlm.model) / 1e6:.2f} M parameters")
