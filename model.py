@@ -444,6 +444,18 @@ def sample(vlm, batch, group_size=1, max_new_tokens=128, temperature=1.0, seeds=
     return {"tokens": tokens, "mask": completion_mask(tokens, vlm.eos_id)}
 
 
+def generate(vlm, images, questions, max_new_tokens=128, batch_size=64, temperature=0.0, seed=0, progress=False):
+    """Completion texts for (image, question) pairs, in batches; greedy by default."""
+    from tqdm import tqdm
+    texts = []
+    for i in tqdm(range(0, len(questions), batch_size), disable=not progress, desc="generate", leave=False):
+        batch = vlm.encode(images[i:i + batch_size] if images is not None else None, questions[i:i + batch_size])
+        seeds = torch.arange(i, i + batch["input_ids"].size(0)) + seed * 1_000_003
+        out = sample(vlm, batch, 1, max_new_tokens, temperature, seeds)
+        texts += vlm.decode(out["tokens"], out["mask"])
+    return texts
+
+
 def completion_logps(vlm, batch, tokens, group_size=1, temperature=1.0, model=None):
     """Per-token log-probs (N, T) of completions `tokens` (N = P * G, prompt-major) given the prompts.
 
@@ -483,12 +495,31 @@ def save_checkpoint(path, vlm, state=None, optimizer=None, model=None):
     if state is not None:
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(state, f, indent=1)
-    old = path.rstrip("/") + ".old"
-    if os.path.exists(path):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)  # the rename is the commit point: a crash before it leaves `path` intact
-    shutil.rmtree(old, ignore_errors=True)
+    if not os.path.exists(path):
+        os.replace(tmp, path)  # the rename is the commit point: a kill before it leaves nothing half-written
+    else:  # a folder that holds other things (metrics, checkpoints/): replace our files one by one
+        names = sorted(os.listdir(tmp), key=lambda n: n == "state.json")  # state.json last marks it complete
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(path, name))
+        os.rmdir(tmp)
+
+
+def latest_checkpoint(out):
+    """The newest complete `out/checkpoints/step_N` (ignores *.tmp), or None."""
+    root = os.path.join(out, "checkpoints")
+    steps = [d for d in os.listdir(root) if d.startswith("step_") and d[5:].isdigit()] if os.path.isdir(root) else []
+    steps = [d for d in steps if os.path.exists(os.path.join(root, d, "state.json"))]
+    return os.path.join(root, max(steps, key=lambda d: int(d[5:]))) if steps else None
+
+
+def save_step_checkpoint(out, step, vlm, state, optimizer, model=None, keep=2):
+    """out/checkpoints/step_N, atomically; older ones beyond `keep` are deleted after it exists."""
+    root = os.path.join(out, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    save_checkpoint(os.path.join(root, f"step_{step:07d}"), vlm, state, optimizer, model)
+    done = sorted(d for d in os.listdir(root) if d.startswith("step_") and d[5:].isdigit())
+    for d in done[:-keep]:
+        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
 def load_state(path):
@@ -499,6 +530,16 @@ def load_state(path):
 def load_optimizer(path, optimizer):
     sd = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(sd)
+
+
+def truncate_metrics(path, step):
+    """Keep the metrics.jsonl records up to `step` (all of a fresh run's are dropped: step 0)."""
+    keep = []
+    if step and os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path, "w") as f:
+        f.writelines(keep)
 
 
 def count_params(model):

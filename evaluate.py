@@ -1,0 +1,176 @@
+"""
+evaluate.py: greedy decoding on a test split -> metrics JSON, predictions.jsonl and a table.
+
+The protocol (the MEDFACT-R1 paper released no evaluation code; this is the common one):
+- answers are normalised with rewards.normalize_answer (case, whitespace, punctuation,
+  articles, number words) before any comparison.
+- the predicted answer is the text of the <answer> block; a completion without one is parsed
+  leniently (rewards.parse_answer_lenient: the text after the last </think>, else the whole
+  completion without tags), so a model is not scored 0 for format alone; `format` says how often
+  the format was right.
+- closed questions (yes/no): exact agreement after normalisation -> closed_accuracy.
+- open questions: normalised exact match -> open_accuracy, and token recall of the gold answer's
+  words in the prediction (the LLaVA-Med convention) -> open_recall, reported separately.
+- accuracy = exact-match accuracy over all rows (closed and open).
+- format, fact, consistency = the means of the rewards of the same name (rewards.score).
+- SLAKE: English rows only unless --lang says otherwise. VQA-RAD: the official test rows
+  (451: test_freeform + test_para). PathVQA: its test split.
+- baselines on the same split, from the same dataset's training split: the majority answer
+  (per answer type) and the question-only prior (the most frequent training answer for each
+  question string). A model that does not beat them is not reading the image.
+
+Run it:
+    python evaluate.py --ckpt runs/grpo --data demo --split test --out runs/eval/metrics.json
+    python evaluate.py --ckpt runs/grpo --data ../shared/data/slake --split test --out runs/slake.json
+    torchrun --nproc_per_node=8 evaluate.py --ckpt PATH --data vqa-rad --out runs/vqa_rad.json
+Writes FILE.json: {"dataset", "split", "n", "accuracy", "closed_accuracy", "open_accuracy",
+"open_recall", "format", "fact", "consistency", "by_category", "baselines", ...}, each in [0, 1]
+or null when no row applies, and predictions.jsonl in the same folder.
+"""
+
+import argparse
+import collections
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+import data
+import model as M
+import rewards
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+# data
+parser.add_argument("--data", default="demo", help="demo | vqa-rad | slake | pathvqa | folder | JSONL")
+parser.add_argument("--split", default="test")
+parser.add_argument("--lang", default="en", help="SLAKE language: en | zh | all")
+parser.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
+parser.add_argument("--skip_bad_rows", action="store_true")
+parser.add_argument("--no_baselines", action="store_true", help="skip the majority / question-only baselines")
+# model
+parser.add_argument("--ckpt", "--model", dest="ckpt", default="runs/grpo")
+parser.add_argument("--max_pixels", type=int, default=None)
+parser.add_argument("--max_new_tokens", type=int, default=128)
+parser.add_argument("--batch_size", type=int, default=64)
+parser.add_argument("--trust_remote_code", action="store_true")
+# output
+parser.add_argument("--out", default="runs/eval/metrics.json")
+parser.add_argument("--device", default="auto")
+parser.add_argument("--quiet", action="store_true")
+
+
+def mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def grade(completion, row):
+    """One row's scores: exact match, open recall, and the four rewards."""
+    pred = rewards.parse_answer_lenient(completion)
+    gold = row["answer"]
+    s = rewards.score(completion, row)
+    return {"pred": pred, "exact": float(rewards.normalize_answer(pred) == rewards.normalize_answer(gold)),
+            "recall": rewards.open_recall(pred, gold) if row["answer_type"] == "open" else None,
+            "format": s["format"], "fact": s["fact"], "consistency": s["consistency"]}
+
+
+def summarize(rows, graded):
+    closed = [g for r, g in zip(rows, graded) if r["answer_type"] == "closed"]
+    open_ = [g for r, g in zip(rows, graded) if r["answer_type"] == "open"]
+    out = {"n": len(rows), "accuracy": mean(g["exact"] for g in graded),
+           "closed_accuracy": mean(g["exact"] for g in closed), "open_accuracy": mean(g["exact"] for g in open_),
+           "open_recall": mean(g["recall"] for g in open_), "format": mean(g["format"] for g in graded),
+           "fact": mean(g["fact"] for g in graded), "consistency": mean(g["consistency"] for g in graded)}
+    cats = collections.defaultdict(list)
+    for r, g in zip(rows, graded):
+        if r.get("category"):
+            cats[r["category"]].append(g["exact"])
+    out["by_category"] = {c: {"n": len(v), "accuracy": mean(v)} for c, v in sorted(cats.items())}
+    return out
+
+
+def baselines(train_rows, rows):
+    """Majority answer per answer type, and the question-only prior, scored like the model."""
+    norm = rewards.normalize_answer
+    by_type, by_question = collections.defaultdict(collections.Counter), collections.defaultdict(collections.Counter)
+    for r in train_rows:
+        by_type[r["answer_type"]][norm(r["answer"])] += 1
+        by_question[norm(r["question"])][norm(r["answer"])] += 1
+
+    def majority(r):
+        c = by_type.get(r["answer_type"])
+        return c.most_common(1)[0][0] if c else ""
+
+    def prior(r):
+        c = by_question.get(norm(r["question"]))
+        return c.most_common(1)[0][0] if c else majority(r)
+
+    return {name: mean(float(f(r) == norm(r["answer"])) for r in rows)
+            for name, f in (("majority", majority), ("question_only", prior))}
+
+
+def fmt(x):
+    return "  -  " if x is None else f"{x:.3f}"
+
+
+def print_table(res):
+    keys = ["accuracy", "closed_accuracy", "open_accuracy", "open_recall", "format", "fact", "consistency"]
+    print(f"\n{res['dataset']} / {res['split']}  n={res['n']}  ckpt={res['ckpt']}")
+    print(" | ".join(f"{k:>15}" for k in keys))
+    print(" | ".join(f"{fmt(res[k]):>15}" for k in keys))
+    for name, v in (res.get("baselines") or {}).items():
+        print(f"baseline {name:>14}: accuracy {fmt(v)}")
+    for c, v in res["by_category"].items():
+        print(f"  {c:>14}: {fmt(v['accuracy'])} (n={v['n']})")
+
+
+def evaluate(vlm, rows, batch_size=64, max_new_tokens=128, progress=True):
+    """Greedy completions and graded rows for `rows` (this rank's share)."""
+    completions = M.generate(vlm, [data.load_image(r) for r in rows], [r["question"] for r in rows],
+                             max_new_tokens, batch_size, progress=progress)
+    return completions, [grade(c, r) for c, r in zip(completions, rows)]
+
+
+def main(args):
+    rank, world, device = M.init_dist(args.device)
+    t0 = time.time()
+    rows = data.load(args.data, args.split, lang=args.lang, skip_bad_rows=args.skip_bad_rows, limit=args.limit)
+    vlm = M.load(args.ckpt, device=device, max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code)
+    vlm.model.eval()
+    mine = list(range(rank, len(rows), world))  # strided shards, gathered back in order on rank 0
+    with torch.no_grad():
+        completions, graded = evaluate(vlm, [rows[i] for i in mine], args.batch_size, args.max_new_tokens,
+                                       progress=rank == 0 and not args.quiet)
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, (mine, completions, graded))
+        order = sorted((i, c, g) for m, cs, gs in parts for i, c, g in zip(m, cs, gs))
+        completions, graded = [c for _, c, _ in order], [g for _, _, g in order]
+    if rank == 0:
+        res = {"dataset": rows[0]["dataset"] if rows else args.data, "split": args.split, "ckpt": args.ckpt,
+               **summarize(rows, graded)}
+        if not args.no_baselines:
+            try:
+                res["baselines"] = baselines(data.load(args.data, "train", lang=args.lang, skip_bad_rows=True), rows)
+            except (data.DataError, FileNotFoundError) as e:
+                print(f"baselines skipped: {e}")
+        res["seconds"] = time.time() - t0
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        with open(os.path.join(os.path.dirname(os.path.abspath(args.out)), "predictions.jsonl"), "w") as f:
+            for r, c, g in zip(rows, completions, graded):
+                f.write(json.dumps({"id": r.get("id"), "question": r["question"], "gold": r["answer"],
+                                    "answer_type": r["answer_type"], "category": r.get("category"),
+                                    "completion": c, **g}) + "\n")
+        if not args.quiet:
+            print_table(res)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())

@@ -1,0 +1,385 @@
+"""
+grpo.py: stage 2 of MEDFACT-R1, Group Relative Policy Optimization with four factual rewards.
+
+One step:
+  1. take P prompts; sample G completions each at temperature T (prompt-major order)
+  2. score each with rewards.py: accuracy, format, fact (keywords), consistency; total = weighted sum
+  3. advantages per group: (r - mean) / (std + eps)          (group_advantages)
+  4. log-probs of the sampled tokens at the SAME temperature under the policy (and, once per
+     step, under the policy as it sampled when there are several inner epochs) and under the
+     frozen reference model when kl_coef > 0
+  5. per token: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A) + kl_coef * k3(ref, policy),
+     masked to the completion up to and including its first EOS   (grpo_loss)
+  6. clip the gradient norm, AdamW step, log, checkpoint
+
+Departures from the released MEDFACT-R1 code (which follows TRL's GRPOTrainer), on purpose:
+- the full clipped objective with several inner epochs (--inner_epochs) and an optional higher
+  upper clip (--clip_eps_high, DAPO's "clip-higher"); with one inner epoch the ratio is 1 and it
+  reduces to theirs exactly.
+- rewards that resist hacking (see rewards.py); --upstream_rewards restores the released ones.
+- groups whose rewards are all equal carry no signal: counted every step, and --dynamic_sampling K
+  samples K times more prompts and keeps the groups that have signal.
+- rollout seeds derive from (seed, step, prompt index, sample index), so a resumed run, or the
+  same run on any number of processes, samples the same completions.
+Paper setting: --lr 1e-6 --kl_coef 0.04 --group_size 6 --temperature 1.0 --inner_epochs 1.
+The defaults below are what trains the tiny demo model on a CPU in minutes.
+
+Run it:
+    python grpo.py --ckpt runs/sft --data demo --out runs/grpo                        # CPU, demo
+    torchrun --nproc_per_node=2 grpo.py --ckpt runs/sft                               # 2 processes
+    torchrun --nproc_per_node=8 grpo.py --ckpt sft_out --data runs/pseudo_slake.jsonl \\
+        --lr 1e-6 --prompts_per_step 48 --max_new_tokens 512 --max_pixels 200704 --grad_ckpt
+    ... --resume        # continue from the newest checkpoint in --out
+
+Outputs in --out: the final model (Hugging Face folder), metrics.jsonl (one record per step),
+rollouts.jsonl (a few sampled completions per step with their rewards), args.json, checkpoints/.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import data
+import model as M
+import rewards
+
+# -----------------------------------------------------------------------------
+# config
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+# data
+parser.add_argument("--data", default="demo", help="demo | vqa-rad | slake | folder | pseudo-label JSONL")
+parser.add_argument("--split", default="train")
+parser.add_argument("--val_split", default="val", help="held-out split for the periodic greedy accuracy")
+parser.add_argument("--val_limit", type=int, default=200)
+parser.add_argument("--skip_bad_rows", action="store_true")
+# model
+parser.add_argument("--ckpt", "--model", dest="ckpt", default="runs/sft", help="SFT output folder (or tiny, hub name)")
+parser.add_argument("--max_pixels", type=int, default=None)
+parser.add_argument("--freeze_vision", action="store_true")
+parser.add_argument("--grad_ckpt", action="store_true")
+parser.add_argument("--trust_remote_code", action="store_true")
+# rollouts
+parser.add_argument("--prompts_per_step", type=int, default=16, help="global, over all ranks")
+parser.add_argument("--group_size", type=int, default=6, help="G completions per prompt (paper: 6)")
+parser.add_argument("--temperature", type=float, default=1.0)
+parser.add_argument("--max_new_tokens", type=int, default=96)
+parser.add_argument("--dynamic_sampling", type=int, default=0,
+                    help="K > 1: sample K x prompts, keep groups with reward spread first")
+# rewards
+parser.add_argument("--w_accuracy", type=float, default=1.0)
+parser.add_argument("--w_format", type=float, default=1.0)
+parser.add_argument("--w_fact", type=float, default=1.0)
+parser.add_argument("--w_consistency", type=float, default=1.0)
+parser.add_argument("--upstream_rewards", action="store_true", help="the released code's rewards, quirks included")
+parser.add_argument("--judge_url", default=None, help="OpenAI-compatible endpoint for the consistency judge")
+parser.add_argument("--judge_model", default=None)
+# objective and optimisation
+parser.add_argument("--lr", type=float, default=1e-4)
+parser.add_argument("--warmup", type=int, default=5)
+parser.add_argument("--weight_decay", type=float, default=0.0)
+parser.add_argument("--kl_coef", type=float, default=0.04)
+parser.add_argument("--clip_eps", type=float, default=0.2)
+parser.add_argument("--clip_eps_high", type=float, default=None, help="upper clip (default: = clip_eps)")
+parser.add_argument("--inner_epochs", type=int, default=1, help="optimisation passes over each batch of rollouts")
+parser.add_argument("--micro_batch", type=int, default=48, help="completions per forward/backward")
+parser.add_argument("--no_std_scale", action="store_true", help="advantages r - mean (no std division)")
+parser.add_argument("--token_level", action="store_true", help="average the loss over all tokens, not sequences")
+parser.add_argument("--grad_clip", type=float, default=1.0)
+parser.add_argument("--max_steps", type=int, default=60)
+parser.add_argument("--seed", type=int, default=0)
+# logging and checkpoints
+parser.add_argument("--out", default="runs/grpo")
+parser.add_argument("--eval_every", type=int, default=20, help="greedy held-out accuracy every N steps (0: off)")
+parser.add_argument("--save_every", type=int, default=0)
+parser.add_argument("--resume", action="store_true")
+parser.add_argument("--rollouts_per_step", type=int, default=2, help="completions written to rollouts.jsonl")
+parser.add_argument("--device", default="auto")
+parser.add_argument("--max_bad_steps", type=int, default=3)
+
+# -----------------------------------------------------------------------------
+# the math (tests outside this repo call these two)
+
+
+def group_advantages(rewards, group_size, scale=True, eps=1e-4):
+    """rewards (P*G,) prompt-major -> advantages (P*G,): (r - mean) / (std + eps) within each group.
+
+    std is the unbiased one (as in TRL and the released code); scale=False gives r - mean (Dr. GRPO).
+    """
+    if group_size < 2:
+        raise ValueError("group_size must be >= 2: with one completion per prompt the advantage is undefined")
+    r = rewards.view(-1, group_size)                      # (P, G)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps=0.2, clip_eps_high=None, kl_coef=0.04,
+              token_level=False):
+    """The clipped GRPO objective with a k3 KL penalty. logps/old_logps/ref_logps/mask (N, T), advantages (N,).
+
+    Aggregation: mean over sequences of each sequence's masked token mean (the paper's), or the
+    mean over all masked tokens (token_level=True). Returns (loss, stats).
+    """
+    mask = mask.to(logps.dtype)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    adv = advantages[:, None]                                              # (N, 1)
+    ratio = torch.exp(logps - old_logps)                                   # (N, T), 1 on-policy
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + high) * adv
+    pg = -torch.min(unclipped, clipped)                                    # (N, T)
+    if ref_logps is not None and kl_coef != 0:
+        d = ref_logps - logps
+        kl = torch.exp(d) - d - 1                                          # k3 estimator, >= 0
+    else:
+        kl = torch.zeros_like(logps)
+    per_token = pg + kl_coef * kl
+
+    def agg(x):
+        if token_level:
+            return (x * mask).sum() / mask.sum().clamp(min=1)
+        return ((x * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+    loss = agg(per_token)
+    with torch.no_grad():
+        is_clipped = (clipped < unclipped).to(logps.dtype)  # the clip bound is the active term
+        stats = {"pg_loss": agg(pg).item(), "kl": agg(kl).item(), "clip_frac": agg(is_clipped).item()}
+    return loss, stats
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(args):
+    rank, world, device = M.init_dist(args.device)
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    if args.group_size < 2:
+        raise ValueError("--group_size must be >= 2: GRPO's advantage compares completions within a group")
+    P = args.prompts_per_step // world
+    if P * world != args.prompts_per_step:
+        raise ValueError(f"--prompts_per_step {args.prompts_per_step} must be divisible by world size {world}")
+    weights = {"accuracy": args.w_accuracy, "format": args.w_format, "fact": args.w_fact,
+               "consistency": args.w_consistency}
+    judge = rewards.make_openai_judge(args.judge_url, args.judge_model) if args.judge_url else None
+
+    # -------------------------------------------------------------------------
+    # data
+    rows = data.load(args.data, args.split, skip_bad_rows=args.skip_bad_rows)
+    val_rows = []
+    if args.eval_every:
+        try:
+            val_rows = data.load(args.data, args.val_split, limit=args.val_limit)
+        except data.DataError as e:
+            M.print0(f"no held-out split for periodic eval ({e}); set --val_split or --eval_every 0")
+    steps_per_epoch = len(rows) // args.prompts_per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"{args.data}: {len(rows)} rows, fewer than --prompts_per_step {args.prompts_per_step}")
+    K = max(1, args.dynamic_sampling)
+
+    def prompts_for(step):
+        """Global prompt indices of a step (K x P per rank with dynamic sampling), seeded by epoch."""
+        n = args.prompts_per_step * K
+        epoch, i = divmod(step * n, len(rows) - len(rows) % n)
+        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed + 1 + epoch)).tolist()
+        mine = perm[i:i + n][rank * P * K:(rank + 1) * P * K]
+        return mine
+
+    # -------------------------------------------------------------------------
+    # policy, frozen reference, optimizer
+    ckpt = M.latest_checkpoint(args.out) if args.resume else None
+    vlm = M.load(ckpt or args.ckpt, device=device, dtype=torch.float32, max_pixels=args.max_pixels,
+                 trust_remote_code=args.trust_remote_code)
+    policy = vlm.model
+    ref = None
+    if args.kl_coef != 0:  # the reference is the starting model, also after a resume
+        ref = M.load(args.ckpt, device=device, max_pixels=args.max_pixels).model if ckpt else copy.deepcopy(policy)
+        ref = ref.to(M.default_dtype(device)).eval().requires_grad_(False)
+    if args.freeze_vision:
+        policy.model.visual.requires_grad_(False)
+    if args.grad_ckpt:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    start = 0
+    if ckpt:
+        M.load_optimizer(ckpt, optimizer)
+        start = M.load_state(ckpt)["step"]
+        M.print0(f"resumed from {ckpt} at step {start}")
+    if rank == 0:
+        M.truncate_metrics(os.path.join(args.out, "metrics.jsonl"), start)
+        M.truncate_metrics(os.path.join(args.out, "rollouts.jsonl"), start)
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    M.print0(f"grpo: {len(rows)} prompts, {args.prompts_per_step} x {args.group_size} completions per step, "
+             f"{args.max_steps} steps, {world} rank(s), device {device}, kl_coef {args.kl_coef}")
+
+    def log(name, records):
+        if rank == 0:
+            with open(os.path.join(args.out, name), "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+
+    def held_out_accuracy():
+        policy.eval()
+        mine = val_rows[rank::world]
+        texts = M.generate(vlm, [data.load_image(r) for r in mine], [r["question"] for r in mine],
+                           args.max_new_tokens, batch_size=64)
+        acc = torch.tensor([sum(rewards.score(t, r)["accuracy"] for t, r in zip(texts, mine)), len(mine)],
+                           dtype=torch.float64, device=device)
+        if world > 1:
+            torch.distributed.all_reduce(acc)
+        policy.train()
+        return (acc[0] / acc[1]).item()
+
+    # -------------------------------------------------------------------------
+    # the loop
+    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=rank != 0, desc="grpo")
+    bad_in_a_row, t_start = 0, time.time()
+    G = args.group_size
+    for step in bar:
+        t0 = time.time()
+        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))  # linear warmup, then constant
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # 1. rollouts: P (x K) prompts, G completions each, seeds from (seed, step, prompt, sample)
+        idx = prompts_for(step)
+        batch_rows = [rows[i] for i in idx]
+        policy.eval()
+        with torch.no_grad(), autocast:
+            batch = vlm.encode([data.load_image(r) for r in batch_rows], [r["question"] for r in batch_rows],
+                               names=[str(r.get("id")) for r in batch_rows])
+            out = M.sample(vlm, batch, G, args.max_new_tokens, args.temperature,
+                           M.rollout_seeds(args.seed, step, idx, G))
+        tokens, mask = out["tokens"], out["mask"]                       # (K*P*G, T)
+        texts = vlm.decode(tokens, mask)
+        t_gen = time.time()
+
+        # 2. rewards, 3. advantages within each group
+        scores = [rewards.score(t, r, weights, upstream=args.upstream_rewards, judge=judge)
+                  for t, r in zip(texts, (r for r in batch_rows for _ in range(G)))]
+        total = torch.tensor([s["total"] for s in scores], dtype=torch.float32)
+        std = total.view(-1, G).std(1)
+        if K > 1:  # dynamic sampling: keep P groups, those with reward spread first
+            keep = sorted(range(len(idx)), key=lambda p: (bool(std[p] == 0), p))[:P]
+            sel = torch.tensor([p * G + g for p in keep for g in range(G)])
+            tokens, mask, total, std = tokens[sel], mask[sel], total[sel], std[keep]
+            scores, texts = [scores[i] for i in sel.tolist()], [texts[i] for i in sel.tolist()]
+            batch_rows = [batch_rows[p] for p in keep]
+            batch = vlm.encode([data.load_image(r) for r in batch_rows], [r["question"] for r in batch_rows])
+        advantages = group_advantages(total, G, scale=not args.no_std_scale).to(device)
+        t_score = time.time()
+
+        # 4. log-probs of the old policy (only needed when the policy moves between passes) and the reference
+        N = tokens.size(0)
+        mb = max(G, args.micro_batch // G * G)                           # micro-batches of whole groups
+        chunks = [(i, min(i + mb, N)) for i in range(0, N, mb)]
+
+        def prompt_slice(a, b):
+            p0, p1 = a // G, b // G
+            n_img = batch["image_grid_thw"][:p0].prod(-1).sum() if "image_grid_thw" in batch else 0
+            n_img1 = batch["image_grid_thw"][:p1].prod(-1).sum() if "image_grid_thw" in batch else 0
+            sub = {k: batch[k][p0:p1] for k in ("input_ids", "attention_mask")}
+            if "image_grid_thw" in batch:
+                sub["image_grid_thw"] = batch["image_grid_thw"][p0:p1]
+                sub["pixel_values"] = batch["pixel_values"][n_img:n_img1]
+            return sub
+
+        with torch.no_grad(), autocast:
+            old_logps = torch.cat([M.completion_logps(vlm, prompt_slice(a, b), tokens[a:b], G, args.temperature)
+                                   for a, b in chunks]) if args.inner_epochs > 1 else None
+            t_old = time.time()
+            ref_logps = torch.cat([M.completion_logps(vlm, prompt_slice(a, b), tokens[a:b], G, args.temperature,
+                                                      model=ref) for a, b in chunks]).float() if ref else None
+        t_ref = time.time()
+
+        # 5. inner epochs over micro-batches; the loss of each is weighted by its share of the batch
+        policy.train()
+        n_tok = mask.sum().float()
+        if world > 1:
+            torch.distributed.all_reduce(n_tok)
+        stats_sum, skipped = {}, False
+        for epoch in range(args.inner_epochs):
+            for a, b in chunks:
+                with autocast:
+                    logps = M.completion_logps(vlm, prompt_slice(a, b), tokens[a:b], G, args.temperature).float()
+                old = old_logps[a:b].float() if old_logps is not None else logps.detach()
+                loss, stats = grpo_loss(logps, old, ref_logps[a:b] if ref is not None else None, advantages[a:b],
+                                        mask[a:b], args.clip_eps, args.clip_eps_high, args.kl_coef,
+                                        args.token_level)
+                share = (mask[a:b].sum() * world / n_tok) if args.token_level else torch.tensor((b - a) / N)
+                (loss * share).backward()
+                for k, v in stats.items():
+                    stats_sum[k] = stats_sum.get(k, 0.0) + v * share.item() / args.inner_epochs
+            M.allreduce_grads(params)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            if not torch.isfinite(grad_norm):
+                skipped = True
+                optimizer.zero_grad(set_to_none=True)
+                break
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        t_train = time.time()
+
+        # 6. log: one record per step (rank 0 holds the mean over ranks), a few rollouts to read
+        lengths = mask.sum(1).float()
+        truncated = ((tokens == vlm.eos_id) & mask.bool()).sum(1) == 0
+        local = {f"reward_{k}": sum(s[k] for s in scores) / N for k in ("accuracy", "format", "fact", "consistency")}
+        local.update(reward=total.mean().item(), adv_std=advantages.std().item(),
+                     zero_std_groups=(std == 0).float().mean().item(), len_mean=lengths.mean().item(),
+                     len_max=lengths.max().item(), truncated=truncated.float().mean().item(), **stats_sum)
+        keys = sorted(local)
+        vec = torch.tensor([local[k] for k in keys], dtype=torch.float64, device=device)
+        if world > 1:
+            torch.distributed.all_reduce(vec)
+            vec /= world
+        rec = {"step": step + 1, **dict(zip(keys, vec.tolist())), "lr": lr, "grad_norm": grad_norm.item(),
+               "t_generate": t_gen - t0, "t_score": t_score - t_gen, "t_reference": t_ref - t_old,
+               "t_train": t_train - t_ref, "t_step": t_train - t0,
+               "tokens_per_s": lengths.sum().item() * world / (t_gen - t0), "skipped": skipped}
+        if args.eval_every and val_rows and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
+            rec["val_accuracy"] = held_out_accuracy()
+        log("metrics.jsonl", [rec])
+        log("rollouts.jsonl", [{"step": step + 1, "question": batch_rows[i // G]["question"],
+                                "answer": batch_rows[i // G]["answer"], "completion": texts[i], **scores[i]}
+                               for i in range(0, min(N, args.rollouts_per_step * G), G)])
+        bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=f"{rec['reward_accuracy']:.2f}")
+        if rank == 0:
+            eta = (time.time() - t_start) / (step + 1 - start) * (args.max_steps - step - 1)
+            va = f" val_acc {rec['val_accuracy']:.3f}" if "val_accuracy" in rec else ""
+            bar.write(f"step {step + 1} reward {rec['reward']:.3f} (acc {rec['reward_accuracy']:.2f} fmt "
+                      f"{rec['reward_format']:.2f} fact {rec['reward_fact']:.2f} cons "
+                      f"{rec['reward_consistency']:.2f}){va} kl {rec['kl']:.4f} clip {rec['clip_frac']:.3f} "
+                      f"len {rec['len_mean']:.0f} zero-std {rec['zero_std_groups']:.2f} "
+                      f"{rec['t_step']:.1f}s (gen {rec['t_generate']:.1f}) eta {eta:.0f}s")
+        if skipped:
+            bad_in_a_row += 1
+            M.print0(f"step {step + 1}: non-finite gradient, update skipped ({bad_in_a_row}/{args.max_bad_steps})")
+            if bad_in_a_row >= args.max_bad_steps:
+                raise RuntimeError(f"{bad_in_a_row} non-finite steps in a row; stopping. Last good checkpoint: "
+                                   f"{M.latest_checkpoint(args.out)}")
+        else:
+            bad_in_a_row = 0
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.max_steps and rank == 0:
+            M.save_step_checkpoint(args.out, step + 1, vlm, {"step": step + 1, "args": vars(args)}, optimizer)
+
+    if rank == 0:
+        M.save_checkpoint(args.out, vlm, {"step": args.max_steps, "args": vars(args)})
+        M.print0(f"saved {args.out} ({time.time() - t_start:.0f}s)")
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())

@@ -1,0 +1,253 @@
+"""
+sft.py: stage 1 of MEDFACT-R1, supervised fine-tuning on knowledge-grounded pseudo-labels.
+
+retrieve.py writes one pseudo-label per training question: the image, the question and a target
+`<think>reasoning grounded in retrieved evidence</think><answer>answer</answer>`. This script
+teaches the model that format and those facts (the "cold start" the paper's ablation needs).
+
+Departures from the released MEDFACT-R1 code, on purpose:
+- the loss covers the assistant's target tokens only (and the closing <|im_end|>); prompt and
+  image tokens are masked. The released code trains on the prompt too, which spends capacity on
+  predicting the instruction text and the image placeholders.
+- the loss is the mean over all target tokens of the global batch, so 1 process with batch B and
+  N processes with B/N each compute the same number, and the same update.
+
+Run it:
+    python sft.py --data runs/pseudo.jsonl --model tiny --out runs/sft                     # CPU
+    python sft.py --data runs/pseudo.jsonl --model Qwen/Qwen2.5-VL-3B-Instruct --lr 1e-5 \\
+        --batch_size 16 --grad_accum 4 --freeze_vision --grad_ckpt --out runs/sft          # 1 GPU
+    torchrun --nproc_per_node=8 sft.py --data runs/pseudo.jsonl --model PATH --out runs/sft  # N GPUs
+    ... --resume                     # continue from the newest runs/sft/checkpoints/step_N
+
+Outputs in --out: the final model (a Hugging Face folder that grpo.py, evaluate.py and
+transformers load), metrics.jsonl (step, loss, lr, grad_norm, val_loss, ...), args.json, and
+resumable checkpoints/step_N (model, optimizer, step) every --save_every steps.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+
+import torch
+from tqdm import tqdm
+
+import data
+import model as M
+
+# -----------------------------------------------------------------------------
+# config
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+# data
+parser.add_argument("--data", default="runs/pseudo.jsonl", help="pseudo-label JSONL from retrieve.py")
+parser.add_argument("--val_frac", type=float, default=0.05, help="share of rows held out for the val loss")
+parser.add_argument("--skip_bad_rows", action="store_true", help="skip (and count) bad rows instead of failing")
+# model
+parser.add_argument("--model", default="tiny", help="tiny | random:qwen2.5-vl-3b | checkpoint folder | hub name")
+parser.add_argument("--max_pixels", type=int, default=None, help="cap image resolution (pixels)")
+parser.add_argument("--freeze_vision", action="store_true", help="do not train the vision tower")
+parser.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (less memory, ~30%% slower)")
+parser.add_argument("--trust_remote_code", action="store_true")
+# optimisation
+parser.add_argument("--batch_size", type=int, default=32, help="global batch (sequences per optimizer step)")
+parser.add_argument("--grad_accum", type=int, default=1, help="micro-steps per rank per optimizer step")
+parser.add_argument("--lr", type=float, default=2e-3)
+parser.add_argument("--min_lr_frac", type=float, default=0.1, help="cosine decays to lr * this")
+parser.add_argument("--warmup", type=int, default=30, help="linear warmup steps")
+parser.add_argument("--weight_decay", type=float, default=0.01)
+parser.add_argument("--grad_clip", type=float, default=1.0)
+parser.add_argument("--epochs", type=float, default=3.0, help="used when --max_steps is 0")
+parser.add_argument("--max_steps", type=int, default=0)
+parser.add_argument("--seed", type=int, default=0)
+# logging and checkpoints
+parser.add_argument("--out", default="runs/sft")
+parser.add_argument("--log_every", type=int, default=10)
+parser.add_argument("--eval_every", type=int, default=100, help="held-out loss every N steps (0: only at the end)")
+parser.add_argument("--save_every", type=int, default=0, help="resumable checkpoint every N steps (0: never)")
+parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+parser.add_argument("--device", default="auto")
+parser.add_argument("--max_bad_steps", type=int, default=3, help="stop after this many non-finite steps in a row")
+
+
+def target_batch(vlm, rows):
+    """Tokenised targets (+ <|im_end|>), right-padded: tokens (B, T) and mask (B, T)."""
+    ids = [vlm.tokenizer(r["target"], add_special_tokens=False).input_ids + [vlm.eos_id] for r in rows]
+    T = max(len(x) for x in ids)
+    tokens = torch.full((len(ids), T), vlm.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), T), dtype=torch.long)
+    for i, x in enumerate(ids):
+        tokens[i, :len(x)], mask[i, :len(x)] = torch.tensor(x), 1
+    return tokens.to(vlm.device), mask.to(vlm.device)
+
+
+def sft_loss(vlm, rows, n_tokens, autocast):
+    """Sum of target-token NLL / n_tokens (the global batch's target-token count)."""
+    batch = vlm.encode([data.load_image(r) for r in rows], [r["question"] for r in rows],
+                       names=[f"{r.get('id')}" for r in rows])
+    tokens, mask = target_batch(vlm, rows)
+    with autocast:
+        logps = M.completion_logps(vlm, batch, tokens)  # (B, T): prompt positions are never scored
+    return -(logps * mask).sum() / n_tokens, int(mask.sum())
+
+
+def n_target_tokens(vlm, rows):
+    return sum(len(vlm.tokenizer(r["target"], add_special_tokens=False).input_ids) + 1 for r in rows)
+
+
+def main(args):
+    rank, world, device = M.init_dist(args.device)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+
+    # -------------------------------------------------------------------------
+    # data: pseudo-label rows, a fixed held-out slice, a seeded order per epoch
+    rows = data.load(args.data, "train", skip_bad_rows=args.skip_bad_rows)
+    missing = [i for i, r in enumerate(rows) if not r.get("target")]
+    if missing:
+        raise ValueError(f"{args.data}: row {missing[0]} has no 'target' (is this retrieve.py's output?)")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    n_val = int(len(rows) * args.val_frac)
+    val_rows = [rows[i] for i in order[:n_val]]
+    train_rows = [rows[i] for i in order[n_val:]]
+    micro = args.batch_size // (world * args.grad_accum)
+    if micro * world * args.grad_accum != args.batch_size:
+        raise ValueError(f"--batch_size {args.batch_size} must be divisible by world_size ({world}) x "
+                         f"--grad_accum ({args.grad_accum})")
+    steps_per_epoch = len(train_rows) // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{args.data}: {len(train_rows)} training rows, fewer than one batch of {args.batch_size}")
+    max_steps = args.max_steps or int(args.epochs * steps_per_epoch)
+
+    def global_batch(step):  # the same rows for a step whatever the world size, and after a resume
+        epoch, i = divmod(step, steps_per_epoch)
+        perm = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed + 1 + epoch))
+        return [train_rows[j] for j in perm[i * args.batch_size:(i + 1) * args.batch_size].tolist()]
+
+    # -------------------------------------------------------------------------
+    # model and optimizer; resume restores weights, optimizer and the step (the data position)
+    ckpt = M.latest_checkpoint(args.out) if args.resume else None
+    texts = [t for r in train_rows for t in (r["question"], r["target"])] + \
+        [p["text"] for r in train_rows[:2000] for p in r.get("evidence", [])[:1] if isinstance(p, dict)]
+    vlm = M.load(ckpt or args.model, device=device, dtype=torch.float32, texts=texts,
+                 max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code)
+    model = vlm.model
+    model.train()
+    if args.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
+                                  fused=device.type == "cuda")
+    start = 0
+    if ckpt:
+        M.load_optimizer(ckpt, optimizer)
+        start = M.load_state(ckpt)["step"]
+        M.print0(f"resumed from {ckpt} at step {start}")
+    if rank == 0:  # metrics.jsonl holds exactly the steps up to the restart point
+        M.truncate_metrics(os.path.join(args.out, "metrics.jsonl"), start)
+    if rank == 0:
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    M.print0(f"sft: {len(train_rows)} train / {len(val_rows)} val rows, {M.count_params(model) / 1e6:.1f}M params, "
+             f"{max_steps} steps of {args.batch_size} ({world} ranks x {args.grad_accum} x {micro}), device {device}")
+
+    def lr_at(step):  # linear warmup, then cosine to min_lr_frac * lr
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        t = (step - args.warmup) / max(1, max_steps - args.warmup)
+        return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    @torch.no_grad()
+    def val_loss():
+        model.eval()
+        mine = val_rows[rank::world]
+        total = torch.zeros(2, device=device)
+        for i in range(0, len(mine), micro * args.grad_accum):
+            chunk = mine[i:i + micro * args.grad_accum]
+            loss, n = sft_loss(vlm, chunk, 1.0, autocast)
+            total += torch.tensor([loss.item(), n], device=device)
+        if world > 1:
+            torch.distributed.all_reduce(total)
+        model.train()
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    def log(rec):
+        if rank == 0:
+            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    # -------------------------------------------------------------------------
+    # training loop
+    bar = tqdm(range(start, max_steps), initial=start, total=max_steps, disable=rank != 0, desc="sft")
+    bad_in_a_row, t0 = 0, time.time()
+    for step in bar:
+        rows_g = global_batch(step)
+        n_tokens = n_target_tokens(vlm, rows_g)  # the loss is a mean over the global batch's target tokens
+        mine = rows_g[rank * micro * args.grad_accum:(rank + 1) * micro * args.grad_accum]
+        lr = lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for k in range(args.grad_accum):
+            # x world: allreduce_grads averages, and we want the gradient of the global token mean
+            loss, _ = sft_loss(vlm, mine[k * micro:(k + 1) * micro], n_tokens / world, autocast)
+            loss.backward()
+            loss_sum += loss.item() / world
+        M.allreduce_grads(params)
+        if world > 1:
+            t = torch.tensor([loss_sum], device=device)
+            torch.distributed.all_reduce(t)
+            loss_sum = t.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+            # a NaN/inf step is skipped; a few in a row stop the run with the last checkpoint intact
+            bad_in_a_row += 1
+            optimizer.zero_grad(set_to_none=True)
+            M.print0(f"step {step}: non-finite loss {loss_sum} or grad norm {grad_norm.item()}: update skipped "
+                     f"({bad_in_a_row}/{args.max_bad_steps})")
+            log({"step": step, "skipped": True, "loss": None})
+            if bad_in_a_row >= args.max_bad_steps:
+                raise RuntimeError(f"{bad_in_a_row} non-finite steps in a row at step {step}; stopping. "
+                                   f"Last good checkpoint: {M.latest_checkpoint(args.out)}")
+            continue
+        bad_in_a_row = 0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        rec = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm.item(),
+               "tokens": n_tokens, "time": time.time() - t0}
+        if args.eval_every and (step + 1) % args.eval_every == 0 and val_rows:
+            rec["val_loss"] = val_loss()
+        log(rec)
+        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}")
+        if rank == 0 and (step + 1) % args.log_every == 0:
+            vl = f" val_loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""
+            bar.write(f"step {step + 1}/{max_steps} loss {loss_sum:.4f}{vl} lr {lr:.2e} "
+                      f"grad_norm {grad_norm.item():.2f} {(time.time() - t0) / (step + 1 - start):.2f}s/step")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < max_steps and rank == 0:
+            M.save_step_checkpoint(args.out, step + 1, vlm, {"step": step + 1, "args": vars(args)}, optimizer)
+
+    # -------------------------------------------------------------------------
+    # the final model, a plain Hugging Face folder at --out
+    final = {"step": max_steps, "args": vars(args)}
+    if val_rows:
+        final["val_loss"] = val_loss()
+        M.print0(f"final val_loss {final['val_loss']:.4f}")
+    if rank == 0:
+        M.save_checkpoint(args.out, vlm, final)
+        M.print0(f"saved {args.out} ({time.time() - t0:.0f}s)")
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())
