@@ -25,7 +25,8 @@ r1-v/src/open_r1/grpo_lgl.py @ 73775d1), and why:
   lacks DOTALL, so multi-line reasoning never reaches the judge and always scores 0.
   Our default is a plain-Python check (the conclusion's polarity or content vs the
   answer); a judge is optional, and a judge failure falls back to the plain check.
-- `upstream=True` restores the released rewards, quirks included (see the last section).
+- `upstream=True` restores the released rewards, quirks included (see the last section);
+  with no judge given, the plain check stands in for the 72B judge, on upstream's scale.
 
 Every reward runs in time linear in the completion, with no backtracking-prone regex,
 and caps the text it reads (MAX_* below), so a megabyte of tag soup costs milliseconds.
