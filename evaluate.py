@@ -5,9 +5,9 @@ The protocol (the MEDFACT-R1 paper released no evaluation code; this is the comm
 - answers are normalised with rewards.normalize_answer (case, whitespace, punctuation,
   articles, number words) before any comparison.
 - the predicted answer is the text of the <answer> block; a completion without one is parsed
-  leniently (rewards.parse_answer_lenient: the text after the last </think>, else the whole
-  completion without tags), so a model is not scored 0 for format alone; `format` says how often
-  the format was right.
+  leniently (rewards.parse_answer_lenient: the text after the last <answer> of a cut-off block,
+  else the text after the last </think>, else the whole completion without tags), so a model is
+  not scored 0 for format alone; `format` says how often the format was right.
 - closed questions (yes/no): exact agreement after normalisation -> closed_accuracy.
 - open questions: normalised exact match -> open_accuracy, and token recall of the gold answer's
   words in the prediction (the LLaVA-Med convention) -> open_recall, reported separately.
@@ -72,7 +72,7 @@ def grade(completion, row):
     gold = row["answer"]
     s = rewards.score(completion, row)
     return {"pred": pred, "exact": float(rewards.normalize_answer(pred) == rewards.normalize_answer(gold)),
-            "recall": rewards.open_recall(pred, gold) if row["answer_type"] == "open" else None,
+            "recall": rewards.open_recall(pred, gold) if row["answer_type"].strip().lower() == "open" else None,
             "format": s["format"], "fact": s["fact"], "consistency": s["consistency"]}
 
 

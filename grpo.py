@@ -70,6 +70,7 @@ parser.add_argument("--prompts_per_step", type=int, default=16, help="global, ov
 parser.add_argument("--group_size", type=int, default=6, help="G completions per prompt (paper: 6)")
 parser.add_argument("--temperature", type=float, default=1.0)
 parser.add_argument("--max_new_tokens", type=int, default=96)
+parser.add_argument("--ignore_eos", action="store_true", help="always sample max_new_tokens (benchmarks)")
 parser.add_argument("--dynamic_sampling", type=int, default=0,
                     help="K > 1: sample K x prompts, keep groups with reward spread first")
 # rewards
@@ -260,7 +261,7 @@ def main(args):
             batch = vlm.encode([data.load_image(r) for r in batch_rows], [r["question"] for r in batch_rows],
                                names=[str(r.get("id")) for r in batch_rows])
             out = M.sample(vlm, batch, G, args.max_new_tokens, args.temperature,
-                           M.rollout_seeds(args.seed, step, idx, G))
+                           M.rollout_seeds(args.seed, step, idx, G), ignore_eos=args.ignore_eos)
         tokens, mask = out["tokens"], out["mask"]                       # (K*P*G, T)
         texts = vlm.decode(tokens, mask)
         t_gen = time.time()

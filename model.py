@@ -401,7 +401,7 @@ def rollout_seeds(seed, step, prompt_ids, group_size):
 
 
 @torch.no_grad()
-def sample(vlm, batch, group_size=1, max_new_tokens=128, temperature=1.0, seeds=None):
+def sample(vlm, batch, group_size=1, max_new_tokens=128, temperature=1.0, seeds=None, ignore_eos=False):
     """G completions per prompt, prompt-major (prompt 0's G samples, then prompt 1's, ...).
 
     temperature 0 is greedy. Returns {"tokens": (N, T), "mask": (N, T)} where the mask keeps the
@@ -427,6 +427,8 @@ def sample(vlm, batch, group_size=1, max_new_tokens=128, temperature=1.0, seeds=
     tokens = torch.full((N, max_new_tokens), vlm.pad_id, dtype=torch.long, device=ids.device)
     done = torch.zeros(N, dtype=torch.bool, device=ids.device)
     for t in range(max_new_tokens):
+        if ignore_eos:  # benchmarks force max_new_tokens (like generate's min_new_tokens)
+            logits[:, vlm.eos_id] = float("-inf")
         if temperature > 0:  # Gumbel-max: argmax(logits / T + g) ~ softmax(logits / T)
             nxt = (logits / temperature + gumbel_noise(seeds, t, logits.size(-1), logits.device)).argmax(-1)
         else:
