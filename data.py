@@ -244,11 +244,16 @@ def load_image(row_or_image):
         where = f" (row {row_or_image.get('id')})"
         row_or_image = row_or_image.get("image")
     if isinstance(row_or_image, Image.Image):
-        name = row_or_image.info.get("medfact_source", "in-memory image")  # set by loaders of embedded images
+        info = row_or_image.info
+        name = info.get("medfact_source", "in-memory image")
         try:
-            return row_or_image.convert("RGB")  # decodes a lazily opened image
+            if "medfact_bytes" in info:  # embedded: decode a fresh copy, so rows never hold decoded pixels
+                with Image.open(io.BytesIO(info["medfact_bytes"])) as im:
+                    return im.convert("RGB")
+            return row_or_image.convert("RGB")
         except (OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"{name}{where}: cannot decode image ({type(e).__name__}: {e})".replace("\n", " ")) from None
+            problem = f"cannot decode image ({type(e).__name__}: {e})".replace("\n", " ")
+            raise DataError(f"{name}{where}: {problem}") from None
     if not isinstance(row_or_image, (str, os.PathLike)):
         raise DataError(f"<{type(row_or_image).__name__}>{where}: an image must be a path or a PIL image")
     path = os.fspath(row_or_image)
@@ -262,12 +267,16 @@ def load_image(row_or_image):
 
 
 def _image_from_bytes(data, source):
-    """(a lazily decoded PIL image, None) from embedded bytes, or (None, the problem)."""
+    """(an undecoded PIL image, None) from embedded bytes, or (None, the problem).
+
+    Only the header is read here (cheap, and it catches non-images). load_image() decodes the bytes afresh
+    each time: decoding in place would keep every image's pixels alive (PathVQA: 33k images).
+    """
     try:
-        im = Image.open(io.BytesIO(data))  # reads the header only: cheap, and catches non-images
+        im = Image.open(io.BytesIO(data))
     except Exception as e:  # PIL raises many types for garbage bytes
         return None, f"cannot read embedded image ({type(e).__name__}: {e})"
-    im.info["medfact_source"] = source  # so load_image() can name it if decoding fails later
+    im.info.update(medfact_source=source, medfact_bytes=data)  # load_image() names the source on failure
     return im, None
 
 
@@ -292,7 +301,8 @@ def _vqa_rad_rows(file, records, image_dir, split, id_prefix):
             continue
         image = os.path.join(image_dir, r["image_name"]) if r.get("image_name") else None
         yield file, f"row {i}", _row(f"{id_prefix}{r.get('qid', i)}", image, r.get("question"), r.get("answer"),
-                                     r.get("answer_type"), "vqa-rad", split, category=_vqa_rad_category(r.get("question_type")))
+                                     r.get("answer_type"), "vqa-rad", split,
+                                     category=_vqa_rad_category(r.get("question_type")))
 
 
 def _load_vqa_rad(root, split):
@@ -417,15 +427,17 @@ def _load_hub(source, split, lang):
                 z.extractall(root)
         yield from _load_slake(root, split, lang)
         return
-    from datasets import load_dataset
+    import datasets
     hub_split = {"train": "train", "val": "validation", "test": "test"}[split]
     if source == "vqa-rad" and split == "val":
         raise DataError(f"{HUB[source]}: VQA-RAD has no validation split (use train or test)")
     if lang not in ("en", "all"):
         return
-    for i, ex in enumerate(load_dataset(HUB[source], split=hub_split)):
-        yield HUB[source], f"row {i}", _row(f"{source}-{split}-{i}", ex.get("image"), ex.get("question"),
-                                            ex.get("answer"), None, source, split)
+    ds = datasets.load_dataset(HUB[source], split=hub_split).cast_column("image", datasets.Image(decode=False))
+    for i, ex in enumerate(ds):
+        image, problem = _image_from_bytes(ex["image"]["bytes"], f"{HUB[source]} {hub_split} row {i}")
+        yield HUB[source], f"row {i}", problem or _row(f"{source}-{split}-{i}", image, ex.get("question"),
+                                                       ex.get("answer"), None, source, split)
 
 
 # -----------------------------------------------------------------------------
@@ -625,21 +637,23 @@ def _draw(rng, case):
     body = _cover(_ellipse(mid, 64, 51 + rng.uniform(-2, 2), 64, p=3.0), 2.0)
     img += body * body_level
     # the abdomen below the diaphragm: the domes of both lungs, joined flat under the heart
-    R, L = lungs["right"], lungs["left"]
-    diaphragm = np.minimum(np.where(_XX < mid, _dome(R, _XX), _dome(L, _XX)), max(R["base"], L["base"]))
+    right, left = lungs["right"], lungs["left"]
+    diaphragm = np.minimum(np.where(_XX < mid, _dome(right, _XX), _dome(left, _XX)), max(right["base"], left["base"]))
     abdomen = _cover(_YY - diaphragm, 2.0) * body
     img += abdomen * 22
     # ribs (falling laterally from the spine) and clavicles, inside the rib cage above the diaphragm
     dx = np.abs(_XX - mid)
-    rib = (_YY - R["top"] - 4 - 0.15 * dx - 0.007 * (dx - 6) ** 2) / 8.5  # 8 ribs, 8.5 px apart: periodic
+    rib = (_YY - right["top"] - 4 - 0.15 * dx - 0.007 * (dx - 6) ** 2) / 8.5  # 8 ribs, 8.5 px apart: periodic
     bones = _cover(1.3 - 8.5 * np.abs(rib - np.round(rib)), 1.0) * (dx > 6) * (rib > -0.5) * (rib < 7.5)
     for sign in (-1, 1):
         u = (_XX - mid) * sign
-        bones = bones + 1.6 * _cover(1.6 - np.abs(_YY - (R["top"] + 2 - 0.18 * u + 0.006 * u ** 2)), 1.0) * (u > 5) * (u < 40)
-    cage = _cover(_ellipse(mid, R["cy"] + 4, abs(L["cx"] - mid) + L["a"] + 4, R["b"] + 10), 3.0) * (1 - abdomen)
+        clavicle = _cover(1.6 - np.abs(_YY - (right["top"] + 2 - 0.18 * u + 0.006 * u ** 2)), 1.0)
+        bones = bones + 1.6 * clavicle * (u > 5) * (u < 40)
+    cage = _cover(_ellipse(mid, right["cy"] + 4, abs(left["cx"] - mid) + left["a"] + 4, right["b"] + 10), 3.0)
+    cage = cage * (1 - abdomen)
     img += bones * 14 * cage
     img += 16 * _cover(4.5 - dx, 1.5) * body  # spine
-    img -= 22 * _cover(2.0 - dx, 1.0) * _cover(R["cy"] - 8 - _YY, 2.0) * body  # trachea: air in the midline
+    img -= 22 * _cover(2.0 - dx, 1.0) * _cover(right["cy"] - 8 - _YY, 2.0) * body  # trachea: air in the midline
     heart_m = _cover(_ellipse(heart["cx"], heart["cy"], heart["a"], heart["b"]))
     for side, L in lungs.items():
         lung = _cover(_lung(L))
@@ -650,7 +664,8 @@ def _draw(rng, case):
         angle, r = np.arctan2(_YY - hy, (_XX - hx) * L["sign"]), np.hypot(_XX - hx, _YY - hy)
         ray = (angle + 1.3 + rng.uniform(-0.1, 0.1)) / 0.42  # 7 rays fanning out laterally, 0.42 rad apart
         off = np.abs(ray - np.round(ray)) * 0.42 * r  # px from the nearest ray
-        vessels = np.exp(-(off / 0.8) ** 2) * np.clip(1 - r / (1.6 * L["a"]), 0, 1) * (ray > -0.5) * (ray < 6.5)
+        vessels = np.exp(-(off / 0.8) ** 2) * np.clip(1 - r / (1.6 * L["a"]), 0, 1)
+        vessels = vessels * (ray > -0.5) * (ray < 6.5)
         effusion = case["effusion"]
         if effusion and effusion["side"] == side:
             # fluid fills the base up to a meniscus that climbs toward the lateral chest wall
@@ -673,10 +688,10 @@ def _draw(rng, case):
     for nodule in case["nodules"]:
         r = NODULE_RADIUS[nodule["size"]] + rng.uniform(-0.3, 0.3)
         x, y = _place_nodule(rng, lungs[nodule["side"]], heart, nodule["zone"], r)
-        img += 55 * _cover(_ellipse(x, y, r, r), 1.2)
+        img += 70 * _cover(_ellipse(x, y, r, r), 1.2)
     img = img * rng.uniform(0.92, 1.08)  # exposure
-    img = np.asarray(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6)),
-                     np.float32)
+    img = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6))
+    img = np.asarray(img, np.float32)
     img += rng.normal(0, 3, img.shape)  # quantum noise
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "L")
 
@@ -705,9 +720,11 @@ def _report(case):
         s.append("No lung nodule.")
     s += [f"The {side} lung is clear." for side in SIDES if not _in_lung(case, side)]
     s.append("The heart is enlarged (cardiomegaly): the cardiac silhouette is wider than half the chest."
-             if case["cardiomegaly"] else "Heart size is normal: the cardiac silhouette is narrower than half the chest.")
+             if case["cardiomegaly"] else
+             "Heart size is normal: the cardiac silhouette is narrower than half the chest.")
     found = _present(case)
-    s.append(f"Impression: {' and '.join(NAME[f] for f in found)}." if found else "Impression: normal chest radiograph.")
+    s.append(f"Impression: {' and '.join(NAME[f] for f in found)}." if found else
+             "Impression: normal chest radiograph.")
     return " ".join(s)
 
 

@@ -122,6 +122,14 @@ def test_parquet_export(tmp_path):
     rows = data.load(str(tmp_path), "val")
     assert [r["answer_type"] for r in rows] == ["closed", "open"]  # closed = a yes/no answer
     assert data.load_image(rows[0]).size == (10, 6)
+    noise = __import__("io").BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(noise, format="PNG")
+    truncated = noise.getvalue()[:len(noise.getvalue()) // 2]
+    pq.write_table(pa.table({"image": [{"bytes": truncated, "path": None}], "question": ["q?"], "answer": ["no"]}),
+                   str(tmp_path / "data" / "train-00000-of-00001.parquet"))
+    row = data.load(str(tmp_path), "train")[0]  # the header reads: the pixels are decoded only on use
+    with pytest.raises(DataError, match=r"train-00000-of-00001\.parquet row 0 \(row [^)]+\): cannot decode image"):
+        data.load_image(row)
     bad = pa.table({"image": [{"bytes": b"not an image", "path": None}], "question": ["q?"], "answer": ["no"]})
     pq.write_table(bad, str(tmp_path / "data" / "test-00000-of-00001.parquet"))
     with pytest.raises(DataError, match=r"test-00000-of-00001\.parquet: row 0: cannot read embedded image"):
@@ -183,8 +191,8 @@ def test_skip_bad_rows_skips_and_counts(tmp_path, capsys):
     rows = data.load(f, "train", skip_bad_rows=True)
     assert len(rows) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"skipped {len(BAD_ROWS)} bad rows of {f}: first problem: {f}: line 2 (id rows-2): image file does not exist: " \
-                  f"{tmp_path / 'missing.png'}"
+    first = f"{f}: line 2 (id rows-2): image file does not exist: {tmp_path / 'missing.png'}"
+    assert err == f"skipped {len(BAD_ROWS)} bad rows of {f}: first problem: {first}"
 
 
 def test_file_level_errors(tmp_path):
