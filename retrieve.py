@@ -679,20 +679,23 @@ def conclusion(row):
     return f"So, the answer is {answer.rstrip('.!? ').replace('. ', ', ')}."
 
 
+def topic_sentence(row, keywords, rest):
+    """The first sentence: it names the keywords the question mentions and every keyword the rest
+    of the trace does not, so the fact reward finds them all; else it restates the question."""
+    said, question = _words(rest), _words(row["question"])
+    topic = [k for k in keywords if _mentions(question, _words(k)) or not _mentions(said, _words(k))]
+    if topic:
+        return f"The question asks about {', '.join(topic[:-1]) + ' and ' if len(topic) > 1 else ''}{topic[-1]}."
+    if question and question[0] in _WH:
+        return f"The question asks {_lower_first(row['question'].strip().rstrip('?').strip())}."
+    return f"The question asks: {row['question'].strip()}"
+
+
 def trace_parts(row, evidence, keywords, finding, cite=True):
     """The template's sentences: topic, fact (the evidence sentence, when cite), finding, conclusion."""
     fact = evidence_sentence(row, evidence, keywords) if cite else None
     end = conclusion(row)
-    said = _words(" ".join(s for s in (fact, finding, end) if s))
-    question = _words(row["question"])
-    # the topic names the keywords the question mentions and every keyword not said elsewhere
-    topic = [k for k in keywords if _mentions(question, _words(k)) or not _mentions(said, _words(k))]
-    if topic:
-        first = f"The question asks about {', '.join(topic[:-1]) + ' and ' if len(topic) > 1 else ''}{topic[-1]}."
-    elif question and question[0] in _WH:
-        first = f"The question asks {_lower_first(row['question'].strip().rstrip('?').strip())}."
-    else:
-        first = f"The question asks: {row['question'].strip()}"
+    first = topic_sentence(row, keywords, " ".join(s for s in (fact, finding, end) if s))
     return {"topic": first, "fact": fact, "finding": finding, "conclusion": end}
 
 
@@ -727,15 +730,17 @@ def _writer_prompt(it):
 
 
 def _frame(it, text, max_words=80):
-    """A model's reasoning between our topic and conclusion sentences; the template's middle if it wrote nothing."""
-    for tag in ("<think>", "</think>", "<answer>", "</answer>"):
+    """A model's reasoning between our topic and conclusion sentences; the template's middle if it
+    wrote nothing. The topic is recomputed so that it names the keywords the model left out."""
+    text = text.split("<answer>")[0]  # an answer block of its own is dropped: the answer is the row's
+    for tag in ("<think>", "</think>", "</answer>"):
         text = text.replace(tag, " ")
-    words = text.split()[:max_words]
-    middle = " ".join(words)
+    middle = " ".join(text.split()[:max_words])
     if middle and not middle.endswith((".", "!", "?")):
         middle += "."
     middle = middle or " ".join(s for s in (it["fact"], it["finding"]) if s)
-    return " ".join(s for s in (it["topic"], middle, it["conclusion"]) if s)
+    topic = topic_sentence(it["row"], it["keywords"], f"{middle} {it['conclusion']}")
+    return " ".join(s for s in (topic, middle, it["conclusion"]) if s)
 
 
 class HFWriter:
