@@ -52,8 +52,8 @@ laterality, location, size, count), a short radiology report per image and a
 glossary() knowledge corpus for retrieval. Sides are the PATIENT's: radiographs are
 viewed facing the patient, so the patient's left lung is on the image's right.
 Questions are drawn so that every question string has balanced answers: a model
-that ignores the image scores about 0.5 (question_only_baseline), one that reads
-it can reach 1.0.
+that ignores the image scores 0.45 on test (question_only_baseline), one that
+reads it can reach 1.0 (a 3-layer CNN gets 0.98-1.0 per finding).
 
 Departures from the paper: MEDFACT-R1 trains on real data only and never released
 its data code; the demo, the known-bad-row policy, the validation split names and
