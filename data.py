@@ -409,9 +409,11 @@ def _load_rows_file(file, split, lang, dataset=None):
         if not isinstance(keywords, list):
             yield file, where, "keywords must be a list of strings"
             continue
-        yield file, where, _row(r.get("id", f"{stem}-{where.split()[-1]}"), image, r.get("question"),
-                                r.get("answer"), r.get("answer_type"), r.get("dataset", dataset or stem), split,
-                                r.get("lang", "en"), keywords, r.get("report"), r.get("category"))
+        row = _row(r.get("id", f"{stem}-{where.split()[-1]}"), image, r.get("question"),
+                   r.get("answer"), r.get("answer_type"), r.get("dataset", dataset or stem), split,
+                   r.get("lang", "en"), keywords, r.get("report"), r.get("category"))
+        # extra fields travel with the row: a pseudo-label's target, evidence, writer
+        yield file, where, {**r, **row}
 
 
 def _load_hub(source, split, lang):

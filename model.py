@@ -175,6 +175,14 @@ def build_tokenizer(texts, vocab_size=4096):
     return fast
 
 
+def demo_texts():
+    """The embedded demo's questions, answers, reports and glossary: the tiny tokenizer's default corpus."""
+    import data
+    rows = data.load("demo", "train")
+    return [t for r in rows for t in (r["question"], r["answer"], r["report"] or "")] + \
+        [p["text"] for p in data.glossary()]
+
+
 def build_config(spec, tokenizer=None):
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
     spec = json.loads(json.dumps(spec))  # deep copy
@@ -273,8 +281,7 @@ def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remo
     if name == "tiny" or name.startswith("random:"):
         if name == "tiny":
             if texts is None:
-                import data  # the demo's texts train the tiny tokenizer by default
-                texts = data.corpus_texts()
+                texts = demo_texts()
             tokenizer = build_tokenizer(texts)
             vocab = 64 * math.ceil(len(tokenizer) / 64)
             spec, image_processor = tiny_config(vocab), tiny_image_processor()
@@ -282,10 +289,7 @@ def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remo
             key = name.split(":", 1)[1]
             if key not in CONFIGS:
                 raise ValueError(f"unknown random model {name!r}; choose from random:{', random:'.join(CONFIGS)}")
-            if texts is None:
-                import data
-                texts = data.corpus_texts()
-            tokenizer = build_tokenizer(texts, vocab_size=8192)
+            tokenizer = build_tokenizer(texts if texts is not None else demo_texts(), vocab_size=8192)
             spec, image_processor = CONFIGS[key], Qwen2VLImageProcessorPil()
         config = build_config(spec, tokenizer)
         torch.manual_seed(0)
