@@ -145,14 +145,14 @@ CONFIGS = {
 
 
 def tiny_config(vocab_size):
-    """A ~4M-parameter Qwen2.5-VL: the same code paths as the 3B, fast on a 2-core CPU."""
+    """A ~1.5M-parameter Qwen2.5-VL: the same code paths as the 3B, fast on a 2-core CPU."""
     return dict(
         model_type="qwen2_5_vl", tie_word_embeddings=True,
-        text_config=dict(vocab_size=vocab_size, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048,
+        text_config=dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                          rms_norm_eps=1e-6, tie_word_embeddings=True,
                          rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[4, 6, 6])),
-        vision_config=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=192,
+        vision_config=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=128,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                            fullatt_block_indexes=[1], tokens_per_second=2))
 
@@ -173,14 +173,6 @@ def build_tokenizer(texts, vocab_size=4096):
     fast.add_tokens(["<think>", "</think>", "<answer>", "</answer>"])
     fast.chat_template = CHAT_TEMPLATE
     return fast
-
-
-def demo_texts():
-    """The embedded demo's questions, answers, reports and glossary: the tiny tokenizer's default corpus."""
-    import data
-    rows = data.load("demo", "train")
-    return [t for r in rows for t in (r["question"], r["answer"], r["report"] or "")] + \
-        [p["text"] for p in data.glossary()]
 
 
 def build_config(spec, tokenizer=None):
@@ -281,7 +273,8 @@ def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remo
     if name == "tiny" or name.startswith("random:"):
         if name == "tiny":
             if texts is None:
-                texts = demo_texts()
+                import data  # the demo's texts train the tiny tokenizer by default
+                texts = data.corpus_texts()
             tokenizer = build_tokenizer(texts)
             vocab = 64 * math.ceil(len(tokenizer) / 64)
             spec, image_processor = tiny_config(vocab), tiny_image_processor()
@@ -289,7 +282,10 @@ def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remo
             key = name.split(":", 1)[1]
             if key not in CONFIGS:
                 raise ValueError(f"unknown random model {name!r}; choose from random:{', random:'.join(CONFIGS)}")
-            tokenizer = build_tokenizer(texts if texts is not None else demo_texts(), vocab_size=8192)
+            if texts is None:
+                import data
+                texts = data.corpus_texts()
+            tokenizer = build_tokenizer(texts, vocab_size=8192)
             spec, image_processor = CONFIGS[key], Qwen2VLImageProcessorPil()
         config = build_config(spec, tokenizer)
         torch.manual_seed(0)

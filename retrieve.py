@@ -40,8 +40,8 @@ against the bm25s library (bench/bm25_speed.py); results in bench/results/.
 
 Trace writers (--writer), recorded in each row's "writer":
 - template (default): deterministic, offline, ~25-50 words; what a tiny model can learn.
-- hf:PATH: a local Hugging Face model through model.py writes the middle of the reasoning
-  from the question, answer, evidence and report.
+- hf:PATH: a Hugging Face checkpoint that model.load reads (Qwen2-VL / Qwen2.5-VL, a folder or
+  a hub name) writes the middle of the reasoning from the question, answer, evidence and report.
 - openai:MODEL: the same through any OpenAI-compatible endpoint (--api_base, $OPENAI_API_KEY).
 The first sentence (the topic, naming every keyword) and the conclusion are always ours, so a
 model-written trace still scores format = accuracy = consistency = fact = 1.
@@ -61,7 +61,7 @@ appends the missing rows (resumable); delete OUT to start over.
     python retrieve.py --data path/to/Slake1.0 --split train --out runs/slake.jsonl  # SLAKE KG + glossary
     python retrieve.py --data vqa-rad --split train --corpus slake-kg --corpus hpo --corpus icd10 \\
         --retriever hybrid --out runs/rad.jsonl
-    python retrieve.py --data demo --split train --writer hf:Qwen/Qwen2.5-7B-Instruct --out runs/p.jsonl  # 1 GPU
+    python retrieve.py --data demo --split train --writer hf:Qwen/Qwen2.5-VL-7B-Instruct --out runs/p.jsonl  # GPU
     python retrieve.py --data demo --split train --writer openai:gpt-4o-mini --api_base URL --out runs/p.jsonl
 Retrieval runs on the CPU in one process (no torchrun: the GPU, if any, only writes traces).
 
@@ -76,9 +76,7 @@ import hashlib
 import importlib.util
 import json
 import os
-import random
 import re
-import sys
 import time
 
 import numpy as np
@@ -529,8 +527,8 @@ def load_corpus(specs, data_path=None):
 
 
 MAX_KEYWORDS = 4          # keywords per row, the row's own first: a short trace must name them all
-MAX_EVIDENCE_WORDS = 32   # the cited evidence sentence is cut to this, at a clause boundary
-MAX_FINDING_WORDS = 30    # and the image finding (a report clause) to this
+MAX_EVIDENCE_WORDS = 14   # the cited evidence sentence is cut to this, at a clause boundary
+MAX_FINDING_WORDS = 12    # and the image finding (a report clause) to this
 MAX_TERM_WORDS = 6        # corpus titles longer than this are not keyword candidates
 _YES_NO = ("yes", "no")
 _WH = ("what", "which", "where", "how", "who", "when", "why", "whose", "whom")
