@@ -10,6 +10,8 @@ model.py: the core every stage shares.
   directly, so torchvision, which the transformers video processor needs, is not required)
 - batched group sampling with a KV cache, and per-token log-probabilities of completions
 - checkpoints: Hugging Face folders through safetensors, written to a temporary folder and renamed
+- FSDP2 (fsdp_shard) for models that do not fit on one GPU, and the row check every stage runs
+  before step 1 (check_rows: each image decodes, each prompt fits)
 
 Everything here works on CPU; on CUDA the same code runs in bf16.
 
@@ -24,11 +26,13 @@ Usage from Python:
     logps = completion_logps(vlm, batch, out["tokens"], group_size=6)   # (N, T)
 """
 
+import functools
 import json
 import math
 import os
 import shutil
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -248,6 +252,18 @@ class VLM:
         batch["attention_mask"] = attention_mask.to(self.device)
         return batch
 
+    def prompt_length(self, image, question, instruction=INSTRUCTION):
+        """(tokens in the prompt encode() would build, of which image tokens), without the image processor."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+        n_img = 0
+        if image is not None:  # the processor's own resize rule: sides multiples of patch x merge, pixels in range
+            ip = self.image_processor
+            h, w = smart_resize(image.height, image.width, ip.patch_size * ip.merge_size, ip.size["shortest_edge"],
+                                ip.size["longest_edge"])
+            n_img = (h // ip.patch_size) * (w // ip.patch_size) // self.merge ** 2
+        ids = self.tokenizer(chat_prompt(question, n_img, instruction), add_special_tokens=False).input_ids
+        return len(ids), n_img
+
     def decode(self, tokens, mask=None):
         rows = tokens.tolist() if mask is None else [t[:int(m.sum())] for t, m in zip(tokens.tolist(), mask)]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
@@ -258,6 +274,34 @@ class VLM:
         seeds = torch.arange(len(prompts)) + seed * 1_000_003
         out = sample(self, batch, 1, max_new_tokens, temperature, seeds)
         return self.decode(out["tokens"], out["mask"])
+
+
+def check_rows(vlm, rows, skip_bad_rows=False):
+    """The rows whose image decodes and whose prompt fits the model, checked once before a run starts.
+
+    A bad row raises a one-line data.DataError naming the source, the row and the problem (so a
+    corrupt image or an over-long prompt never stops a run midway); with skip_bad_rows it is
+    skipped and counted instead. Image tokens are never truncated.
+    """
+    import data
+    good, bad = [], []
+    for r in rows:
+        try:
+            n, n_img = vlm.prompt_length(data.load_image(r), r["question"])
+            if n > vlm.max_len:
+                raise data.DataError(f"{r.get('dataset')}: row {r.get('id')}: prompt is {n} tokens ({n_img} image "
+                                     f"tokens), over the model's limit of {vlm.max_len}; image tokens are never "
+                                     f"truncated: lower --max_pixels or shorten the question")
+            good.append(r)
+        except data.DataError as e:
+            if not skip_bad_rows:
+                raise
+            bad.append(str(e))
+    if bad:
+        print0(f"skipped {len(bad)} bad rows of {len(rows)}: first problem: {bad[0]}", file=sys.stderr)
+    if rows and not good:
+        raise data.DataError(f"{rows[0].get('dataset')}: empty dataset: all {len(rows)} rows are bad")
+    return good
 
 
 def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remote_code=False):
@@ -314,6 +358,50 @@ def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remo
                                 "longest_edge": max_pixels}
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return VLM(model, tokenizer, image_processor, name)
+
+
+# -----------------------------------------------------------------------------
+# FSDP2 (--fsdp): for models that do not fit on one GPU
+
+
+def fsdp_shard(model):
+    """Shard `model` over all ranks with FSDP2: each text decoder layer and vision block, then the root.
+
+    Our forward passes call the model's parts (vision tower, embeddings, text model, lm_head), not
+    model.forward, so sample() and completion_logps() run as a registered FSDP forward method: the
+    root's parameters are gathered around them and their gradients reduce-scattered (averaged over
+    ranks, so no allreduce_grads) in backward. Parameters become DTensors; save_checkpoint gathers them.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    for block in [*model.model.language_model.layers, *model.model.visual.blocks]:
+        fully_shard(block)
+    fully_shard(model)
+    model.sharded_forward = lambda fn: fn()
+    register_fsdp_forward_method(model, "sharded_forward")
+    # our outputs (log-probs, a view of one buffer) are never modified in place, which is what this warns about
+    warnings.filterwarnings("ignore", message=".*returned a view tensor")
+    return model
+
+
+def is_sharded(model):
+    return hasattr(model, "sharded_forward")
+
+
+def fsdp_forward(fn):
+    """Decorator: run fn(vlm, ...) as a forward of the model it uses, when that model is FSDP-sharded."""
+    @functools.wraps(fn)
+    def run(vlm, *args, **kwargs):
+        model = kwargs.get("model") or vlm.model
+        if is_sharded(model):
+            return model.sharded_forward(functools.partial(fn, vlm, *args, **kwargs))
+        return fn(vlm, *args, **kwargs)
+    return run
+
+
+def clip_grad_norm(params, max_norm):
+    """clip_grad_norm_, returning a plain tensor also under FSDP (where the norm is a DTensor)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 # -----------------------------------------------------------------------------
@@ -400,6 +488,7 @@ def rollout_seeds(seed, step, prompt_ids, group_size):
     return (seed * 1_000_003 + step * 7_919 * 65_536 + p * 64 + g) & 0x7FFFFFFF
 
 
+@fsdp_forward
 @torch.no_grad()
 def sample(vlm, batch, group_size=1, max_new_tokens=128, temperature=1.0, seeds=None, ignore_eos=False):
     """G completions per prompt, prompt-major (prompt 0's G samples, then prompt 1's, ...).
@@ -436,7 +525,10 @@ def sample(vlm, batch, group_size=1, max_new_tokens=128, temperature=1.0, seeds=
         nxt = torch.where(done, vlm.pad_id, nxt)
         tokens[:, t] = nxt
         done |= nxt == vlm.eos_id
-        if done.all():
+        finished = done.all().int()
+        if is_sharded(model):  # under FSDP each layer call is a collective: every rank decodes until all are done
+            dist.all_reduce(finished, op=dist.ReduceOp.MIN)
+        if finished:
             tokens = tokens[:, :t + 1]
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
@@ -458,6 +550,7 @@ def generate(vlm, images, questions, max_new_tokens=128, batch_size=64, temperat
     return texts
 
 
+@fsdp_forward
 def completion_logps(vlm, batch, tokens, group_size=1, temperature=1.0, model=None):
     """Per-token log-probs (N, T) of completions `tokens` (N = P * G, prompt-major) given the prompts.
 
@@ -485,15 +578,30 @@ def completion_logps(vlm, batch, tokens, group_size=1, temperature=1.0, model=No
 
 def save_checkpoint(path, vlm, state=None, optimizer=None, model=None):
     """Write `path` atomically: config, model.safetensors, tokenizer, image processor, state.json,
-    and optimizer.pt (tensors only; loaded back with weights_only=True)."""
+    and optimizer.pt (tensors only; loaded back with weights_only=True).
+
+    Every rank calls it; rank 0 writes. Under FSDP the full weights and optimizer state are first
+    gathered (a collective), so optimizer.pt is keyed by parameter name, not by position.
+    """
     model = model or vlm.model
+    weights, optim = None, optimizer.state_dict() if optimizer is not None else None
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU
+        weights = get_model_state_dict(model, options=full)
+        if model.lm_head.weight is model.get_input_embeddings().weight:  # tied: saved once, as unsharded models are
+            weights.pop("lm_head.weight", None)
+        optim = get_optimizer_state_dict(model, optimizer, options=full) if optimizer is not None else None
+    if not is_main():
+        return
     tmp = path.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
     vlm.tokenizer.save_pretrained(tmp)
     vlm.image_processor.save_pretrained(tmp)
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    if optim is not None:
+        torch.save(optim, os.path.join(tmp, "optimizer.pt"))
     if state is not None:
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(state, f, indent=1)
@@ -519,9 +627,13 @@ def save_step_checkpoint(out, step, vlm, state, optimizer, model=None, keep=2):
     root = os.path.join(out, "checkpoints")
     os.makedirs(root, exist_ok=True)
     save_checkpoint(os.path.join(root, f"step_{step:07d}"), vlm, state, optimizer, model)
+    if not is_main():
+        return
     done = sorted(d for d in os.listdir(root) if d.startswith("step_") and d[5:].isdigit())
-    for d in done[:-keep]:
-        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    for d in done[:-keep]:  # renamed first, so a kill mid-delete never leaves a step_N that looks complete
+        shutil.rmtree(os.path.join(root, d) + ".tmp", ignore_errors=True)
+        os.replace(os.path.join(root, d), os.path.join(root, d) + ".tmp")
+        shutil.rmtree(os.path.join(root, d) + ".tmp", ignore_errors=True)
 
 
 def load_state(path):
@@ -529,7 +641,14 @@ def load_state(path):
         return json.load(f)
 
 
-def load_optimizer(path, optimizer):
+def load_optimizer(path, optimizer, model=None):
+    """Restore optimizer.pt (tensors only: weights_only=True never unpickles code). Collective under FSDP."""
+    if model is not None and is_sharded(model):  # rank 0 reads the full state, FSDP scatters each rank's shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        sd = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True) if is_main() else {}
+        set_optimizer_state_dict(model, optimizer, sd,
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        return
     sd = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(sd)
 
