@@ -17,7 +17,15 @@ Run it:
     python sft.py --data runs/pseudo.jsonl --model Qwen/Qwen2.5-VL-3B-Instruct --lr 1e-5 \\
         --batch_size 16 --grad_accum 4 --freeze_vision --grad_ckpt --out runs/sft          # 1 GPU
     torchrun --nproc_per_node=8 sft.py --data runs/pseudo.jsonl --model PATH --out runs/sft  # N GPUs
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \\
+        sft.py ...                   # 2 nodes: the same command on each, R = 0 on HOST0, 1 on the other
+    ... --fsdp                       # shard weights, gradients, optimizer state (FSDP2): too big for 1 GPU
     ... --resume                     # continue from the newest runs/sft/checkpoints/step_N
+    ... --skip_bad_rows              # skip (and count) bad rows instead of stopping with a one-line error
+Resume is exact: a run killed at any point and restarted with --resume (same --out) reaches the
+same weights and metrics as one never interrupted. A non-finite loss or gradient skips the
+update; --max_bad_steps in a row stop the run (--debug_nan_steps forces them, for tests). With
+several nodes, --out must be a folder every node sees (rank 0 writes it, all ranks resume from it).
 
 Outputs in --out: the final model (a Hugging Face folder that grpo.py, evaluate.py and
 transformers load), metrics.jsonl (step, loss, lr, grad_norm, val_loss, ...), args.json, and
@@ -50,7 +58,8 @@ parser.add_argument("--model", default="tiny", help="tiny | random:qwen2.5-vl-3b
 parser.add_argument("--max_pixels", type=int, default=None, help="cap image resolution (pixels)")
 parser.add_argument("--freeze_vision", action="store_true", help="do not train the vision tower")
 parser.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (less memory, ~30%% slower)")
-parser.add_argument("--trust_remote_code", action="store_true")
+parser.add_argument("--trust_remote_code", action="store_true", help="run a checkpoint's own Python code")
+parser.add_argument("--fsdp", action="store_true", help="shard the model over ranks (FSDP2): too big for 1 GPU")
 # optimisation
 parser.add_argument("--batch_size", type=int, default=32, help="global batch (sequences per optimizer step)")
 parser.add_argument("--grad_accum", type=int, default=1, help="micro-steps per rank per optimizer step")
@@ -70,6 +79,8 @@ parser.add_argument("--save_every", type=int, default=0, help="resumable checkpo
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
 parser.add_argument("--device", default="auto")
 parser.add_argument("--max_bad_steps", type=int, default=3, help="stop after this many non-finite steps in a row")
+parser.add_argument("--debug_nan_steps", type=int, nargs="*", default=[],
+                    help="testing: make the loss NaN at these steps (1-based) to exercise the non-finite guard")
 
 
 def target_batch(vlm, rows):
@@ -106,13 +117,28 @@ def main(args):
     # -------------------------------------------------------------------------
     # data: pseudo-label rows, a fixed held-out slice, a seeded order per epoch
     rows = data.load(args.data, "train", skip_bad_rows=args.skip_bad_rows)
-    missing = [i for i, r in enumerate(rows) if not r.get("target")]
+    missing = [r for r in rows if not r.get("target")]
     if missing:
-        raise ValueError(f"{args.data}: row {missing[0]} has no 'target' (is this retrieve.py's output?)")
+        msg = f"{args.data}: row {missing[0]['id']}: no 'target' field (is this retrieve.py's output?)"
+        if not args.skip_bad_rows:
+            raise data.DataError(msg)
+        M.print0(f"skipped {len(missing)} rows without a target: first: {msg}")
+        rows = [r for r in rows if r.get("target")]
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_val = int(len(rows) * args.val_frac)
     val_rows = [rows[i] for i in order[:n_val]]
     train_rows = [rows[i] for i in order[n_val:]]
+
+    # -------------------------------------------------------------------------
+    # model (the newest checkpoint's with --resume), then every row checked against it before step 1
+    ckpt = M.latest_checkpoint(args.out) if args.resume else None
+    texts = [t for r in train_rows for t in (r["question"], r["target"])] + \
+        [p["text"] for r in train_rows[:2000] for p in r.get("evidence", [])[:1] if isinstance(p, dict)]
+    vlm = M.load(ckpt or args.model, device="cpu" if args.fsdp else device, dtype=torch.float32, texts=texts,
+                 max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code)
+    # its image decodes and its prompt fits, or a one-line error (--skip_bad_rows: skipped and counted)
+    train_rows = M.check_rows(vlm, train_rows, args.skip_bad_rows)
+    val_rows = M.check_rows(vlm, val_rows, args.skip_bad_rows)
     micro = args.batch_size // (world * args.grad_accum)
     if micro * world * args.grad_accum != args.batch_size:
         raise ValueError(f"--batch_size {args.batch_size} must be divisible by world_size ({world}) x "
@@ -128,18 +154,15 @@ def main(args):
         return [train_rows[j] for j in perm[i * args.batch_size:(i + 1) * args.batch_size].tolist()]
 
     # -------------------------------------------------------------------------
-    # model and optimizer; resume restores weights, optimizer and the step (the data position)
-    ckpt = M.latest_checkpoint(args.out) if args.resume else None
-    texts = [t for r in train_rows for t in (r["question"], r["target"])] + \
-        [p["text"] for r in train_rows[:2000] for p in r.get("evidence", [])[:1] if isinstance(p, dict)]
-    vlm = M.load(ckpt or args.model, device=device, dtype=torch.float32, texts=texts,
-                 max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code)
+    # optimizer; resume restores it and the step (the data position) too
     model = vlm.model
     model.train()
     if args.freeze_vision:
         model.model.visual.requires_grad_(False)
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.fsdp:  # each rank holds 1/world of the weights, gradients and optimizer state (moved to `device`)
+        M.fsdp_shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -148,7 +171,7 @@ def main(args):
                                   fused=device.type == "cuda")
     start = 0
     if ckpt:
-        M.load_optimizer(ckpt, optimizer)
+        M.load_optimizer(ckpt, optimizer, model)
         start = M.load_state(ckpt)["step"]
         M.print0(f"resumed from {ckpt} at step {start}")
     if rank == 0:  # metrics.jsonl holds exactly the steps up to the restart point
@@ -169,12 +192,13 @@ def main(args):
     @torch.no_grad()
     def val_loss():
         model.eval()
-        mine = val_rows[rank::world]
+        mine, c = val_rows[rank::world], micro * args.grad_accum
         total = torch.zeros(2, device=device)
-        for i in range(0, len(mine), micro * args.grad_accum):
-            chunk = mine[i:i + micro * args.grad_accum]
-            loss, n = sft_loss(vlm, chunk, 1.0, autocast)
-            total += torch.tensor([loss.item(), n], device=device)
+        for i in range(math.ceil(math.ceil(len(val_rows) / world) / c)):  # as many forwards on every rank (FSDP)
+            chunk = mine[i * c:(i + 1) * c]
+            loss, n = sft_loss(vlm, chunk or val_rows[:1], 1.0, autocast)
+            if chunk:
+                total += torch.tensor([loss.item(), n], device=device)
         if world > 1:
             torch.distributed.all_reduce(total)
         model.train()
@@ -200,23 +224,26 @@ def main(args):
         for k in range(args.grad_accum):
             # x world: allreduce_grads averages, and we want the gradient of the global token mean
             loss, _ = sft_loss(vlm, mine[k * micro:(k + 1) * micro], n_tokens / world, autocast)
+            if step + 1 in args.debug_nan_steps:
+                loss = loss * float("nan")
             loss.backward()
             loss_sum += loss.item() / world
-        M.allreduce_grads(params)
+        if not args.fsdp:  # FSDP has already reduce-scattered the gradients
+            M.allreduce_grads(params)
         if world > 1:
             t = torch.tensor([loss_sum], device=device)
             torch.distributed.all_reduce(t)
             loss_sum = t.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        grad_norm = M.clip_grad_norm(params, args.grad_clip)
         if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
             # a NaN/inf step is skipped; a few in a row stop the run with the last checkpoint intact
             bad_in_a_row += 1
             optimizer.zero_grad(set_to_none=True)
-            M.print0(f"step {step}: non-finite loss {loss_sum} or grad norm {grad_norm.item()}: update skipped "
+            M.print0(f"step {step + 1}: non-finite loss {loss_sum} or grad norm {grad_norm.item()}: update skipped "
                      f"({bad_in_a_row}/{args.max_bad_steps})")
-            log({"step": step, "skipped": True, "loss": None})
+            log({"step": step + 1, "skipped": True, "loss": None, "lr": lr})
             if bad_in_a_row >= args.max_bad_steps:
-                raise RuntimeError(f"{bad_in_a_row} non-finite steps in a row at step {step}; stopping. "
+                raise RuntimeError(f"{bad_in_a_row} non-finite steps in a row at step {step + 1}; stopping. "
                                    f"Last good checkpoint: {M.latest_checkpoint(args.out)}")
             continue
         bad_in_a_row = 0
@@ -232,7 +259,7 @@ def main(args):
             vl = f" val_loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""
             bar.write(f"step {step + 1}/{max_steps} loss {loss_sum:.4f}{vl} lr {lr:.2e} "
                       f"grad_norm {grad_norm.item():.2f} {(time.time() - t0) / (step + 1 - start):.2f}s/step")
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < max_steps and rank == 0:
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < max_steps:
             M.save_step_checkpoint(args.out, step + 1, vlm, {"step": step + 1, "args": vars(args)}, optimizer)
 
     # -------------------------------------------------------------------------
@@ -241,9 +268,8 @@ def main(args):
     if val_rows:
         final["val_loss"] = val_loss()
         M.print0(f"final val_loss {final['val_loss']:.4f}")
-    if rank == 0:
-        M.save_checkpoint(args.out, vlm, final)
-        M.print0(f"saved {args.out} ({time.time() - t0:.0f}s)")
+    M.save_checkpoint(args.out, vlm, final)  # every rank: under FSDP the weights are gathered first
+    M.print0(f"saved {args.out} ({time.time() - t0:.0f}s)")
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
