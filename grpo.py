@@ -29,7 +29,10 @@ Run it:
     torchrun --nproc_per_node=2 grpo.py --ckpt runs/sft                               # 2 processes
     torchrun --nproc_per_node=8 grpo.py --ckpt sft_out --data runs/pseudo_slake.jsonl \\
         --lr 1e-6 --prompts_per_step 48 --max_new_tokens 512 --max_pixels 200704 --grad_ckpt
-    ... --resume        # continue from the newest checkpoint in --out
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \\
+        grpo.py ...     # 2 nodes: the same command on each, R = 0 on HOST0, 1 on the other
+    ... --fsdp          # shard policy and reference (FSDP2) when one GPU cannot hold them
+    ... --resume        # continue exactly from the newest checkpoint in --out (shared by all nodes)
 
 Outputs in --out: the final model (Hugging Face folder), metrics.jsonl (one record per step),
 rollouts.jsonl (a few sampled completions per step with their rewards), args.json, checkpoints/.
@@ -64,7 +67,8 @@ parser.add_argument("--ckpt", "--model", dest="ckpt", default="runs/sft", help="
 parser.add_argument("--max_pixels", type=int, default=None)
 parser.add_argument("--freeze_vision", action="store_true")
 parser.add_argument("--grad_ckpt", action="store_true")
-parser.add_argument("--trust_remote_code", action="store_true")
+parser.add_argument("--trust_remote_code", action="store_true", help="run a checkpoint's own Python code")
+parser.add_argument("--fsdp", action="store_true", help="shard policy and reference over ranks with FSDP2")
 # rollouts
 parser.add_argument("--prompts_per_step", type=int, default=16, help="global, over all ranks")
 parser.add_argument("--group_size", type=int, default=6, help="G completions per prompt (paper: 6)")
@@ -102,7 +106,9 @@ parser.add_argument("--save_every", type=int, default=0)
 parser.add_argument("--resume", action="store_true")
 parser.add_argument("--rollouts_per_step", type=int, default=2, help="completions written to rollouts.jsonl")
 parser.add_argument("--device", default="auto")
-parser.add_argument("--max_bad_steps", type=int, default=3)
+parser.add_argument("--max_bad_steps", type=int, default=3, help="stop after this many non-finite steps in a row")
+parser.add_argument("--debug_nan_steps", type=int, nargs="*", default=[],
+                    help="testing: make the loss NaN at these steps (1-based) to exercise the non-finite guard")
 
 # -----------------------------------------------------------------------------
 # the math (tests outside this repo call these two)
@@ -180,9 +186,6 @@ def main(args):
             val_rows = data.load(args.data, args.val_split, limit=args.val_limit)
         except data.DataError as e:
             M.print0(f"no held-out split for periodic eval ({e}); set --val_split or --eval_every 0")
-    steps_per_epoch = len(rows) // args.prompts_per_step
-    if steps_per_epoch == 0:
-        raise ValueError(f"{args.data}: {len(rows)} rows, fewer than --prompts_per_step {args.prompts_per_step}")
     K = max(1, args.dynamic_sampling)
 
     def prompts_for(step):
@@ -196,23 +199,34 @@ def main(args):
     # -------------------------------------------------------------------------
     # policy, frozen reference, optimizer
     ckpt = M.latest_checkpoint(args.out) if args.resume else None
-    vlm = M.load(ckpt or args.ckpt, device=device, dtype=torch.float32, max_pixels=args.max_pixels,
+    load_on = "cpu" if args.fsdp else device  # FSDP moves each rank's shard to `device`
+    vlm = M.load(ckpt or args.ckpt, device=load_on, dtype=torch.float32, max_pixels=args.max_pixels,
                  trust_remote_code=args.trust_remote_code)
+    # every image decodes and every prompt fits, or a one-line error (--skip_bad_rows: skipped and counted)
+    rows, val_rows = M.check_rows(vlm, rows, args.skip_bad_rows), M.check_rows(vlm, val_rows, args.skip_bad_rows)
+    steps_per_epoch = len(rows) // args.prompts_per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"{args.data}: {len(rows)} rows, fewer than --prompts_per_step {args.prompts_per_step}")
     policy = vlm.model
     ref = None
     if args.kl_coef != 0:  # the reference is the starting model, also after a resume
-        ref = M.load(args.ckpt, device=device, max_pixels=args.max_pixels).model if ckpt else copy.deepcopy(policy)
+        ref = M.load(args.ckpt, device=load_on, max_pixels=args.max_pixels,
+                     trust_remote_code=args.trust_remote_code).model if ckpt else copy.deepcopy(policy)
         ref = ref.to(M.default_dtype(device)).eval().requires_grad_(False)
     if args.freeze_vision:
         policy.model.visual.requires_grad_(False)
     if args.grad_ckpt:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.fsdp:  # each rank holds 1/world of the weights, gradients and optimizer state
+        M.fsdp_shard(policy)
+        if ref is not None:
+            M.fsdp_shard(ref)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
     start = 0
     if ckpt:
-        M.load_optimizer(ckpt, optimizer)
+        M.load_optimizer(ckpt, optimizer, policy)
         start = M.load_state(ckpt)["step"]
         M.print0(f"resumed from {ckpt} at step {start}")
     if rank == 0:
@@ -232,9 +246,10 @@ def main(args):
 
     def held_out_accuracy():
         policy.eval()
-        mine = val_rows[rank::world]
-        texts = M.generate(vlm, [data.load_image(r) for r in mine], [r["question"] for r in mine],
-                           args.max_new_tokens, batch_size=64)
+        mine, n = val_rows[rank::world], math.ceil(len(val_rows) / world)
+        padded = (mine + val_rows[:1] * n)[:n]  # as many forwards on every rank (FSDP), the repeats not scored
+        texts = M.generate(vlm, [data.load_image(r) for r in padded], [r["question"] for r in padded],
+                           args.max_new_tokens, batch_size=64)[:len(mine)]
         acc = torch.tensor([sum(rewards.score(t, r)["accuracy"] for t, r in zip(texts, mine)), len(mine)],
                            dtype=torch.float64, device=device)
         if world > 1:
@@ -319,11 +334,14 @@ def main(args):
                                         mask[a:b], args.clip_eps, args.clip_eps_high, args.kl_coef,
                                         args.token_level)
                 share = (mask[a:b].sum() * world / n_tok) if args.token_level else torch.tensor((b - a) / N)
+                if step + 1 in args.debug_nan_steps:
+                    loss = loss * float("nan")
                 (loss * share).backward()
                 for k, v in stats.items():
                     stats_sum[k] = stats_sum.get(k, 0.0) + v * share.item() / args.inner_epochs
-            M.allreduce_grads(params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            if not args.fsdp:  # FSDP has already reduce-scattered the gradients
+                M.allreduce_grads(params)
+            grad_norm = M.clip_grad_norm(params, args.grad_clip)
             if not torch.isfinite(grad_norm):
                 skipped = True
                 optimizer.zero_grad(set_to_none=True)
@@ -332,13 +350,18 @@ def main(args):
             optimizer.zero_grad(set_to_none=True)
         t_train = time.time()
 
-        # 6. log: one record per step (rank 0 holds the mean over ranks), a few rollouts to read
+        # 6. log: one record per step, over the global batch (the same numbers on any number of ranks)
         lengths = mask.sum(1).float()
         truncated = ((tokens == vlm.eos_id) & mask.bool()).sum(1) == 0
+        spread = torch.stack([advantages.float(), lengths])                  # (2, N): std and max need all ranks
+        if world > 1:
+            parts = [torch.empty_like(spread) for _ in range(world)]
+            torch.distributed.all_gather(parts, spread)
+            spread = torch.cat(parts, 1)
         local = {f"reward_{k}": sum(s[k] for s in scores) / N for k in ("accuracy", "format", "fact", "consistency")}
-        local.update(reward=total.mean().item(), adv_std=advantages.std().item(),
+        local.update(reward=total.mean().item(), adv_std=spread[0].std().item(),
                      zero_std_groups=(std == 0).float().mean().item(), len_mean=lengths.mean().item(),
-                     len_max=lengths.max().item(), truncated=truncated.float().mean().item(), **stats_sum)
+                     len_max=spread[1].max().item(), truncated=truncated.float().mean().item(), **stats_sum)
         keys = sorted(local)
         vec = torch.tensor([local[k] for k in keys], dtype=torch.float64, device=device)
         if world > 1:
@@ -371,12 +394,11 @@ def main(args):
                                    f"{M.latest_checkpoint(args.out)}")
         else:
             bad_in_a_row = 0
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.max_steps and rank == 0:
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.max_steps:
             M.save_step_checkpoint(args.out, step + 1, vlm, {"step": step + 1, "args": vars(args)}, optimizer)
 
-    if rank == 0:
-        M.save_checkpoint(args.out, vlm, {"step": args.max_steps, "args": vars(args)})
-        M.print0(f"saved {args.out} ({time.time() - t_start:.0f}s)")
+    M.save_checkpoint(args.out, vlm, {"step": args.max_steps, "args": vars(args)})  # every rank (FSDP gathers)
+    M.print0(f"saved {args.out} ({time.time() - t_start:.0f}s)")
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
