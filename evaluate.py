@@ -23,6 +23,7 @@ Run it:
     python evaluate.py --ckpt runs/grpo --data demo --split test --out runs/eval/metrics.json
     python evaluate.py --ckpt runs/grpo --data ../shared/data/slake --split test --out runs/slake.json
     torchrun --nproc_per_node=8 evaluate.py --ckpt PATH --data vqa-rad --out runs/vqa_rad.json
+    (several nodes: torchrun --nnodes=2 --node_rank=R --master_addr=HOST0 --master_port=29500 ...)
 Writes FILE.json: {"dataset", "split", "n", "accuracy", "closed_accuracy", "open_accuracy",
 "open_recall", "format", "fact", "consistency", "by_category", "baselines", ...}, each in [0, 1]
 or null when no row applies, and predictions.jsonl in the same folder.
@@ -54,7 +55,7 @@ parser.add_argument("--ckpt", "--model", dest="ckpt", default="runs/grpo")
 parser.add_argument("--max_pixels", type=int, default=None)
 parser.add_argument("--max_new_tokens", type=int, default=128)
 parser.add_argument("--batch_size", type=int, default=64)
-parser.add_argument("--trust_remote_code", action="store_true")
+parser.add_argument("--trust_remote_code", action="store_true", help="run a checkpoint's own Python code")
 # output
 parser.add_argument("--out", default="runs/eval/metrics.json")
 parser.add_argument("--device", default="auto")
@@ -139,6 +140,7 @@ def main(args):
     rows = data.load(args.data, args.split, lang=args.lang, skip_bad_rows=args.skip_bad_rows, limit=args.limit)
     vlm = M.load(args.ckpt, device=device, max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code)
     vlm.model.eval()
+    rows = M.check_rows(vlm, rows, args.skip_bad_rows)  # images decode and prompts fit, before any decoding
     mine = list(range(rank, len(rows), world))  # strided shards, gathered back in order on rank 0
     with torch.no_grad():
         completions, graded = evaluate(vlm, [rows[i] for i in mine], args.batch_size, args.max_new_tokens,
