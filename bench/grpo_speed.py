@@ -16,7 +16,9 @@ on CUDA bf16 autocast over fp32 weights (reference in bf16) and gradient checkpo
   function; a callback times each step (on_step_begin -> on_step_end), and wrappers time its
   generation, reward and reference passes; training = the rest of the step.
 Runs alternate ours / TRL (--repeats times per setting, the first step of each run dropped as
-warm-up) and the medians over all timed steps are reported, since the machine may be shared.
+warm-up); reported are the medians and the best of all timed steps and, on CPU, the CPU seconds
+per step (read from /proc as each step's log line appears), which a shared machine distorts far
+less than wall time. On a shared CPU machine pass --threads 1 (both sides alike).
 Peak memory: on CPU the peak RSS of each subprocess (os.wait4's ru_maxrss, so imports
 included); on CUDA torch.cuda.max_memory_allocated (TRL here; ours if grpo.py logs peak_mem_gib).
 Decode step = generation time / completion tokens per row, against the bandwidth bound
@@ -194,6 +196,8 @@ def trl_worker(args, work, run_dir, P, grad_ckpt):
             sync()
             s = steps[-1]
             s["t_step"] = time.perf_counter() - s.pop("t0")
+            with open(run_dir / "steps.jsonl", "a") as f:  # one line per step, as grpo.py's metrics.jsonl
+                f.write(json.dumps(s) + "\n")
 
     def timed(fn, key, when=None):
         def wrapper(*a, **k):
@@ -244,18 +248,46 @@ def trl_worker(args, work, run_dir, P, grad_ckpt):
 FIELDS = ["t_generate", "t_score", "t_reference", "t_train", "t_step"]
 
 
-def spawn(cmd, log, env):
-    """Run cmd to completion; returns (wall s, CPU s, peak RSS GiB), of that process alone."""
-    t = time.time()
+def _cpu_seconds(pid):
+    """utime + stime of a live process (all its threads), from /proc; None where there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def spawn(cmd, log, env, progress=None):
+    """Run cmd to completion. Returns wall s, CPU s, peak RSS GiB (of that process alone) and, when
+    `progress` is a JSONL file the process appends one line to per step, the process's CPU seconds
+    at each new line: CPU time per step, which a busy machine stretches far less than wall time."""
+    t, marks = time.time(), []
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        _, status, usage = os.wait4(p.pid, 0)
+        while True:
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if progress is not None and os.path.exists(progress):
+                with open(progress) as g:
+                    n = sum(1 for line in g if line.strip())
+                if n > len(marks):
+                    marks += [_cpu_seconds(p.pid)] * (n - len(marks))
+            time.sleep(0.02)
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
         sys.stderr.write(Path(log).read_text()[-4000:])
         raise SystemExit(f"failed ({p.returncode}): {' '.join(map(str, cmd))}; log: {log}")
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return time.time() - t, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * scale / 2 ** 30
+    return time.time() - t, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * scale / 2 ** 30, marks
+
+
+def step_cpu(steps, marks):
+    """Add cpu_s to each step but the first: the CPU seconds between its line and the one before."""
+    ok = len(marks) == len(steps) and None not in marks
+    for k, s in enumerate(steps):
+        s["cpu_s"] = marks[k] - marks[k - 1] if ok and k > 0 else None
 
 
 def run_ours(args, work, run_dir, P, grad_ckpt, env):
@@ -264,12 +296,14 @@ def run_ours(args, work, run_dir, P, grad_ckpt, env):
            "--max_new_tokens", str(args.max_new_tokens), "--ignore_eos", "--kl_coef", str(args.kl_coef),
            "--temperature", str(args.temperature), "--lr", "1e-6", "--inner_epochs", "1",
            "--micro_batch", str(P * args.group_size), "--eval_every", "0", "--out", str(run_dir)]
-    wall, cpu, rss = spawn(cmd + (["--grad_ckpt"] if grad_ckpt else []), run_dir.with_suffix(".log"), env)
+    wall, cpu, rss, marks = spawn(cmd + (["--grad_ckpt"] if grad_ckpt else []), run_dir.with_suffix(".log"), env,
+                                  progress=run_dir / "metrics.jsonl")
     metrics = run_dir.with_suffix(".metrics.jsonl")
     os.replace(run_dir / "metrics.jsonl", metrics)
     shutil.rmtree(run_dir)  # grpo.py saves the trained model at the end: 15 GB per run for the 3B
     recs = [json.loads(line) for line in open(metrics)]
     steps = [{**{k: r[k] for k in FIELDS}, "tokens": r["len_mean"] * P * args.group_size} for r in recs]
+    step_cpu(steps, marks)
     peak = [r["peak_mem_gib"] for r in recs if "peak_mem_gib" in r]
     return {"steps": steps[1:], "wall_s": wall, "cpu_s": cpu, "peak_rss_gib": rss,
             "peak_mem_gib": max(peak) if peak else None}
@@ -282,8 +316,9 @@ def run_trl(args, work, run_dir, P, grad_ckpt, env):
            "--temperature", str(args.temperature), "--steps", str(args.steps),
            "--grad_ckpt" if grad_ckpt else "--no-grad_ckpt"]
     run_dir.mkdir(parents=True, exist_ok=True)
-    wall, cpu, rss = spawn(cmd, run_dir.with_suffix(".log"), env)
+    wall, cpu, rss, marks = spawn(cmd, run_dir.with_suffix(".log"), env, progress=run_dir / "steps.jsonl")
     out = json.loads((run_dir / "trl_steps.json").read_text())
+    step_cpu(out["steps"], marks)
     return {"steps": out["steps"][1:], "wall_s": wall, "cpu_s": cpu, "peak_rss_gib": rss,
             "peak_mem_gib": out.get("peak_mem_gib")}
 
@@ -297,10 +332,12 @@ def summarise(runs, args, P):
         raise SystemExit(f"completion tokens per step {sorted({s['tokens'] for s in steps})}, expected {expected}: "
                          f"the forced length did not hold")
     peaks = [r["peak_mem_gib"] for r in runs if r["peak_mem_gib"] is not None]
+    cpu = [s["cpu_s"] for s in steps if s["cpu_s"] is not None]
     return {"timed_steps": len(steps), "completion_tokens_per_step": tokens,
             "tokens_per_s": tokens / med["t_generate"], "step_tokens_per_s": tokens / med["t_step"], **med,
             # the fastest step: on a shared machine, the closest to what an idle one would show
             "best_t_step": min(s["t_step"] for s in steps), "best_t_generate": min(s["t_generate"] for s in steps),
+            "cpu_s_per_step": statistics.median(cpu) if len(cpu) == len(steps) else None,
             "decode_ms": 1000 * med["t_generate"] / args.max_new_tokens,
             "peak_rss_gib": max(r["peak_rss_gib"] for r in runs), "peak_mem_gib": max(peaks) if peaks else None,
             "run_medians_t_step": [statistics.median(s["t_step"] for s in r["steps"]) for r in runs],
@@ -343,33 +380,29 @@ def cpu_name():
 def table(result):
     info, rows = result["model"], result["results"]
     gpu = info["device_kind"] == "cuda"
-    mem = "peak GiB" if gpu else "peak RSS GiB"
-    head = ["P", "side", "tok/s", "step s", "best step s", "gen s", "ref s", "train s", "score s", mem,
-            "decode ms"]
-    lines = []
+    mem = "peak_mem_gib" if gpu else "peak_rss_gib"
+    cols = [("tok/s", "tokens_per_s", "{:.0f}"), ("step s", "t_step", "{:.2f}"), ("best step s", "best_t_step", "{:.2f}"),
+            ("gen s", "t_generate", "{:.2f}"), ("ref s", "t_reference", "{:.3f}"), ("train s", "t_train", "{:.2f}"),
+            ("score s", "t_score", "{:.3f}"), ("peak GiB" if gpu else "peak RSS GiB", mem, "{:.2f}"),
+            ("decode ms", "decode_ms", "{:.2f}")]
+    if not gpu:  # CPU seconds per step: what a busy machine distorts least
+        cols.insert(3, ("CPU s/step", "cpu_s_per_step", "{:.2f}"))
+    cell = lambda v, f: "n/a" if v is None else f.format(v)  # noqa: E731
+    head, lines = ["P", "side"] + [c[0] for c in cols], []
     for r in rows:
-        for side in ("ours", "trl"):
-            s = r[side]
-            m = s["peak_mem_gib"] if gpu else s["peak_rss_gib"]
-            lines.append([str(r["prompts_per_step"]), "ours" if side == "ours" else "TRL", f"{s['tokens_per_s']:.0f}",
-                          f"{s['t_step']:.2f}", f"{s['best_t_step']:.2f}", f"{s['t_generate']:.2f}",
-                          f"{s['t_reference']:.3f}",
-                          f"{s['t_train']:.2f}", f"{s['t_score']:.3f}", "n/a" if m is None else f"{m:.2f}",
-                          f"{s['decode_ms']:.2f}"])
-        q = r["ratio"]
-        lines.append(["", "ours/TRL", f"{q['tokens_per_s']:.2f}", f"{q['t_step']:.2f}", f"{q['best_t_step']:.2f}",
-                      f"{q['t_generate']:.2f}",
-                      f"{q['t_reference']:.2f}", f"{q['t_train']:.2f}", f"{q['t_score']:.2f}",
-                      "n/a" if q["peak"] is None else f"{q['peak']:.2f}", f"{q['decode_ms']:.2f}"])
+        q = {**r["ratio"], mem: r["ratio"]["peak"]}
+        lines += [[str(r["prompts_per_step"]), "ours"] + [cell(r["ours"][k], f) for _, k, f in cols],
+                  ["", "TRL"] + [cell(r["trl"][k], f) for _, k, f in cols],
+                  ["", "ours/TRL"] + [cell(q.get(k), "{:.2f}") for _, k, _ in cols]]
     width = [max(len(x) for x in col) for col in zip(head, *lines)]
     fmt = lambda row: "  ".join(x.rjust(w) for x, w in zip(row, width))  # noqa: E731
     s = result["settings"]
     out = [f"GRPO step, {result['model_name']} on {info['device']} ({result['device_note']}): G={s['group_size']}, "
            f"{s['max_new_tokens']} forced tokens, kl {s['kl_coef']}, T={s['temperature']}, grad ckpt "
            f"{'on' if s['grad_ckpt'] else 'off'}; medians of {s['steps']} steps x {s['repeats']} runs per side",
-           fmt(head), *map(fmt, lines)]
-    out.append("tok/s = completion tokens / generation time; ours/TRL > 1 is ours faster for tok/s, "
-               "< 1 for times and memory")
+           fmt(head), *map(fmt, lines),
+           "tok/s = completion tokens / generation time; ours/TRL > 1 is ours faster for tok/s, < 1 for times "
+           "and memory"]
     b = result["decode_bound"]
     if b is None:
         ours = ", ".join(f"{r['ours']['decode_ms']:.2f} ms at P={r['prompts_per_step']}" for r in rows)
@@ -414,7 +447,8 @@ def main(args):
                       f"load {load:.1f} before)", flush=True)
         ours, trl = summarise(runs["ours"], args, P), summarise(runs["trl"], args, P)
         ratio = {k: ours[k] / trl[k] if trl[k] else None
-                 for k in FIELDS + ["tokens_per_s", "decode_ms", "best_t_step", "best_t_generate"]}
+                 for k in FIELDS + ["tokens_per_s", "decode_ms", "best_t_step", "best_t_generate", "cpu_s_per_step"]
+                 if ours[k] is not None and trl[k] is not None}
         key = "peak_mem_gib" if gpu else "peak_rss_gib"
         ratio["peak"] = ours[key] / trl[key] if ours[key] and trl[key] else None
         results.append({"prompts_per_step": P, "ours": ours, "trl": trl, "ratio": ratio})
