@@ -261,9 +261,15 @@ def main(args):
     # the loop
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=rank != 0, desc="grpo")
     bad_in_a_row, t_start = 0, time.time()
+
+    def now():  # CUDA runs asynchronously: wait for queued kernels so the step split is honest
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.time()
+
     G = args.group_size
     for step in bar:
-        t0 = time.time()
+        t0 = now()
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))  # linear warmup, then constant
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -279,7 +285,7 @@ def main(args):
                            M.rollout_seeds(args.seed, step, idx, G), ignore_eos=args.ignore_eos)
         tokens, mask = out["tokens"], out["mask"]                       # (K*P*G, T)
         texts = vlm.decode(tokens, mask)
-        t_gen = time.time()
+        t_gen = now()
 
         # 2. rewards, 3. advantages within each group
         scores = [rewards.score(t, r, weights, upstream=args.upstream_rewards, judge=judge)
@@ -294,7 +300,7 @@ def main(args):
             batch_rows = [batch_rows[p] for p in keep]
             batch = vlm.encode([data.load_image(r) for r in batch_rows], [r["question"] for r in batch_rows])
         advantages = group_advantages(total, G, scale=not args.no_std_scale).to(device)
-        t_score = time.time()
+        t_score = now()
 
         # 4. log-probs of the old policy (only needed when the policy moves between passes) and the reference
         N = tokens.size(0)
@@ -314,10 +320,10 @@ def main(args):
         with torch.no_grad(), autocast:
             old_logps = torch.cat([M.completion_logps(vlm, prompt_slice(a, b), tokens[a:b], G, args.temperature)
                                    for a, b in chunks]) if args.inner_epochs > 1 else None
-            t_old = time.time()
+            t_old = now()
             ref_logps = torch.cat([M.completion_logps(vlm, prompt_slice(a, b), tokens[a:b], G, args.temperature,
                                                       model=ref) for a, b in chunks]).float() if ref else None
-        t_ref = time.time()
+        t_ref = now()
 
         # 5. inner epochs over micro-batches; the loss of each is weighted by its share of the batch
         policy.train()
@@ -348,7 +354,7 @@ def main(args):
                 break
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        t_train = time.time()
+        t_train = now()
 
         # 6. log: one record per step, over the global batch (the same numbers on any number of ranks)
         lengths = mask.sum(1).float()
@@ -371,6 +377,8 @@ def main(args):
                "t_generate": t_gen - t0, "t_score": t_score - t_gen, "t_reference": t_ref - t_old,
                "t_train": t_train - t_ref, "t_step": t_train - t0,
                "tokens_per_s": lengths.sum().item() * world / (t_gen - t0), "skipped": skipped}
+        if device.type == "cuda":
+            rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         if args.eval_every and val_rows and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             rec["val_accuracy"] = held_out_accuracy()
         log("metrics.jsonl", [rec])
