@@ -12,7 +12,8 @@ The protocol (the MEDFACT-R1 paper released no evaluation code; this is the comm
 - open questions: normalised exact match -> open_accuracy, and token recall of the gold answer's
   words in the prediction (the LLaVA-Med convention) -> open_recall, reported separately.
 - accuracy = exact-match accuracy over all rows (closed and open).
-- format, fact, consistency = the means of the rewards of the same name (rewards.score).
+- format, fact, consistency = the means of the rewards of the same name (rewards.score); fact
+  over the rows that carry keywords only (the benchmarks' test rows carry none: fact is null).
 - SLAKE: English rows only unless --lang says otherwise. VQA-RAD: the official test rows
   (451: test_freeform + test_para). PathVQA: its test split.
 - baselines on the same split, from the same dataset's training split: the majority answer
@@ -74,7 +75,8 @@ def grade(completion, row):
     s = rewards.score(completion, row)
     return {"pred": pred, "exact": float(rewards.normalize_answer(pred) == rewards.normalize_answer(gold)),
             "recall": rewards.open_recall(pred, gold) if row["answer_type"].strip().lower() == "open" else None,
-            "format": s["format"], "fact": s["fact"], "consistency": s["consistency"]}
+            "format": s["format"], "fact": s["fact"] if row.get("keywords") else None,  # no keywords: not scored
+            "consistency": s["consistency"]}
 
 
 def summarize(rows, graded):
@@ -83,7 +85,8 @@ def summarize(rows, graded):
     out = {"n": len(rows), "accuracy": mean(g["exact"] for g in graded),
            "closed_accuracy": mean(g["exact"] for g in closed), "open_accuracy": mean(g["exact"] for g in open_),
            "open_recall": mean(g["recall"] for g in open_), "format": mean(g["format"] for g in graded),
-           "fact": mean(g["fact"] for g in graded), "consistency": mean(g["consistency"] for g in graded)}
+           "fact": mean(g["fact"] for g in graded if g["fact"] is not None),
+           "consistency": mean(g["consistency"] for g in graded)}
     cats = collections.defaultdict(list)
     for r, g in zip(rows, graded):
         if r.get("category"):
