@@ -696,6 +696,9 @@ def _draw(rng, case):
         x, y = _place_nodule(rng, lungs[nodule["side"]], heart, nodule["zone"], r)
         img += 70 * _cover(_ellipse(x, y, r, r), 1.2)
     img = img * rng.uniform(0.92, 1.08)  # exposure
+    # the heel effect: film density drifts across the field. It also tells a model whose vision
+    # tower has no absolute position embeddings (Qwen's ViT uses only relative RoPE) where a patch lies
+    img += 18 * (_XX / DEMO_SIZE - 0.5) + 12 * (_YY / DEMO_SIZE - 0.5)
     img = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6))
     img = np.asarray(img, np.float32)
     img += 3 * rng.standard_normal(img.shape, dtype=np.float32)  # quantum noise
@@ -728,10 +731,26 @@ def _report(case):
     s.append("The heart is enlarged (cardiomegaly): the cardiac silhouette is wider than half the chest."
              if case["cardiomegaly"] else
              "Heart size is normal: the cardiac silhouette is narrower than half the chest.")
-    found = _present(case)
-    s.append(f"Impression: {' and '.join(NAME[f] for f in found)}." if found else
-             "Impression: normal chest radiograph.")
+    s.append(f"Impression: {_impression(case)}.")
     return " ".join(s)
+
+
+def _impression(case):
+    """Every finding with the attributes questions ask about, in a few words: the line a reasoning
+    trace cites to describe the image (one description serves all of the image's questions)."""
+    parts = []
+    if case["effusion"]:
+        parts.append(f"{case['effusion']['size']} {case['effusion']['side']} pleural effusion")
+    if case["pneumothorax"]:
+        parts.append(f"{case['pneumothorax']['side']} pneumothorax")
+    nodules = [f"{n['size']} {n['side']} {n['zone']} zone" for n in case["nodules"]]
+    if len(nodules) == 1:
+        parts.append(f"one {nodules[0]} nodule")
+    elif nodules:
+        parts.append(f"two nodules ({nodules[0]}; {nodules[1]})")
+    if case["cardiomegaly"]:
+        parts.append("cardiomegaly")
+    return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else (parts or ["normal chest radiograph"])[0]
 
 
 def _present(case):
