@@ -86,7 +86,7 @@ parser.add_argument("--upstream_rewards", action="store_true", help="the release
 parser.add_argument("--judge_url", default=None, help="OpenAI-compatible endpoint for the consistency judge")
 parser.add_argument("--judge_model", default=None)
 # objective and optimisation
-parser.add_argument("--lr", type=float, default=1e-4)
+parser.add_argument("--lr", type=float, default=5e-5)
 parser.add_argument("--warmup", type=int, default=5)
 parser.add_argument("--weight_decay", type=float, default=0.0)
 parser.add_argument("--kl_coef", type=float, default=0.04)
