@@ -28,9 +28,10 @@ Retrievers (--retriever):
   with Lucene's idf(t) = ln(1 + (N - df + 0.5) / (df + 0.5)), which stays positive (Robertson's
   ln((N - df + 0.5) / (df + 0.5)) goes negative for terms in over half the documents). A query
   token that repeats counts each time. Tokens: lowercase runs of letters and digits, Lucene's
-  33 English stopwords removed, plurals cut to singulars by a tiny suffix stemmer ("effusions",
-  "opacities"): on HPO it lifts recall@10 from 0.62 to 0.64 and stopwords lift it 0.5 point
-  (bench/retrieval_quality.py); stem=False gives bm25s's default tokens.
+  33 English stopwords removed (+0.5 point recall@10 on HPO), no stemming: the same tokens as
+  bm25s's defaults. BM25(stem=True) adds a tiny plural stemmer ("effusions" -> "effusion"):
+  +1.8 points recall@10 on HPO, but 2-4 points fewer answers in the demo's and SLAKE's
+  evidence ("organs/organ" becomes "organ organ"), so it is off (bench/retrieval_quality.py).
   The index is a term-major sparse matrix built by hand (indptr, doc ids, weights: CSR arrays)
   holding each (term, doc) score precomputed ("eager" BM25, as bm25s does). A query gathers
   its terms' postings, merges them with one stable sort (timsort merges the sorted runs) and
@@ -170,7 +171,7 @@ class BM25:
     bm25 = BM25(texts); bm25.search("pleural effusion", k=10) -> [(doc index, score), ...]
     """
 
-    def __init__(self, texts=None, k1=1.5, b=0.75, stopwords=True, stem=True):
+    def __init__(self, texts=None, k1=1.5, b=0.75, stopwords=True, stem=False):
         self.k1, self.b, self.stopwords, self.stem = k1, b, stopwords, stem
         self._spans = None  # indptr as a list, made on the first search
         if texts is None:  # load() fills the arrays
