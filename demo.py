@@ -33,6 +33,7 @@ parser.add_argument("--out", default="runs/demo")
 parser.add_argument("--fresh", action="store_true", help="start over instead of reusing finished stages")
 parser.add_argument("--ablation", action="store_true", help="run the ablation table instead of the main job")
 parser.add_argument("--plot", default=None, help="only draw curves.png for this demo folder")
+parser.add_argument("--main", default="runs/demo", help="ablation: the main job's folder (reused when finished)")
 parser.add_argument("--sft_steps", type=int, default=400)
 parser.add_argument("--grpo_steps", type=int, default=40)
 parser.add_argument("--coverage", type=float, default=1.0, help="share of pseudo-labels that cite evidence")
@@ -140,8 +141,8 @@ def ablation(args):
     """The paper's ablation on the demo: each row is a full run, evaluated on the same test split."""
     out, seconds = args.out, {}
     os.makedirs(out, exist_ok=True)
-    main_out = os.path.join(out, "main")
-    main(argparse.Namespace(**{**vars(args), "out": main_out, "ablation": False}))
+    main_out = args.main  # the main job (SFT, SFT + GRPO): reused when `make demo` already ran it
+    main(argparse.Namespace(**{**vars(args), "out": main_out, "ablation": False, "fresh": False}))
     sft_dir = os.path.join(main_out, "sft")
     grpo = [PY, "grpo.py", "--data", "demo", "--max_steps", str(args.grpo_steps), "--seed", str(args.seed)]
     variants = {"GRPO without SFT": ["--ckpt", "tiny"]}
@@ -151,11 +152,14 @@ def ablation(args):
                "SFT + GRPO": json.load(open(os.path.join(main_out, "eval_grpo", "metrics.json")))}
     for name, flags in variants.items():
         d = os.path.join(out, name.lower().replace(" + ", "_").replace(" ", "_"))
+        if args.fresh:
+            shutil.rmtree(d, ignore_errors=True)
         run(grpo + flags + ["--out", d], os.path.join(d, "state.json"), seconds, name, args.fresh)
         results[name] = evaluate(d, os.path.join(d, "eval"), "eval " + name, seconds, args.fresh)
     with open(os.path.join(out, "ablation.json"), "w") as f:
         json.dump({**results, "seconds": seconds}, f, indent=1)
     table(results, "ablation on the held-out demo test split")
+    print("seconds per run: " + ", ".join(f"{k} {v}" for k, v in seconds.items()))
 
 
 if __name__ == "__main__":
