@@ -562,6 +562,10 @@ def _words(text):
     return _TOKEN.findall(text.lower())
 
 
+def _norm_answer(text):
+    return " ".join(_words(str(text or "")))
+
+
 def _content(text):
     # plural-stemmed words that carry meaning: "nodules" and "nodule" overlap
     return {_plural_stem(w) for w in _words(text)} - _FILLER
@@ -610,10 +614,6 @@ def retrieval_query(row):
     answer = str(row.get("answer") or "")
     parts = [row["question"]] + ([answer] if _norm_answer(answer) not in _YES_NO else []) + list(row.get("keywords") or [])
     return " ".join(parts)
-
-
-def _norm_answer(text):
-    return " ".join(_words(str(text or "")))
 
 
 class Terms:
