@@ -9,14 +9,14 @@
 # Every hyperparameter is on the command line (the scripts' defaults are tuned for the demo).
 # CPU, ~25 min on 2 shared cores. Each command and its wall time go to runs/bench/log.jsonl.
 #
-#   bash bench/benchmarks.sh                         # DATA=/work/shared/data by default
+#   bash bench/benchmarks.sh                         # DATA=$MEDFACT_DATA_DIR, else ../shared/data
 #   DATA=path/to/data SFT_STEPS=150 GRPO_STEPS=35 bash bench/benchmarks.sh
 # DATA holds vqa_rad/ (the OSF release: "VQA_RAD Dataset Public.json" + images) and
 # slake/Slake1.0/ (train/validate/test.json, imgs/, KG/); see ../shared/data/*/SOURCE.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-DATA=${DATA:-/work/shared/data}
+DATA=${DATA:-${MEDFACT_DATA_DIR:-../shared/data}}
 OUT=${OUT:-runs/bench}
 SFT_STEPS=${SFT_STEPS:-150}
 GRPO_STEPS=${GRPO_STEPS:-35}
