@@ -413,4 +413,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parser.parse_args())
+    try:
+        main(parser.parse_args())
+    except data.DataError as e:  # bad input: the one line that names file, row and problem, no traceback
+        raise SystemExit(f"error: {e}")
