@@ -94,13 +94,12 @@ def test_gumbel_sampling_matches_the_softmax():
 
 
 def test_eos_mask_keeps_tokens_through_first_eos():
-    eos, pad = 9, 0
+    eos = 9
     tokens = torch.tensor([[5, 6, 9, 0, 0], [5, 9, 9, 9, 9], [1, 2, 3, 4, 5], [9, 1, 2, 9, 0]])
     expected = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
     assert torch.equal(M.completion_mask(tokens, eos), expected)
     # pad == eos: the padding after the first EOS is masked, the EOS itself kept
     assert torch.equal(M.completion_mask(torch.tensor([[3, 9, 9, 9]]), 9), torch.tensor([[1, 1, 0, 0]]))
-    del pad
 
 
 def test_sample_stops_at_eos_and_pads_after(vlm):
