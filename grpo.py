@@ -306,22 +306,13 @@ def main(args):
         N = tokens.size(0)
         mb = max(G, args.micro_batch // G * G)                           # micro-batches of whole groups
         chunks = [(i, min(i + mb, N)) for i in range(0, N, mb)]
-
-        def prompt_slice(a, b):
-            p0, p1 = a // G, b // G
-            n_img = batch["image_grid_thw"][:p0].prod(-1).sum() if "image_grid_thw" in batch else 0
-            n_img1 = batch["image_grid_thw"][:p1].prod(-1).sum() if "image_grid_thw" in batch else 0
-            sub = {k: batch[k][p0:p1] for k in ("input_ids", "attention_mask")}
-            if "image_grid_thw" in batch:
-                sub["image_grid_thw"] = batch["image_grid_thw"][p0:p1]
-                sub["pixel_values"] = batch["pixel_values"][n_img:n_img1]
-            return sub
+        prompts = lambda a, b: M.slice_prompts(batch, a // G, b // G)  # the prompts of completions a:b
 
         with torch.no_grad(), autocast:
-            old_logps = torch.cat([M.completion_logps(vlm, prompt_slice(a, b), tokens[a:b], G, args.temperature)
+            old_logps = torch.cat([M.completion_logps(vlm, prompts(a, b), tokens[a:b], G, args.temperature)
                                    for a, b in chunks]) if args.inner_epochs > 1 else None
             t_old = now()
-            ref_logps = torch.cat([M.completion_logps(vlm, prompt_slice(a, b), tokens[a:b], G, args.temperature,
+            ref_logps = torch.cat([M.completion_logps(vlm, prompts(a, b), tokens[a:b], G, args.temperature,
                                                       model=ref) for a, b in chunks]).float() if ref else None
         t_ref = now()
 
@@ -334,7 +325,7 @@ def main(args):
         for epoch in range(args.inner_epochs):
             for a, b in chunks:
                 with autocast:
-                    logps = M.completion_logps(vlm, prompt_slice(a, b), tokens[a:b], G, args.temperature).float()
+                    logps = M.completion_logps(vlm, prompts(a, b), tokens[a:b], G, args.temperature).float()
                 old = old_logps[a:b].float() if old_logps is not None else logps.detach()
                 loss, stats = grpo_loss(logps, old, ref_logps[a:b] if ref is not None else None, advantages[a:b],
                                         mask[a:b], args.clip_eps, args.clip_eps_high, args.kl_coef,

@@ -552,6 +552,16 @@ def generate(vlm, images, questions, max_new_tokens=128, batch_size=64, temperat
     return texts
 
 
+def slice_prompts(batch, start, stop):
+    """Prompts start:stop of an encoded batch (pixel_values holds each image's patches in order)."""
+    sub = {k: batch[k][start:stop] for k in ("input_ids", "attention_mask")}
+    if "image_grid_thw" in batch:
+        grid = batch["image_grid_thw"]
+        a, b = (int(grid[:i].prod(-1).sum()) for i in (start, stop))
+        sub["image_grid_thw"], sub["pixel_values"] = grid[start:stop], batch["pixel_values"][a:b]
+    return sub
+
+
 @fsdp_forward
 def completion_logps(vlm, batch, tokens, group_size=1, temperature=1.0, model=None):
     """Per-token log-probs (N, T) of completions `tokens` (N = P * G, prompt-major) given the prompts.
