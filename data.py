@@ -564,7 +564,8 @@ def _sample_case(rng):
 # brighter. Every finding is large and high-contrast at 112x112 (the tiny model sees 8x8 patches of 14 px).
 
 _YY, _XX = np.mgrid[0:DEMO_SIZE, 0:DEMO_SIZE].astype(np.float32)
-NODULE_RADIUS = {"small": 3.0, "large": 6.0}
+NODULE_RADIUS = {"small": 4.5, "large": 8.0}
+NODULE_DENSITY = 120
 ZONE_CENTRE = {"upper": 0.22, "middle": 0.5, "lower": 0.78}  # fraction of lung height from the apex: 14+ px apart
 EFFUSION_FILL = {"small": 0.25, "large": 0.5}  # fluid fills the lower quarter or the lower half of the lung
 
@@ -694,7 +695,7 @@ def _draw(rng, case):
     for nodule in case["nodules"]:
         r = NODULE_RADIUS[nodule["size"]] + rng.uniform(-0.3, 0.3)
         x, y = _place_nodule(rng, lungs[nodule["side"]], heart, nodule["zone"], r)
-        img += 70 * _cover(_ellipse(x, y, r, r), 1.2)
+        img += NODULE_DENSITY * _cover(_ellipse(x, y, r, r), 1.2)
     img = img * rng.uniform(0.92, 1.08)  # exposure
     # the heel effect: film density drifts across the field. It also tells a model whose vision
     # tower has no absolute position embeddings (Qwen's ViT uses only relative RoPE) where a patch lies
@@ -960,7 +961,9 @@ def corpus_texts():
     rows = demo("train")
     texts = {r[k] for r in rows for k in ("question", "answer", "report")} | {k for r in rows for k in r["keywords"]}
     texts |= {f"{p['title']}: {p['text']}" for p in glossary()}
-    return sorted(texts)
+    # the sentence frames of retrieve.py's template traces, weighted as in the pseudo-labels (one per row)
+    frames = ["The question asks about", "The image shows", "So, the answer is", "So, there is no", "So, there is a"]
+    return sorted(texts) + frames * 64
 
 
 def _contact_sheet(rows, path, n=6):

@@ -172,7 +172,8 @@ def build_tokenizer(texts, vocab_size=4096):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(list(texts) + [chat_prompt("x")], trainer)
+    # BPE counts pair frequencies: the prompt scaffolding, seen in every example, gets its weight
+    tok.train_from_iterator(list(texts) + [chat_prompt("x")] * 64, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    additional_special_tokens=SPECIAL_TOKENS[1:])
     # the reasoning tags as single (non-special, so decoded) tokens: shorter sequences for the tiny model
