@@ -21,6 +21,7 @@ what GRPO does and does not add at this budget.
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -72,6 +73,18 @@ def table(results, title):
     for name, res in results.items():
         print(f"{name:>26} | " + " | ".join(f"{res[k]:15.3f}" if res[k] is not None else f"{'-':>15}"
                                             for k in KEYS))
+
+
+def paired(before_dir, after_dir):
+    """Same questions, two models: how many answers the second fixed and broke, and the exact two-sided
+    McNemar p-value (a sign test on the flips): is the change bigger than chance?"""
+    read = lambda d: {r["id"]: r["exact"] for r in map(json.loads, open(os.path.join(d, "predictions.jsonl")))}
+    a, b = read(before_dir), read(after_dir)
+    fixed = sum(1 for k in a if not a[k] and b.get(k))
+    broke = sum(1 for k in a if a[k] and not b.get(k))
+    n = fixed + broke
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(fixed, broke) + 1)) / 2 ** n) if n else 1.0
+    return {"fixed": fixed, "broke": broke, "p_value": round(p, 4)}
 
 
 def plot(folder):
@@ -126,7 +139,8 @@ def main(args):
                                 seconds, fresh),
                "sft": evaluate(sft_dir, os.path.join(out, "eval_sft"), "eval_sft", seconds, fresh),
                "grpo": evaluate(grpo_dir, os.path.join(out, "eval_grpo"), "eval_grpo", seconds, fresh)}
-    report = {**results, "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1)}
+    change = paired(os.path.join(out, "eval_sft"), os.path.join(out, "eval_grpo"))
+    report = {**results, "grpo_vs_sft": change, "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1)}
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     plot(out)
@@ -134,6 +148,8 @@ def main(args):
     table({"base (untrained)": results["base"], "after SFT": results["sft"], "after SFT + GRPO": results["grpo"]},
           f"held-out demo test split (n={results['grpo']['n']}); baselines: question-only "
           f"{b.get('question_only', float('nan')):.3f}, majority {b.get('majority', float('nan')):.3f}")
+    print(f"GRPO vs SFT on the same {results['grpo']['n']} questions: fixed {change['fixed']}, broke "
+          f"{change['broke']} (McNemar p = {change['p_value']:.3f}; below 0.05: more than chance)")
     print("seconds per stage: " + ", ".join(f"{k} {v}" for k, v in seconds.items()) +
           f"; total {report['total_seconds']} (stage times; this run took {time.time() - t0:.0f}s)")
 
