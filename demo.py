@@ -34,8 +34,8 @@ parser.add_argument("--fresh", action="store_true", help="start over instead of 
 parser.add_argument("--ablation", action="store_true", help="run the ablation table instead of the main job")
 parser.add_argument("--plot", default=None, help="only draw curves.png for this demo folder")
 parser.add_argument("--main", default="runs/demo", help="ablation: the main job's folder (reused when finished)")
-parser.add_argument("--sft_steps", type=int, default=700)
-parser.add_argument("--grpo_steps", type=int, default=40)
+parser.add_argument("--sft_steps", type=int, default=600)
+parser.add_argument("--grpo_steps", type=int, default=60)
 parser.add_argument("--coverage", type=float, default=1.0, help="share of pseudo-labels that cite evidence")
 parser.add_argument("--seed", type=int, default=0)
 
@@ -43,9 +43,10 @@ PY = sys.executable
 KEYS = ["accuracy", "closed_accuracy", "open_accuracy", "open_recall", "format", "fact", "consistency"]
 
 
-# One torch thread per stage: for a model this small, thread synchronisation costs more than it
-# saves, and on a busy 2-core machine torch's default (2 threads) ran 5-10x slower in our runs.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# At most two torch threads per stage: on an idle 2-core CPU two threads ran SFT and GRPO steps
+# 1.5x faster than one; more buy little for a model this small. On a machine busy with other
+# jobs, threads thrash (5-10x slower in our runs): set OMP_NUM_THREADS=1 there.
+os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
 
 
 def run(cmd, done_file, seconds, name, fresh):
@@ -167,15 +168,22 @@ def ablation(args):
         variants[f"SFT + GRPO without {r}"] = ["--ckpt", sft_dir, f"--w_{r}", "0"]
     results = {"SFT only": json.load(open(os.path.join(main_out, "eval_sft", "metrics.json"))),
                "SFT + GRPO": json.load(open(os.path.join(main_out, "eval_grpo", "metrics.json")))}
+    folder = lambda name: os.path.join(out, name.lower().replace(" + ", "_").replace(" ", "_"))
     for name, flags in variants.items():
-        d = os.path.join(out, name.lower().replace(" + ", "_").replace(" ", "_"))
+        d = folder(name)
         if args.fresh:
             shutil.rmtree(d, ignore_errors=True)
         run(grpo + flags + ["--out", d], os.path.join(d, "state.json"), seconds, name, args.fresh)
         results[name] = evaluate(d, os.path.join(d, "eval"), "eval " + name, seconds, args.fresh)
+    # each GRPO run against SFT alone on the same questions: answers fixed / broken, McNemar p
+    dirs = {"SFT + GRPO": os.path.join(main_out, "eval_grpo")}
+    dirs.update({name: os.path.join(folder(name), "eval") for name in variants})
+    vs_sft = {name: paired(os.path.join(main_out, "eval_sft"), d) for name, d in dirs.items()}
     with open(os.path.join(out, "ablation.json"), "w") as f:
-        json.dump({**results, "seconds": seconds}, f, indent=1)
+        json.dump({**results, "vs_sft": vs_sft, "seconds": seconds}, f, indent=1)
     table(results, "ablation on the held-out demo test split")
+    for name, c in vs_sft.items():
+        print(f"{name:>32} vs SFT only: fixed {c['fixed']:3d}, broke {c['broke']:3d}, McNemar p = {c['p_value']:.3f}")
     print("seconds per run: " + ", ".join(f"{k} {v}" for k, v in seconds.items()))
 
 
