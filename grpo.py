@@ -17,8 +17,10 @@ Departures from the released MEDFACT-R1 code (which follows TRL's GRPOTrainer), 
   upper clip (--clip_eps_high, DAPO's "clip-higher"); with one inner epoch the ratio is 1 and it
   reduces to theirs exactly.
 - rewards that resist hacking (see rewards.py); --upstream_rewards restores the released ones.
-- groups whose rewards are all equal carry no signal: counted every step, and --dynamic_sampling K
-  samples K times more prompts and keeps the groups that have signal.
+- groups whose rewards are all equal carry no signal: counted every step, left out of the
+  reference and training passes (their advantage is 0, so the policy-gradient term is the same; only
+  their KL term is dropped; --train_zero_std keeps them), and --dynamic_sampling K samples K times
+  more prompts and keeps the groups that have signal.
 - rollout seeds derive from (seed, step, prompt index, sample index), so a resumed run, or the
   same run on any number of processes, samples the same completions.
 Paper setting: --lr 1e-6 --kl_coef 0.04 --group_size 6 --temperature 1.0 --inner_epochs 1.
@@ -78,6 +80,8 @@ parser.add_argument("--max_new_tokens", type=int, default=96)
 parser.add_argument("--ignore_eos", action="store_true", help="always sample max_new_tokens (benchmarks)")
 parser.add_argument("--dynamic_sampling", type=int, default=0,
                     help="K > 1: sample K x prompts, keep groups with reward spread first")
+parser.add_argument("--train_zero_std", action="store_true",
+                    help="also run the reference and training passes on groups with no reward spread")
 # rewards
 parser.add_argument("--w_accuracy", type=float, default=1.0)
 parser.add_argument("--w_format", type=float, default=1.0)
@@ -299,44 +303,63 @@ def main(args):
             tokens, mask, total, std = tokens[sel], mask[sel], total[sel], std[keep]
             scores, texts = [scores[i] for i in sel.tolist()], [texts[i] for i in sel.tolist()]
             batch_rows = [batch_rows[p] for p in keep]
-            batch = vlm.encode([data.load_image(r) for r in batch_rows], [r["question"] for r in batch_rows])
+            batch = M.select_prompts(batch, keep)
         advantages = group_advantages(total, G, scale=not args.no_std_scale).to(device)
         t_score = now()
 
-        # 4. log-probs of the old policy (only needed when the policy moves between passes) and the reference
+        # Groups whose rewards are all equal have advantage 0: their only gradient would be the KL term.
+        # They skip the reference and training passes (--train_zero_std keeps them), while the loss
+        # keeps its normalisation over all N completions: the policy-gradient term is unchanged, and
+        # at high accuracy, where most groups agree, a step costs a fraction. Every rank trains at least
+        # one group and as many as the others, topping up with zero-spread groups whose mask is zeroed (a
+        # forward and a backward, no loss): AdamW steps every step, and collectives line up.
         N = tokens.size(0)
+        live = [p for p in range(N // G) if args.train_zero_std or std[p] > 0]
+        n_live = len(live) * G
+        most = torch.tensor(max(1, len(live)), device=device)
+        if world > 1:
+            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        live += [p for p in range(N // G) if p not in live][:int(most) - len(live)]
+        sel = torch.tensor([p * G + g for p in live for g in range(G)], dtype=torch.long, device=tokens.device)
+        t_tokens, t_mask, t_adv = tokens[sel], mask[sel].clone(), advantages[sel.to(advantages.device)]
+        t_mask[n_live:] = 0
+        t_batch = M.select_prompts(batch, live)
+
+        # 4. log-probs of the old policy (only needed when the policy moves between passes) and the reference
         mb = max(G, args.micro_batch // G * G)                           # micro-batches of whole groups
-        chunks = [(i, min(i + mb, N)) for i in range(0, N, mb)]
-        prompts = lambda a, b: M.slice_prompts(batch, a // G, b // G)  # the prompts of completions a:b
+        chunks = [(i, min(i + mb, len(sel))) for i in range(0, len(sel), mb)]
+        prompts = lambda a, b: M.slice_prompts(t_batch, a // G, b // G)  # the prompts of completions a:b
 
         with torch.no_grad(), autocast:
-            old_logps = torch.cat([M.completion_logps(vlm, prompts(a, b), tokens[a:b], G, args.temperature)
+            old_logps = torch.cat([M.completion_logps(vlm, prompts(a, b), t_tokens[a:b], G, args.temperature)
                                    for a, b in chunks]) if args.inner_epochs > 1 else None
             t_old = now()
-            ref_logps = torch.cat([M.completion_logps(vlm, prompts(a, b), tokens[a:b], G, args.temperature,
+            ref_logps = torch.cat([M.completion_logps(vlm, prompts(a, b), t_tokens[a:b], G, args.temperature,
                                                       model=ref) for a, b in chunks]).float() if ref else None
         t_ref = now()
 
-        # 5. inner epochs over micro-batches; the loss of each is weighted by its share of the batch
+        # 5. inner epochs over micro-batches; the loss of each is weighted by its share of all N completions
         policy.train()
         n_tok = mask.sum().float()
         if world > 1:
             torch.distributed.all_reduce(n_tok)
-        stats_sum, skipped = {}, False
+        stats_sum = {"pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "trained": 0.0}  # share-weighted sums
+        skipped = False
         for epoch in range(args.inner_epochs):
             for a, b in chunks:
                 with autocast:
-                    logps = M.completion_logps(vlm, prompts(a, b), tokens[a:b], G, args.temperature).float()
+                    logps = M.completion_logps(vlm, prompts(a, b), t_tokens[a:b], G, args.temperature).float()
                 old = old_logps[a:b].float() if old_logps is not None else logps.detach()
-                loss, stats = grpo_loss(logps, old, ref_logps[a:b] if ref is not None else None, advantages[a:b],
-                                        mask[a:b], args.clip_eps, args.clip_eps_high, args.kl_coef,
+                loss, stats = grpo_loss(logps, old, ref_logps[a:b] if ref is not None else None, t_adv[a:b],
+                                        t_mask[a:b], args.clip_eps, args.clip_eps_high, args.kl_coef,
                                         args.token_level)
-                share = (mask[a:b].sum() * world / n_tok) if args.token_level else torch.tensor((b - a) / N)
+                share = (t_mask[a:b].sum() * world / n_tok) if args.token_level else torch.tensor((b - a) / N)
                 if step + 1 in args.debug_nan_steps:
                     loss = loss * float("nan")
                 (loss * share).backward()
+                stats["trained"] = 1.0 if args.token_level else (min(b, n_live) - min(a, n_live)) / (b - a)
                 for k, v in stats.items():
-                    stats_sum[k] = stats_sum.get(k, 0.0) + v * share.item() / args.inner_epochs
+                    stats_sum[k] += v * share.item() / args.inner_epochs
             if not args.fsdp:  # FSDP has already reduce-scattered the gradients
                 M.allreduce_grads(params)
             grad_norm = M.clip_grad_norm(params, args.grad_clip)
@@ -365,7 +388,10 @@ def main(args):
         if world > 1:
             torch.distributed.all_reduce(vec)
             vec /= world
-        rec = {"step": step + 1, **dict(zip(keys, vec.tolist())), "lr": lr, "grad_norm": grad_norm.item(),
+        rec = dict(zip(keys, vec.tolist()))
+        trained = rec.pop("trained")  # share of the batch that was trained on: KL, clip_frac, pg_loss over it
+        rec.update({k: rec[k] / trained if trained else 0.0 for k in ("pg_loss", "kl", "clip_frac")})
+        rec = {"step": step + 1, **rec, "trained": trained, "lr": lr, "grad_norm": grad_norm.item(),
                "t_generate": t_gen - t0, "t_score": t_score - t_gen, "t_reference": t_ref - t_old,
                "t_train": t_train - t_ref, "t_step": t_train - t0,
                "tokens_per_s": lengths.sum().item() * world / (t_gen - t0), "skipped": skipped}

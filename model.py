@@ -563,6 +563,12 @@ def slice_prompts(batch, start, stop):
     return sub
 
 
+def select_prompts(batch, idx):
+    """Prompts idx (a list, in that order) of an encoded batch: slice_prompts for any subset."""
+    parts = [slice_prompts(batch, i, i + 1) for i in idx]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
 @fsdp_forward
 def completion_logps(vlm, batch, tokens, group_size=1, temperature=1.0, model=None):
     """Per-token log-probs (N, T) of completions `tokens` (N = P * G, prompt-major) given the prompts.

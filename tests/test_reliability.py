@@ -232,6 +232,23 @@ def test_two_processes_equal_one(tmp, sft_ref, grpo_ref):
     assert len({p["completion"] for p in predictions}) == 10  # so rows gathered out of order would show
 
 
+def test_zero_spread_groups_skip_training_without_changing_the_policy_gradient(tmp):
+    # with kl_coef 0 the loss is the policy-gradient term alone, and a group whose rewards are all equal has
+    # advantage 0: leaving those groups out of the training pass (the default) must give the same run as
+    # training on them (--train_zero_std), sample for sample and weight for weight
+    skip, full = str(tmp["root"] / "grpo_skip"), str(tmp["root"] / "grpo_full")
+    flags = ["--kl_coef", 0, "--max_steps", 4, "--save_every", 0, "--eval_every", 0]
+    run(grpo, grpo_args(tmp, skip, *flags))
+    run(grpo, grpo_args(tmp, full, *flags, "--train_zero_std"))
+    a, b = records(skip), records(full)
+    assert any(0 < r["zero_std_groups"] < 1 for r in a)  # some groups skipped, some trained
+    assert [r["trained"] for r in a] == [1 - r["zero_std_groups"] for r in a] and all(r["trained"] == 1 for r in b)
+    keys = [k for k in a[0] if k.startswith("reward") or k in ("zero_std_groups", "adv_std", "len_mean")]
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    assert_same_weights(skip, full, exact=False)
+    assert not all(torch.equal(w, weights(tmp["ckpt"])[k]) for k, w in weights(skip).items())  # it did train
+
+
 # -----------------------------------------------------------------------------
 # numerical faults: a non-finite loss skips the update, is logged, and a few in a row stop the run
 
