@@ -7,7 +7,8 @@ How fast is one GRPO step of grpo.py, against TRL's GRPOTrainer on the same mode
 Both sides load the SAME weights from one checkpoint folder this script writes first, read the
 same rows (demo questions padded to ~60 words, one image each: 112x112 for tiny, 448x448 for
 the 3B), and run the same setting: G = 6, 1 and 3 prompts per step (--prompts), 256 completion
-tokens forced (ours: --ignore_eos; TRL: min_new_tokens), KL coefficient 0.04 with a frozen
+tokens forced (ours: --ignore_eos; TRL: min_new_tokens), every group trained (ours:
+--train_zero_std, as TRL does; a random model's groups mostly score alike), KL coefficient 0.04 with a frozen
 reference, temperature 1, one inner iteration, all completions in one micro-batch, no vLLM;
 on CUDA bf16 autocast over fp32 weights (reference in bf16) and gradient checkpointing.
 - ours: grpo.py itself, as a subprocess; its metrics.jsonl gives the step split.
@@ -293,7 +294,7 @@ def step_cpu(steps, marks):
 def run_ours(args, work, run_dir, P, grad_ckpt, env):
     cmd = [sys.executable, str(ROOT / "grpo.py"), "--ckpt", str(work / "ckpt"), "--data", str(work / "rows.jsonl"),
            "--max_steps", str(args.steps + 1), "--prompts_per_step", str(P), "--group_size", str(args.group_size),
-           "--max_new_tokens", str(args.max_new_tokens), "--ignore_eos", "--kl_coef", str(args.kl_coef),
+           "--max_new_tokens", str(args.max_new_tokens), "--ignore_eos", "--train_zero_std", "--kl_coef", str(args.kl_coef),
            "--temperature", str(args.temperature), "--lr", "1e-6", "--inner_epochs", "1",
            "--micro_batch", str(P * args.group_size), "--eval_every", "0", "--out", str(run_dir)]
     wall, cpu, rss, marks = spawn(cmd + (["--grad_ckpt"] if grad_ckpt else []), run_dir.with_suffix(".log"), env,
