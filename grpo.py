@@ -72,7 +72,7 @@ parser.add_argument("--grad_ckpt", action="store_true")
 parser.add_argument("--trust_remote_code", action="store_true", help="run a checkpoint's own Python code")
 parser.add_argument("--fsdp", action="store_true", help="shard policy and reference over ranks with FSDP2")
 # rollouts
-parser.add_argument("--prompts_per_step", type=int, default=32, help="global, over all ranks")
+parser.add_argument("--prompts_per_step", type=int, default=96, help="global, over all ranks")
 parser.add_argument("--group_size", type=int, default=6, help="G completions per prompt (paper: 6)")
 parser.add_argument("--temperature", type=float, default=0.5,
                     help="sampling temperature (paper: 1.0; 0.5 trains the tiny demo best, see README)")
