@@ -137,6 +137,19 @@ def test_efficient_logps_equal_full_vocab_log_softmax(vlm):
                           atol=1e-5)
 
 
+def test_selected_prompts_score_as_in_the_full_batch(vlm):
+    # grpo.py trains only some groups: their prompts, picked out of the batch (images included),
+    # must give the completions the same log-probs as the full batch does
+    batch = vlm.encode(images(3), QUESTIONS)
+    out = M.sample(vlm, batch, 2, 12, 1.0, M.rollout_seeds(2, 0, [0, 1, 2], 2))
+    tokens = clean(vlm, out["tokens"])
+    full = M.completion_logps(vlm, batch, tokens, 2)
+    picked = M.select_prompts(batch, [2, 0])
+    assert picked["pixel_values"].shape[0] == 2 * batch["pixel_values"].shape[0] // 3
+    part = M.completion_logps(vlm, picked, tokens[[4, 5, 0, 1]], 2)
+    assert torch.allclose(part, full[[4, 5, 0, 1]], atol=1e-5)
+
+
 def test_cached_decoding_follows_the_full_forward(vlm):
     """Greedy tokens from the KV-cache loop are the argmax of a full (teacher-forced) forward."""
     batch = vlm.encode(images(3), QUESTIONS)
