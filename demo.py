@@ -89,6 +89,10 @@ def paired(before_dir, after_dir):
     return {"fixed": fixed, "broke": broke, "p_value": round(p, 4)}
 
 
+def pval(p):
+    return "< 0.001" if p < 0.001 else f"= {p:.3f}"
+
+
 def plot(folder):
     metrics = os.path.join(folder, "grpo", "metrics.jsonl")
     try:
@@ -152,7 +156,7 @@ def main(args):
           f"held-out demo test split (n={results['grpo']['n']}); baselines: question-only "
           f"{b.get('question_only', float('nan')):.3f}, majority {b.get('majority', float('nan')):.3f}")
     print(f"GRPO vs SFT on the same {results['grpo']['n']} questions: fixed {change['fixed']}, broke "
-          f"{change['broke']} (McNemar p = {change['p_value']:.3f}; below 0.05: more than chance)")
+          f"{change['broke']} (McNemar p {pval(change['p_value'])}; below 0.05: more than chance)")
     print("seconds per stage: " + ", ".join(f"{k} {v}" for k, v in seconds.items()) +
           f"; total {report['total_seconds']} (stage times; this run took {time.time() - t0:.0f}s)")
 
@@ -185,7 +189,7 @@ def ablation(args):
         json.dump({**results, "vs_sft": vs_sft, "seconds": seconds}, f, indent=1)
     table(results, "ablation on the held-out demo test split")
     for name, c in vs_sft.items():
-        print(f"{name:>32} vs SFT only: fixed {c['fixed']:3d}, broke {c['broke']:3d}, McNemar p = {c['p_value']:.3f}")
+        print(f"{name:>32} vs SFT only: fixed {c['fixed']:3d}, broke {c['broke']:3d}, McNemar p {pval(c['p_value'])}")
     print("seconds per run: " + ", ".join(f"{k} {v}" for k, v in seconds.items()))
 
 
