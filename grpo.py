@@ -273,6 +273,7 @@ def main(args):
         return time.time()
 
     G = args.group_size
+    completions_of = lambda groups: torch.tensor([p * G + g for p in groups for g in range(G)], dtype=torch.long)
     for step in bar:
         t0 = now()
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))  # linear warmup, then constant
@@ -299,7 +300,7 @@ def main(args):
         std = total.view(-1, G).std(1)
         if K > 1:  # dynamic sampling: keep P groups, those with reward spread first
             keep = sorted(range(len(idx)), key=lambda p: (bool(std[p] == 0), p))[:P]
-            sel = torch.tensor([p * G + g for p in keep for g in range(G)])
+            sel = completions_of(keep)
             tokens, mask, total, std = tokens[sel], mask[sel], total[sel], std[keep]
             scores, texts = [scores[i] for i in sel.tolist()], [texts[i] for i in sel.tolist()]
             batch_rows = [batch_rows[p] for p in keep]
@@ -320,7 +321,7 @@ def main(args):
         if world > 1:
             torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
         live += [p for p in range(N // G) if p not in live][:int(most) - len(live)]
-        sel = torch.tensor([p * G + g for p in live for g in range(G)], dtype=torch.long, device=tokens.device)
+        sel = completions_of(live).to(tokens.device)
         t_tokens, t_mask, t_adv = tokens[sel], mask[sel].clone(), advantages[sel.to(advantages.device)]
         t_mask[n_live:] = 0
         t_batch = M.select_prompts(batch, live)
