@@ -16,7 +16,7 @@ needs matplotlib, otherwise it says how to get the picture).
 The tiny model starts from random weights (the paper's starts from a pretrained Qwen2.5-VL) and
 the whole job must fit in ~15 minutes on a 2-core CPU: 600 SFT steps (--sft_steps) take ~4 min and
 60 GRPO steps (96 prompts x 6 samples each) ~3.5 min. The SFT budget is small on purpose (700 steps
-reach ~0.95 alone, leaving GRPO nothing to add). See the README for the measured table, the time of
+reach ~0.95 alone, and the GRPO of then added nothing to that). See the README for the measured table, the time of
 each stage, the seeds, and how the GRPO setting was chosen (on the val split).
 """
 

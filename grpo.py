@@ -321,8 +321,8 @@ def main(args):
         if world > 1:
             torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
         live += [p for p in range(N // G) if p not in live][:int(most) - len(live)]
-        sel = completions_of(live).to(tokens.device)
-        t_tokens, t_mask, t_adv = tokens[sel], mask[sel].clone(), advantages[sel.to(advantages.device)]
+        sel = completions_of(live).to(device)
+        t_tokens, t_mask, t_adv = tokens[sel], mask[sel].clone(), advantages[sel]
         t_mask[n_live:] = 0
         t_batch = M.select_prompts(batch, live)
 
