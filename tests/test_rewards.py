@@ -471,3 +471,13 @@ def test_standard_library_only_and_works_copied_alone(tmp_path):
     out = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["3.0", "3.0", "3.0"]  # score, the TRL and the verl adapter
+
+
+def test_reward_tests_need_only_pytest():
+    # what conftest.py collects where only pytest is installed: these files' top-level imports
+    # (imports inside a test are guarded with pytest.importorskip)
+    for name in ("conftest.py", "test_rewards.py", "test_adapters.py"):
+        tree = ast.parse((ROOT / "tests" / name).read_text())
+        top = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+        top |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom)}
+        assert top <= set(sys.stdlib_module_names) | {"pytest", "rewards"}, (name, top)
