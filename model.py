@@ -688,7 +688,12 @@ def count_params(model):
 
 if __name__ == "__main__":
     # smoke: python model.py [name]  -> parameter count (meta device for the published sizes)
-    name = sys.argv[1] if len(sys.argv) > 1 else "tiny"
+    import argparse
+    parser = argparse.ArgumentParser(description="Load or build a model and print its parameter count.")
+    parser.add_argument("name", nargs="?", default="tiny",
+                        help="tiny | random:qwen2.5-vl-3b | random:qwen2-vl-2b (built on the meta device, "
+                             "no weights) | a checkpoint folder | a hub name (default: tiny)")
+    name = parser.parse_args().name
     dev = "meta" if name.startswith("random:") else "cpu"
     vlm = load(name, device=dev)
     print(f"{name}: {count_params(vlm.model) / 1e6:.2f} M parameters")

@@ -10,6 +10,8 @@ against reward hacking. Standard library only: copy this one file into any proje
 A completion is `<think> reasoning </think><answer> answer </answer>`. `example` carries
 `answer`, `answer_type` ("closed" = yes/no, or "open") and `keywords` (list of str).
 `total` is the weighted sum of the four rewards (weight 1.0 each by default, as in the paper).
+In TRL, `GRPOTrainer(reward_funcs=[trl_accuracy, trl_format, trl_fact, trl_consistency], ...)`;
+in verl, `custom_reward_function.path=rewards.py` (compute_score). See the last section.
 
 Where we depart from the released MEDFACT-R1 code (Garfieldgengliang/MEDFACT-R1,
 r1-v/src/open_r1/grpo_lgl.py @ 73775d1), and why:
@@ -593,10 +595,12 @@ def score(completion, example, weights=None, *, upstream=False, judge=None):
     but adds nothing to total, and the judge is not called. upstream=True gives the
     released code's rewards (ranges: accuracy and format {0, 1}, fact 0.2 per keyword,
     uncapped, consistency {-0.2, 0, 0.2, 1.2}); otherwise every reward is in [0, 1].
-    judge: see consistency_reward. A non-str completion is read as str (None as "").
+    judge: see consistency_reward. completion must be a str: a chat completion (a list of
+    messages) raises TypeError rather than scoring its repr; completion_text unwraps one.
     """
     if not isinstance(completion, str):
-        completion = "" if completion is None else str(completion)
+        raise TypeError(f"score() needs the completion as a str, got {type(completion).__name__}; "
+                        "for chat messages pass completion_text(messages)")
     w = dict.fromkeys(REWARDS, 1.0)
     if weights:
         unknown = set(weights) - set(REWARDS)
@@ -612,3 +616,104 @@ def score(completion, example, weights=None, *, upstream=False, judge=None):
     }
     scores["total"] = sum(w[k] * scores[k] for k in REWARDS)
     return scores
+
+# -----------------------------------------------------------------------------
+# adapters: the rewards in TRL and in verl
+
+def completion_text(completion):
+    """The text of a completion as trainers hand it over: a str as is; a chat completion (a
+    list of messages, e.g. TRL's [{"role": "assistant", "content": text}]) gives its last
+    message's content, which is a str or a list of parts [{"type": "text", "text": ...}]
+    (the text parts are joined). Anything else raises TypeError."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, (list, tuple)) and completion and isinstance(completion[-1], dict):
+        content = completion[-1].get("content")
+        if isinstance(content, str):
+            return content
+        if isinstance(content, (list, tuple)) and all(isinstance(part, dict) for part in content):
+            return "".join(part.get("text") or "" for part in content if part.get("type", "text") == "text")
+    raise TypeError(f"a completion is a str or a list of chat messages, got {type(completion).__name__}: "
+                    f"{str(completion)[:100]}")
+
+
+def _example(answer, answer_type=None, keywords=None, question=None):
+    # the row score() reads; keywords may come as a tuple or an array from a parquet column
+    if keywords is not None and not isinstance(keywords, str):
+        keywords = [str(k) for k in keywords]
+    return {"answer": answer, "answer_type": answer_type, "keywords": keywords, "question": question or ""}
+
+
+class TRLReward:
+    """One reward, or the total, as a TRL reward function (GRPOTrainer's reward_funcs):
+
+        fn(prompts, completions, **columns) -> list[float], one per completion
+
+    The dataset's columns arrive as keyword lists: `answer` (needed), `answer_type`,
+    `keywords` and `question` (each optional, and may be None in a row). Completions are
+    str or chat messages (completion_text). TRL logs each function as
+    `rewards/<its __name__>/mean`, so the name is the part: "accuracy", ..., "total".
+
+    Give TRL the four parts, not the total too: it sums its reward functions (weigh them with
+    GRPOConfig(reward_weights=[...])) and logs the sum as `reward`, so the parts are logged
+    and trained on with no double counting. A part is scored through score(), so it reads
+    rows exactly as grpo.py does; the judge is only asked for "consistency" and "total".
+    weights (for "total" only), upstream and judge: as in score(). A class, not a closure,
+    so TRL can pickle it into a rollout worker process (as long as the judge pickles).
+    """
+
+    def __init__(self, part="total", weights=None, *, upstream=False, judge=None):
+        if part != "total" and part not in REWARDS:
+            raise ValueError(f"unknown reward {part!r}; known: total, {', '.join(REWARDS)}")
+        if weights and part != "total":
+            raise ValueError("weights apply to the total; weigh TRL's parts with GRPOConfig(reward_weights=[...])")
+        self.__name__ = part  # what TRL logs the reward as
+        self.part, self.weights, self.upstream = part, weights, upstream
+        self.judge = judge if part in ("total", "consistency") else None
+
+    def __call__(self, prompts, completions, **columns):
+        n = len(completions)
+        if columns.get("answer") is None:
+            raise KeyError("the TRL reward needs an 'answer' column in the dataset (and reads answer_type, "
+                           "keywords and question when present)")
+        rows = {}
+        for name in ("answer", "answer_type", "keywords", "question"):
+            rows[name] = columns.get(name)
+            if rows[name] is None:
+                rows[name] = [None] * n
+            elif len(rows[name]) != n:
+                raise ValueError(f"{n} completions but {len(rows[name])} values in column {name!r}")
+        out = []
+        for i, completion in enumerate(completions):
+            example = _example(*(rows[name][i] for name in ("answer", "answer_type", "keywords", "question")))
+            scores = score(completion_text(completion), example, self.weights,
+                           upstream=self.upstream, judge=self.judge)
+            out.append(scores[self.part])
+        return out
+
+    def __repr__(self):
+        return f"TRLReward({self.part!r})"
+
+
+# GRPOTrainer(..., reward_funcs=[trl_accuracy, trl_format, trl_fact, trl_consistency])
+trl_total = TRLReward("total")
+trl_accuracy, trl_format, trl_fact, trl_consistency = (TRLReward(part) for part in REWARDS)
+
+
+def compute_score(data_source, solution_str, ground_truth, extra_info=None, *,
+                  weights=None, upstream=False, judge=None, **verl_kwargs):
+    """verl's custom reward function (custom_reward_function.path=rewards.py; its default
+    name is compute_score). verl calls it with keyword arguments, once per response:
+    ground_truth is the answer (the parquet's reward_model.ground_truth), extra_info the
+    row's extra_info dict, which may carry answer_type, keywords and question; data_source
+    is not read. Returns {"score": total, "accuracy", "format", "fact", "consistency"}:
+    verl trains on "score" and logs the other keys (its reward_extra_info).
+
+    weights and upstream can come from custom_reward_function.reward_kwargs; judge (a
+    callable) only from Python. Other keywords that verl passes (its reward loop adds
+    reward_router_address and reward_model_tokenizer) are accepted and ignored.
+    """
+    info = extra_info or {}
+    example = _example(ground_truth, info.get("answer_type"), info.get("keywords"), info.get("question"))
+    scores = score(solution_str, example, weights, upstream=upstream, judge=judge)
+    return {"score": scores.pop("total"), **scores}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bench/benchmarks.sh: the real-benchmark results table (bench/results/benchmarks.{json,md}).
+# bench/benchmarks.sh: the real-benchmark results table.
 #
 # For VQA-RAD (official test, n = 451) and SLAKE (English test, n = 1,061), the full pipeline
 # with the tiny from-scratch model on each benchmark's own training split:
@@ -7,13 +7,28 @@
 #   -> sft.py (stage 1) -> grpo.py (stage 2, short) -> evaluate.py (after SFT and after GRPO,
 #   with the majority and question-only baselines beside).
 # Every hyperparameter is on the command line (the scripts' defaults are tuned for the demo).
-# CPU, ~25 min on 2 shared cores. Each command and its wall time go to runs/bench/log.jsonl.
+# CPU, ~25 min on 2 shared cores. Each command and its wall time go to runs/bench/log.jsonl; the
+# table is printed, and written to PREFIX.json and PREFIX.md only with --out PREFIX.
 #
 #   bash bench/benchmarks.sh                         # DATA=$MEDFACT_DATA_DIR, else ../shared/data
+#   bash bench/benchmarks.sh --out bench/results/benchmarks   # the committed table
 #   DATA=path/to/data SFT_STEPS=150 GRPO_STEPS=35 bash bench/benchmarks.sh
+#   DATASETS= bash bench/benchmarks.sh --out ...     # no runs: the table from runs/bench only
 # DATA holds vqa_rad/ (the OSF release: "VQA_RAD Dataset Public.json" + images) and
 # slake/Slake1.0/ (train/validate/test.json, imgs/, KG/); see ../shared/data/*/SOURCE.txt.
 set -euo pipefail
+usage() {
+  echo "usage: bash bench/benchmarks.sh [-h] [--out PREFIX]   (settings: DATA OUT SFT_STEPS GRPO_STEPS DATASETS PY)"
+  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+}
+TABLE=
+while [ $# -gt 0 ]; do
+  case $1 in
+    -h|--help) usage; exit 0 ;;
+    --out) [ $# -ge 2 ] || { echo "--out needs a PREFIX" >&2; exit 2; }; TABLE=$2; shift 2 ;;
+    *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-${MEDFACT_DATA_DIR:-../shared/data}}
@@ -66,9 +81,9 @@ for ds in $DATASETS; do
 done
 
 # the table
-"$PY" - "$OUT" <<'EOF'
+"$PY" - "$OUT" "$TABLE" <<'EOF'
 import json, os, sys
-out = sys.argv[1]
+out, table = sys.argv[1], sys.argv[2]
 log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
 last = {r["name"]: r for r in log}  # the latest run of each command
 names = {"vqa_rad": "VQA-RAD (official test)", "slake": "SLAKE (English test)"}
@@ -82,8 +97,6 @@ for ds in ("vqa_rad", "slake"):
         m = json.load(open(os.path.join(out, ds, f"eval_{stage}", "metrics.json")))
         res["results"].append({**m, "dataset": ds, "stage": stage,
                                "train_seconds": last[f"{ds}/{stage}"]["seconds"]})
-os.makedirs("bench/results", exist_ok=True)
-json.dump(res, open("bench/results/benchmarks.json", "w"), indent=1)
 f = lambda x: "-" if x is None else f"{x:.3f}"
 lines = ["| dataset | stage | n | accuracy | closed | open | open recall | format | fact | consistency "
          "| majority | question-only |", "|" + " --- |" * 12]
@@ -100,6 +113,10 @@ lines += ["", "n: VQA-RAD's official test (test_freeform + test_para), SLAKE's E
           f"scratch on a CPU ({res['machine']}), 112x112 images; not comparable with the paper's pretrained "
           "Qwen2.5-VL-3B.", "", "| step | seconds | command |", "| --- | --- | --- |"]
 lines += [f"| {r['name']} | {r['seconds']:.0f} | `{r['command']}` |" for r in res["commands"]]
-open("bench/results/benchmarks.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
+if table:
+    os.makedirs(os.path.dirname(os.path.abspath(table)), exist_ok=True)
+    json.dump(res, open(table + ".json", "w"), indent=1)
+    open(table + ".md", "w").write("\n".join(lines) + "\n")
+    print(f"wrote {table}.json and .md")
 EOF

