@@ -30,6 +30,11 @@ r1-v/src/open_r1/grpo_lgl.py @ 73775d1), and why:
 - `upstream=True` restores the released rewards, quirks included (see the last section);
   with no judge given, the plain check stands in for the 72B judge, on upstream's scale.
 
+The text rules are written once, here: words (WORD_RE), singular, NEGATIONS and
+is_negated, normalize_answer, is_yes_no_question. retrieve.py imports them, so the
+pseudo-labels it writes are read by these rewards as it meant them (tests/test_retrieve.py
+states that contract), and uses make_openai_chat, the one OpenAI-compatible client.
+
 Every reward runs in time linear in the completion, with no backtracking-prone regex,
 and caps the text it reads (MAX_* below), so a megabyte of tag soup costs milliseconds.
 Speed: `python bench/rewards_speed.py`. Tests: `python -m pytest -q tests/test_rewards.py`.
@@ -154,17 +159,19 @@ _HEDGES = frozenset("maybe possibly possible probably probable perhaps likely un
                     "uncertain unsure unclear might may could or either".split())
 
 
-def _polarity(words):
+def _polarity(tokens):
     # "yes" / "no" when the words say exactly one of them and do not hedge, else None
-    has_yes, has_no = "yes" in words, "no" in words
-    if has_yes == has_no or not _HEDGES.isdisjoint(words):
+    has_yes, has_no = "yes" in tokens, "no" in tokens
+    if has_yes == has_no or not _HEDGES.isdisjoint(tokens):
         return None
     return "yes" if has_yes else "no"
 
 
-def _is_yes_no_question(example, gold):
-    # answer_type is matched case-insensitively; when absent (or unknown), a yes/no gold
-    # answer makes the question closed
+def is_yes_no_question(example, gold=None):
+    """Is the example graded as yes/no? Its normalised gold answer (`gold`, computed when
+    None) is yes or no and its answer_type (any case) is closed, or absent or unknown."""
+    if gold is None:
+        gold = _normalize_cached(str(example.get("answer", "")))
     kind = str(example.get("answer_type") or "").strip().lower()
     if kind in ("closed", "open"):
         return kind == "closed" and gold in ("yes", "no")
@@ -196,7 +203,7 @@ def accuracy_reward(completion, example, *, upstream=False):
     pred, gold = normalize_answer(answer), _normalize_cached(str(example.get("answer", "")))
     if not pred or not gold:
         return 0.0
-    if _is_yes_no_question(example, gold):
+    if is_yes_no_question(example, gold):
         return 1.0 if _polarity(pred.split()) == gold else 0.0
     if pred == gold:
         return 1.0
@@ -233,7 +240,7 @@ def format_reward(completion, *, upstream=False):
 # -----------------------------------------------------------------------------
 # fact
 
-_WORD = re.compile(r"[^\W_]+")  # runs of letters/digits in any script
+WORD_RE = re.compile(r"[^\W_]+")  # a word: a run of letters/digits in any script (retrieve.py's too)
 
 # Phrases that name the same thing. Edit this table in your copy to add your own.
 SYNONYMS = (
@@ -247,35 +254,44 @@ SYNONYMS = (
 )
 
 
-def _words(text):
-    # NFKC + lowercase + runs of letters/digits: the tokens fact and consistency compare
+def words(text):
+    """NFKC + lowercase + runs of letters/digits: the words fact and consistency compare (and retrieve.py
+    writes with). "The Left-Lung's T2" -> ["the", "left", "lung", "s", "t2"]."""
     if not text.isascii():
         text = unicodedata.normalize("NFKC", text)
-    return _WORD.findall(text.lower())
+    return WORD_RE.findall(text.lower())
+
+
+def singular(word):
+    """The simple English singular of a lowercase word: effusions -> effusion, opacities ->
+    opacity, masses -> mass, boxes -> box; words of 3 letters or fewer, digits and the
+    endings "ss", "us", "is" are kept (sinus, pelvis). Irregular plurals (bronchi,
+    metastases) are not handled. THE plural rule: retrieve.py stems with it too."""
+    if len(word) <= 3 or word.isdigit():
+        return word
+    if word.endswith("ies"):
+        return word[:-3] + "y"
+    if word.endswith(("sses", "xes", "zes", "ches", "shes")):
+        return word[:-2]
+    if word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    return word
 
 
 @lru_cache(maxsize=1 << 16)
 def _word_forms(word):
-    """A word with its simple English singular and plural: effusions -> effusion,
-    effusions; opacity -> opacities; mass -> masses; box -> boxes. Short words (no, ct)
-    are left alone. Irregular plurals (bronchi, metastases) are not handled."""
+    """A word with its singular and plural: effusions -> effusion, effusions; opacity ->
+    opacities; mass -> masses; box -> boxes. Short words (no, ct) are left alone."""
     if len(word) < 3 or word.isdigit():
         return (word,)
-    singular = word
-    if len(word) > 3:
-        if word.endswith("ies"):
-            singular = word[:-3] + "y"
-        elif word.endswith(("sses", "xes", "zes", "ches", "shes")):
-            singular = word[:-2]
-        elif word.endswith("s") and not word.endswith(("ss", "us", "is")):
-            singular = word[:-1]
-    if singular.endswith("y") and singular[-2:-1] not in ("a", "e", "i", "o", "u"):
-        plural = singular[:-1] + "ies"
-    elif singular.endswith(("s", "x", "z", "ch", "sh")):
-        plural = singular + "es"
+    one = singular(word)
+    if one.endswith("y") and one[-2:-1] not in ("a", "e", "i", "o", "u"):
+        plural = one[:-1] + "ies"
+    elif one.endswith(("s", "x", "z", "ch", "sh")):
+        plural = one + "es"
     else:
-        plural = singular + "s"
-    return tuple(dict.fromkeys((word, singular, plural)))
+        plural = one + "s"
+    return tuple(dict.fromkeys((word, one, plural)))
 
 
 def _keyword_list(example):
@@ -292,7 +308,7 @@ def _keyword_forms(keywords):
     head noun: "pleural effusions"). Keywords with the same forms count once."""
     distinct = {}
     for keyword in keywords:
-        phrase = " ".join(_words(keyword))
+        phrase = " ".join(words(keyword))
         if not phrase:
             continue
         variants = {phrase}
@@ -331,15 +347,16 @@ def fact_reward(completion, example, *, upstream=False):
     think = extract_think(completion)
     if not think:
         return 0.0
-    text = " " + " ".join(_words(think[:MAX_REASONING_CHARS])) + " "
+    text = " " + " ".join(words(think[:MAX_REASONING_CHARS])) + " "
     found = sum(1 for forms in keyword_forms if any(form in text for form in forms))
     return found / len(keyword_forms)
 
 # -----------------------------------------------------------------------------
 # consistency
 
-_NEGATIONS = frozenset("no not without absent absence none neither nor never cannot "
-                       "nothing negative".split())
+# What makes a sentence negative (is_negated). retrieve.py writes its conclusions by these lists too.
+NEGATIONS = frozenset("no not without absent absence none neither nor never cannot "
+                      "nothing negative".split())
 _NEGATION_PHRASES = (" free of ", " ruled out ", " rules out ", " rule out ")
 _SENTENCE_ENDS = (". ", ".\n", "! ", "!\n", "? ", "?\n", "\n", "\u3002")
 _STOPWORDS = frozenset("of in on at to is are was were be been and or with for by from "
@@ -354,15 +371,16 @@ def conclusion_of(think):
     return tail[cut + 1:].strip()
 
 
-def _is_negated(sentence):
-    # any negation word or phrase; double negation ("not absent") reads as negative
+def is_negated(sentence):
+    """Does the sentence contain a negation (NEGATIONS, n't, _NEGATION_PHRASES)? Double negation
+    ("not absent") reads as negative."""
     low = sentence.lower()
     if "n't" in low or "n\u2019t" in low:
         return True
-    words = _words(low)
-    if not _NEGATIONS.isdisjoint(words):
+    tokens = words(low)
+    if not NEGATIONS.isdisjoint(tokens):
         return True
-    padded = " " + " ".join(words) + " "
+    padded = " " + " ".join(tokens) + " "
     return any(phrase in padded for phrase in _NEGATION_PHRASES)
 
 
@@ -372,11 +390,11 @@ def _plain_consistency(think, answer, example):
         return 0.0
     gold = _normalize_cached(str(example.get("answer", "")))
     answer_words = normalize_answer(answer).split()
-    if _is_yes_no_question(example, gold):
+    if is_yes_no_question(example, gold):
         polarity = _polarity(answer_words)
         if polarity is None:
             return 0.0
-        return 1.0 if ("no" if _is_negated(conclusion) else "yes") == polarity else 0.0
+        return 1.0 if ("no" if is_negated(conclusion) else "yes") == polarity else 0.0
     # open: the answer's content words (with singular/plural) among the conclusion's words
     content = list(dict.fromkeys(w for w in answer_words if w not in _STOPWORDS)) or answer_words
     if not content:
@@ -401,7 +419,7 @@ def _ask_judge(judge, prompt):
         return None
     if not isinstance(reply, str):
         return None
-    first = _WORD.search(reply[:100].lower())
+    first = WORD_RE.search(reply[:100].lower())
     if first is None or first.group() not in ("yes", "no"):
         return None
     return 1.0 if first.group() == "yes" else 0.0
@@ -443,22 +461,24 @@ def consistency_reward(completion, example, *, upstream=False, judge=None):
     return _plain_consistency(think, answer, example)
 
 
-def make_openai_judge(base_url, model, api_key_env="OPENAI_API_KEY", timeout=30, retries=2):
-    """A judge for any OpenAI-compatible chat endpoint (OpenAI, vLLM, DashScope, ...), with
-    urllib only. Returns judge(prompt) -> the reply text; raises after 1 + retries failed
-    attempts (backoff 0.5 s, 1 s, ...), which consistency_reward turns into a fallback.
+def make_openai_chat(base_url, model, api_key_env="OPENAI_API_KEY", timeout=30, retries=2, system=None,
+                     **params):
+    """A client for any OpenAI-compatible chat endpoint (OpenAI, vLLM, DashScope, llama.cpp,
+    ...), with urllib only: chat(prompt) -> the reply text (None when the reply has none).
+    Raises after 1 + retries failed attempts (backoff 0.5 s, 1 s, ...). `system` is an
+    optional system message; `params` go into the request as they are (temperature,
+    max_tokens, ...). retrieve.py's openai: trace writer uses it too.
 
     The key is read from the environment variable api_key_env at each call (no header when
     unset, for local servers) and never logged or put in an error message. timeout is per
-    socket operation, in seconds. Sampling follows the released code (temperature 0.2,
-    top_p 0.8) with a short max_tokens, since only the first word is read.
+    socket operation, in seconds.
     """
     url = base_url.rstrip("/") + "/chat/completions"
 
-    def judge(prompt):
-        body = json.dumps({"model": model, "temperature": 0.2, "top_p": 0.8, "max_tokens": 16,
-                           "messages": [{"role": "system", "content": "You are a helpful assistant."},
-                                        {"role": "user", "content": prompt}]}).encode("utf-8")
+    def chat(prompt):
+        messages = ([{"role": "system", "content": system}] if system else []) + \
+            [{"role": "user", "content": prompt}]
+        body = json.dumps({"model": model, **params, "messages": messages}).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(api_key_env)
         if key:
@@ -475,9 +495,19 @@ def make_openai_judge(base_url, model, api_key_env="OPENAI_API_KEY", timeout=30,
             except Exception as e:  # timeout, refused, HTTP error, bad JSON: retry
                 error = e
         # the type and the reason only: urllib errors never carry the request headers
-        raise RuntimeError(f"judge {url} failed {retries + 1} times: {type(error).__name__}: {str(error)[:200]}")
+        raise RuntimeError(f"{url} failed {retries + 1} times: {type(error).__name__}: {str(error)[:200]}")
 
-    return judge
+    return chat
+
+
+def make_openai_judge(base_url, model, api_key_env="OPENAI_API_KEY", timeout=30, retries=2):
+    """A consistency judge on an OpenAI-compatible endpoint: judge(prompt) -> the reply
+    text (make_openai_chat); a failure raises, which consistency_reward turns into a
+    fallback. Sampling follows the released code (temperature 0.2, top_p 0.8) with a
+    short max_tokens, since only the first word is read.
+    """
+    return make_openai_chat(base_url, model, api_key_env, timeout, retries, system="You are a helpful assistant.",
+                            temperature=0.2, top_p=0.8, max_tokens=16)
 
 # -----------------------------------------------------------------------------
 # upstream: the released code's four rewards, quirks included
