@@ -402,8 +402,13 @@ def fsdp_forward(fn):
 
 
 def clip_grad_norm(params, max_norm):
-    """clip_grad_norm_, returning a plain tensor also under FSDP (where the norm is a DTensor)."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    """The gradients' total norm, after clipping them to max_norm; max_norm <= 0: no clipping (nanoGPT's
+    grad_clip 0), where torch's clip_grad_norm_(params, 0) would zero every gradient. A plain tensor also
+    under FSDP (where the norm is a DTensor)."""
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:  # the norm alone: still logged, and still the non-finite guard's signal
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 

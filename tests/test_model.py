@@ -188,6 +188,22 @@ def test_logps_carry_gradient_and_a_step_changes_the_model(vlm):
     assert not torch.equal(vis, vlm.model.model.visual.patch_embed.proj.weight)  # gradient reached the vision tower
 
 
+def test_grad_clip_zero_means_no_clipping():
+    # sft.py and grpo.py clip with M.clip_grad_norm(params, --grad_clip): 0 must leave the gradients
+    # alone (torch's clip_grad_norm_(params, 0) multiplies them by 0) and still report their norm
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((3, 4), (5,), (2,))]
+    grads = [torch.randn_like(p) for p in params[:2]]  # the last one has no gradient
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    norm = torch.cat([g.reshape(-1) for g in grads]).norm()
+    assert torch.allclose(M.clip_grad_norm(params, 0.0), norm)
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+    # a positive max_norm still clips, and returns the norm before clipping
+    assert torch.allclose(M.clip_grad_norm(params, 0.5 * norm.item()), norm)
+    assert all(torch.allclose(p.grad, g * 0.5, rtol=1e-5) for p, g in zip(params, grads))
+
+
 def test_save_load_round_trip(vlm, tmp_path):
     path = str(tmp_path / "ckpt")
     M.save_checkpoint(path, vlm, state={"step": 3})

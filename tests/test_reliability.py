@@ -377,6 +377,21 @@ def test_file_level_bad_input(tmp):
     run(sft, argv + ["--skip_bad_rows"])
 
 
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_grad_clip_zero_trains_without_clipping(tmp, stage):
+    # --grad_clip 0 means no clipping (nanoGPT's convention); it used to zero every gradient (torch's
+    # clip_grad_norm_(params, 0)), which without weight decay left the model exactly where it started
+    out = str(tmp["root"] / f"{stage}_no_clip")
+    if stage == "sft":
+        run(sft, sft_args(tmp, out, "--grad_clip", 0, "--weight_decay", 0, "--max_steps", 2, "--save_every", 0,
+                          "--eval_every", 0))
+    else:  # as in the zero-spread test: 4 steps at kl 0 train some groups
+        run(grpo, grpo_args(tmp, out, "--grad_clip", 0, "--kl_coef", 0, "--max_steps", 4, "--save_every", 0,
+                            "--eval_every", 0))
+    assert any(r["grad_norm"] > 0 for r in records(out))  # the norm is still reported
+    assert any(not torch.equal(w, weights(tmp["ckpt"])[k]) for k, w in weights(out).items())
+
+
 def test_bad_model_folders_and_settings(tmp):
     folder = tmp["root"] / "no_weights"
     os.makedirs(folder)
