@@ -79,7 +79,7 @@ parser.add_argument("--temperature", type=float, default=0.5,
 parser.add_argument("--max_new_tokens", type=int, default=96)
 parser.add_argument("--ignore_eos", action="store_true", help="always sample max_new_tokens (benchmarks)")
 parser.add_argument("--dynamic_sampling", type=int, default=0,
-                    help="K > 1: sample K x prompts, keep groups with reward spread first")
+                    help="K > 1: sample K x prompts, keep groups with reward spread first (needs K x prompts rows)")
 parser.add_argument("--train_zero_std", action="store_true",
                     help="also run the reference and training passes on groups with no reward spread")
 # rewards
@@ -209,9 +209,9 @@ def main(args):
                  trust_remote_code=args.trust_remote_code)
     # every image decodes and every prompt fits, or a one-line error (--skip_bad_rows: skipped and counted)
     rows, val_rows = M.check_rows(vlm, rows, args.skip_bad_rows), M.check_rows(vlm, val_rows, args.skip_bad_rows)
-    steps_per_epoch = len(rows) // args.prompts_per_step
-    if steps_per_epoch == 0:
-        raise ValueError(f"{args.data}: {len(rows)} rows, fewer than --prompts_per_step {args.prompts_per_step}")
+    if len(rows) < args.prompts_per_step * K:  # a step samples K x prompts_per_step distinct rows
+        need = f"--prompts_per_step {args.prompts_per_step}" + (f" x --dynamic_sampling {K}" if K > 1 else "")
+        raise ValueError(f"{args.data}: {len(rows)} rows, fewer than {need}")
     policy = vlm.model
     ref = None
     if args.kl_coef != 0:  # the reference is the starting model, also after a resume

@@ -377,6 +377,24 @@ def test_file_level_bad_input(tmp):
     run(sft, argv + ["--skip_bad_rows"])
 
 
+def grpo_on(tmp, path, out, *extra):
+    """A one-step grpo.py run on a rows file (upstream rewards: some reward spread from a random model)."""
+    run(grpo, ["--ckpt", tmp["ckpt"], "--data", path, "--out", out, "--prompts_per_step", 4, "--group_size", 2,
+               "--max_new_tokens", 8, "--max_steps", 1, "--upstream_rewards", *extra])
+
+
+def test_dynamic_sampling_with_too_few_rows_is_a_one_line_error(tmp):
+    # a step samples --dynamic_sampling x --prompts_per_step distinct rows; with fewer, prompts_for
+    # used to divide by zero at step 1, after the models had loaded
+    path = write_rows(tmp, "twelve.jsonl", [good_row(i) for i in range(12)])
+    with pytest.raises(ValueError) as e:
+        grpo_on(tmp, path, str(tmp["root"] / "ds_4x4"), "--eval_every", 0, "--dynamic_sampling", 4)
+    one_line(e, path, "12 rows, fewer than --prompts_per_step 4 x --dynamic_sampling 4")
+    out = str(tmp["root"] / "ds_3x4")
+    grpo_on(tmp, path, out, "--eval_every", 0, "--dynamic_sampling", 3)  # 3 x 4 = 12: enough
+    assert [r["step"] for r in records(out)] == [1]
+
+
 @pytest.mark.parametrize("stage", ["sft", "grpo"])
 def test_grad_clip_zero_trains_without_clipping(tmp, stage):
     # --grad_clip 0 means no clipping (nanoGPT's convention); it used to zero every gradient (torch's
