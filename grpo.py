@@ -63,7 +63,8 @@ parser.add_argument("--data", default="demo", help="demo | vqa-rad | slake | fol
 parser.add_argument("--split", default="train")
 parser.add_argument("--val_split", default="val", help="held-out split for the periodic greedy accuracy")
 parser.add_argument("--val_limit", type=int, default=200)
-parser.add_argument("--skip_bad_rows", action="store_true")
+parser.add_argument("--skip_bad_rows", action="store_true",
+                    help="skip (and count) bad rows, training and held-out, instead of failing")
 # model
 parser.add_argument("--ckpt", "--model", dest="ckpt", default="runs/sft", help="SFT output folder (or tiny, hub name)")
 parser.add_argument("--max_pixels", type=int, default=None)
@@ -187,9 +188,9 @@ def main(args):
     rows = data.load(args.data, args.split, skip_bad_rows=args.skip_bad_rows)
     val_rows = []
     if args.eval_every:
-        try:
-            val_rows = data.load(args.data, args.val_split, limit=args.val_limit)
-        except data.DataError as e:
+        try:  # a bad held-out row is an error like any other (or skipped and counted); a missing split is not
+            val_rows = data.load(args.data, args.val_split, limit=args.val_limit, skip_bad_rows=args.skip_bad_rows)
+        except data.SplitNotFound as e:
             M.print0(f"no held-out split for periodic eval ({e}); set --val_split or --eval_every 0")
     K = max(1, args.dynamic_sampling)
 

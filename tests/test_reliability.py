@@ -395,6 +395,24 @@ def test_dynamic_sampling_with_too_few_rows_is_a_one_line_error(tmp):
     assert [r["step"] for r in records(out)] == [1]
 
 
+def test_a_bad_held_out_row_is_an_error_or_skipped_never_a_missing_split(tmp, capfd):
+    rows = [good_row(i, split="train") for i in range(4)] + [
+        good_row(4, split="val"), good_row(5, split="val", image="images/nope.png"), good_row(6, split="val")]
+    path, out = write_rows(tmp, "bad_val.jsonl", rows), str(tmp["root"] / "bad_val")
+    with pytest.raises(data.DataError) as e:  # it used to read as "no held-out split", evaluation silently off
+        grpo_on(tmp, path, out, "--eval_every", 1)
+    one_line(e, path, "line 6", "r5", "image file does not exist")
+    capfd.readouterr()
+    grpo_on(tmp, path, out, "--eval_every", 1, "--skip_bad_rows")
+    assert "skipped 1 bad rows" in capfd.readouterr().err
+    assert records(out)[-1]["val_accuracy"] >= 0  # evaluated, on the two good held-out rows
+    # a split that does not exist is not an error: the run goes on without periodic evaluation
+    path, out = write_rows(tmp, "train_only.jsonl", rows[:4]), str(tmp["root"] / "train_only")
+    grpo_on(tmp, path, out, "--eval_every", 1)
+    assert "no held-out split for periodic eval" in capfd.readouterr().out
+    assert "val_accuracy" not in records(out)[-1]
+
+
 @pytest.mark.parametrize("stage", ["sft", "grpo"])
 def test_grad_clip_zero_trains_without_clipping(tmp, stage):
     # --grad_clip 0 means no clipping (nanoGPT's convention); it used to zero every gradient (torch's
