@@ -61,7 +61,8 @@ def run(cmd, done_file, seconds, name, fresh):
     seconds[name] = round(time.time() - t, 1)
 
 
-def evaluate(ckpt, out, name, seconds, fresh, extra=()):
+def evaluate_ckpt(ckpt, out, name, seconds, fresh, extra=()):
+    """evaluate.py on the demo's test split (a stage like the others); its metrics JSON."""
     path = os.path.join(out, "metrics.json")
     run([PY, "evaluate.py", "--ckpt", ckpt, "--data", "demo", "--split", "test", "--out", path, "--quiet",
          *extra], path, seconds, name, fresh)
@@ -126,11 +127,12 @@ def main(args):
         seconds = json.load(open(os.path.join(out, "report.json"))).get("seconds", {})
     t0 = time.time()
 
-    # data: built in memory from a seed; print what a question-only model would score
+    # data: drawn in memory from a seed; print what a model that ignores the image would score
     import data
+    from evaluate import baselines  # the same baselines evaluate.py reports beside the model
     train, test = data.load("demo", "train"), data.load("demo", "test")
     print(f"demo data: {len(train)} train / {len(test)} test questions; question-only baseline on test: "
-          f"{data.question_only_baseline(train, test):.3f}")
+          f"{baselines(train, test)['question_only']:.3f}")
 
     pseudo = os.path.join(out, "pseudo.jsonl")
     sft_dir, grpo_dir = os.path.join(out, "sft"), os.path.join(out, "grpo")
@@ -142,10 +144,9 @@ def main(args):
     run([PY, "grpo.py", "--ckpt", sft_dir, "--data", "demo", "--out", grpo_dir, "--max_steps",
          str(args.grpo_steps), "--seed", str(args.seed)], os.path.join(grpo_dir, "state.json"), seconds, "grpo",
         fresh)
-    results = {"base": evaluate("tiny", os.path.join(out, "eval_base"), "eval_base",
-                                seconds, fresh),
-               "sft": evaluate(sft_dir, os.path.join(out, "eval_sft"), "eval_sft", seconds, fresh),
-               "grpo": evaluate(grpo_dir, os.path.join(out, "eval_grpo"), "eval_grpo", seconds, fresh)}
+    results = {"base": evaluate_ckpt("tiny", os.path.join(out, "eval_base"), "eval_base", seconds, fresh),
+               "sft": evaluate_ckpt(sft_dir, os.path.join(out, "eval_sft"), "eval_sft", seconds, fresh),
+               "grpo": evaluate_ckpt(grpo_dir, os.path.join(out, "eval_grpo"), "eval_grpo", seconds, fresh)}
     change = paired(os.path.join(out, "eval_sft"), os.path.join(out, "eval_grpo"))
     report = {**results, "grpo_vs_sft": change, "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1)}
     with open(os.path.join(out, "report.json"), "w") as f:
@@ -180,7 +181,7 @@ def ablation(args):
         if args.fresh:
             shutil.rmtree(d, ignore_errors=True)
         run(grpo + flags + ["--out", d], os.path.join(d, "state.json"), seconds, name, args.fresh)
-        results[name] = evaluate(d, os.path.join(d, "eval"), "eval " + name, seconds, args.fresh)
+        results[name] = evaluate_ckpt(d, os.path.join(d, "eval"), "eval " + name, seconds, args.fresh)
     # each GRPO run against SFT alone on the same questions: answers fixed / broken, McNemar p
     dirs = {"SFT + GRPO": os.path.join(main_out, "eval_grpo")}
     dirs.update({name: os.path.join(folder(name), "eval") for name in variants})

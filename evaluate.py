@@ -96,7 +96,11 @@ def summarize(rows, graded):
 
 
 def baselines(train_rows, rows):
-    """Majority answer per answer type, and the question-only prior, scored like the model."""
+    """Accuracy on `rows` of two models that never look at the image, learnt from `train_rows` and scored
+    like the model (normalised exact match): "majority", the most frequent training answer of the row's
+    answer type; "question_only", the most frequent training answer of the same (normalised) question
+    string, else the majority answer. The project's one baseline function (demo.py and synthetic_cxr.py
+    print it too)."""
     norm = rewards.normalize_answer
     by_type, by_question = collections.defaultdict(collections.Counter), collections.defaultdict(collections.Counter)
     for r in train_rows:

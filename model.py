@@ -307,10 +307,16 @@ def check_rows(vlm, rows, skip_bad_rows=False):
     return good
 
 
+def _default_texts():
+    # the synthetic world's texts (drawn in seconds, offline), not data.py: the core never imports a stage's data
+    import synthetic_cxr
+    return synthetic_cxr.tokenizer_texts()
+
+
 def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remote_code=False):
     """Load a model by name: 'tiny', 'random:qwen2.5-vl-3b', 'random:qwen2-vl-2b', a folder or a hub name.
 
-    `texts` trains the tiny model's tokenizer (the demo texts if None).
+    `texts` trains the tiny (or random) model's tokenizer; None: the synthetic demo's texts.
     """
     from transformers import (AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration,
                               Qwen2VLForConditionalGeneration)
@@ -319,20 +325,14 @@ def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remo
     dtype = dtype or default_dtype(device)
     if name == "tiny" or name.startswith("random:"):
         if name == "tiny":
-            if texts is None:
-                import data  # the demo's texts train the tiny tokenizer by default
-                texts = data.corpus_texts()
-            tokenizer = build_tokenizer(texts)
+            tokenizer = build_tokenizer(texts if texts is not None else _default_texts())
             vocab = 64 * math.ceil(len(tokenizer) / 64)
             spec, image_processor = tiny_config(vocab), tiny_image_processor()
         else:
             key = name.split(":", 1)[1]
             if key not in CONFIGS:
                 raise ValueError(f"unknown random model {name!r}; choose from random:{', random:'.join(CONFIGS)}")
-            if texts is None:
-                import data
-                texts = data.corpus_texts()
-            tokenizer = build_tokenizer(texts, vocab_size=8192)
+            tokenizer = build_tokenizer(texts if texts is not None else _default_texts(), vocab_size=8192)
             spec, image_processor = CONFIGS[key], Qwen2VLImageProcessorPil()
         config = build_config(spec, tokenizer)
         torch.manual_seed(0)

