@@ -50,6 +50,10 @@ The demo (`load("demo", split)`) is the synthetic chest-radiograph set that synt
 draws: a stand-in for MIMIC-CXR-VQA that a tiny model learns on a laptop CPU in minutes. Its
 rows are in the schema above (with a report, keywords and a category); see that file.
 
+check_rows(vlm, rows) is the second check, once a stage has its model: every image decodes and
+every prompt fits the model's context. Bad rows raise DataError (one line naming the row) or,
+with skip_bad_rows, are skipped and counted.
+
 Departures from the paper: MEDFACT-R1 trains on real data only and never released
 its data code; the demo, the known-bad-row policy, the validation split names and
 the `category` field are ours. To add a dataset, write a generator of rows (see
@@ -67,7 +71,7 @@ from PIL import Image
 import synthetic_cxr
 from rewards import normalize_answer  # ONE answer normalisation, shared with rewards and evaluation
 
-__all__ = ["DataError", "SplitNotFound", "load", "load_image", "normalize_answer"]
+__all__ = ["DataError", "SplitNotFound", "load", "load_image", "check_rows", "normalize_answer"]
 
 
 class DataError(ValueError):
@@ -272,6 +276,37 @@ def _image_from_bytes(data, source):
         return None, f"cannot read embedded image ({type(e).__name__}: {e})"
     im.info.update(medfact_source=source, medfact_bytes=data)  # load_image() names the source on failure
     return im, None
+
+
+# -----------------------------------------------------------------------------
+# the second check, once a stage has its model: each image decodes and each prompt fits
+
+def check_rows(vlm, rows, skip_bad_rows=False):
+    """The rows whose image decodes and whose prompt fits the model (vlm: a model.VLM), before step 1.
+
+    A bad row raises a one-line DataError naming the source, the row and the problem (so a corrupt
+    image or an over-long prompt never stops a run midway); with skip_bad_rows it is skipped and
+    counted instead. Image tokens are never truncated. Decoding every image costs a pass over the
+    data, paid once, and it is what makes "fails before step 1" true.
+    """
+    good, bad = [], []
+    for r in rows:
+        try:
+            n, n_img = vlm.prompt_length(load_image(r), r["question"])
+            if n > vlm.max_len:
+                raise DataError(f"{r.get('dataset')}: row {r.get('id')}: prompt is {n} tokens ({n_img} image "
+                                f"tokens), over the model's limit of {vlm.max_len}; image tokens are never "
+                                f"truncated: lower --max_pixels or shorten the question")
+            good.append(r)
+        except DataError as e:
+            if not skip_bad_rows:
+                raise
+            bad.append(str(e))
+    if bad and int(os.environ.get("RANK", 0)) == 0:  # every rank checks its copy; one says so (torchrun's RANK)
+        print(f"skipped {len(bad)} bad rows of {len(rows)}: first problem: {bad[0]}", file=sys.stderr, flush=True)
+    if rows and not good:
+        raise DataError(f"{rows[0].get('dataset')}: empty dataset: all {len(rows)} rows are bad")
+    return good
 
 
 # -----------------------------------------------------------------------------

@@ -147,7 +147,7 @@ def main(args):
     rows = data.load(args.data, args.split, lang=args.lang, skip_bad_rows=args.skip_bad_rows, limit=args.limit)
     vlm = M.load(args.ckpt, device=device, max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code)
     vlm.model.eval()
-    rows = M.check_rows(vlm, rows, args.skip_bad_rows)  # images decode and prompts fit, before any decoding
+    rows = data.check_rows(vlm, rows, args.skip_bad_rows)  # images decode and prompts fit, before any decoding
     mine = list(range(rank, len(rows), world))  # strided shards, gathered back in order on rank 0
     with torch.no_grad():
         completions, graded = evaluate(vlm, [rows[i] for i in mine], args.batch_size, args.max_new_tokens,

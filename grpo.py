@@ -209,7 +209,7 @@ def main(args):
     vlm = M.load(ckpt or args.ckpt, device=load_on, dtype=torch.float32, max_pixels=args.max_pixels,
                  trust_remote_code=args.trust_remote_code)
     # every image decodes and every prompt fits, or a one-line error (--skip_bad_rows: skipped and counted)
-    rows, val_rows = M.check_rows(vlm, rows, args.skip_bad_rows), M.check_rows(vlm, val_rows, args.skip_bad_rows)
+    rows, val_rows = data.check_rows(vlm, rows, args.skip_bad_rows), data.check_rows(vlm, val_rows, args.skip_bad_rows)
     if len(rows) < args.prompts_per_step * K:  # a step samples K x prompts_per_step distinct rows
         need = f"--prompts_per_step {args.prompts_per_step}" + (f" x --dynamic_sampling {K}" if K > 1 else "")
         raise ValueError(f"{args.data}: {len(rows)} rows, fewer than {need}")

@@ -10,8 +10,7 @@ model.py: the core every stage shares.
   directly, so torchvision, which the transformers video processor needs, is not required)
 - batched group sampling with a KV cache, and per-token log-probabilities of completions
 - checkpoints: Hugging Face folders through safetensors, written to a temporary folder and renamed
-- FSDP2 (fsdp_shard) for models that do not fit on one GPU, and the row check every stage runs
-  before step 1 (check_rows: each image decodes, each prompt fits)
+- FSDP2 (fsdp_shard) for models that do not fit on one GPU
 
 Everything here works on CPU; on CUDA the same code runs in bf16.
 
@@ -277,34 +276,6 @@ class VLM:
         seeds = torch.arange(len(prompts)) + seed * 1_000_003
         out = sample(self, batch, 1, max_new_tokens, temperature, seeds)
         return self.decode(out["tokens"], out["mask"])
-
-
-def check_rows(vlm, rows, skip_bad_rows=False):
-    """The rows whose image decodes and whose prompt fits the model, checked once before a run starts.
-
-    A bad row raises a one-line data.DataError naming the source, the row and the problem (so a
-    corrupt image or an over-long prompt never stops a run midway); with skip_bad_rows it is
-    skipped and counted instead. Image tokens are never truncated.
-    """
-    import data
-    good, bad = [], []
-    for r in rows:
-        try:
-            n, n_img = vlm.prompt_length(data.load_image(r), r["question"])
-            if n > vlm.max_len:
-                raise data.DataError(f"{r.get('dataset')}: row {r.get('id')}: prompt is {n} tokens ({n_img} image "
-                                     f"tokens), over the model's limit of {vlm.max_len}; image tokens are never "
-                                     f"truncated: lower --max_pixels or shorten the question")
-            good.append(r)
-        except data.DataError as e:
-            if not skip_bad_rows:
-                raise
-            bad.append(str(e))
-    if bad:
-        print0(f"skipped {len(bad)} bad rows of {len(rows)}: first problem: {bad[0]}", file=sys.stderr)
-    if rows and not good:
-        raise data.DataError(f"{rows[0].get('dataset')}: empty dataset: all {len(rows)} rows are bad")
-    return good
 
 
 def _default_texts():

@@ -137,8 +137,8 @@ def main(args):
     vlm = M.load(ckpt or args.model, device="cpu" if args.fsdp else device, dtype=torch.float32, texts=texts,
                  max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code)
     # its image decodes and its prompt fits, or a one-line error (--skip_bad_rows: skipped and counted)
-    train_rows = M.check_rows(vlm, train_rows, args.skip_bad_rows)
-    val_rows = M.check_rows(vlm, val_rows, args.skip_bad_rows)
+    train_rows = data.check_rows(vlm, train_rows, args.skip_bad_rows)
+    val_rows = data.check_rows(vlm, val_rows, args.skip_bad_rows)
     micro = args.batch_size // (world * args.grad_accum)
     if micro * world * args.grad_accum != args.batch_size:
         raise ValueError(f"--batch_size {args.batch_size} must be divisible by world_size ({world}) x "

@@ -333,10 +333,10 @@ def test_corrupt_image_and_overlong_prompt_fail_before_step_one_or_are_skipped(t
         good_row(6, image=corrupt), good_row(7, question=long_q)])
     rows = data.load(path, "train")
     with pytest.raises(data.DataError) as e:
-        M.check_rows(vlm, rows[:7])
+        data.check_rows(vlm, rows[:7])
     one_line(e, corrupt, "row r6", "cannot decode image")
     with pytest.raises(data.DataError) as e:
-        M.check_rows(vlm, rows[:6] + rows[7:])
+        data.check_rows(vlm, rows[:6] + rows[7:])
     msg = one_line(e, "row r7", "over the model's limit of 2048", "image tokens are never truncated")
     n = vlm.prompt_length(data.load_image(rows[7]), long_q)
     assert f"prompt is {n[0]} tokens (16 image tokens)" in msg  # the count encode() would build
