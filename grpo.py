@@ -1,16 +1,18 @@
 """
 grpo.py: stage 2 of MEDFACT-R1, Group Relative Policy Optimization with four factual rewards.
 
-One step:
-  1. take P prompts; sample G completions each at temperature T (prompt-major order)
-  2. score each with rewards.py: accuracy, format, fact (keywords), consistency; total = weighted sum
-  3. advantages per group: (r - mean) / (std + eps)          (group_advantages)
-  4. log-probs of the sampled tokens at the SAME temperature under the policy (and, once per
-     step, under the policy as it sampled when there are several inner epochs) and under the
-     frozen reference model when kl_coef > 0
-  5. per token: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A) + kl_coef * k3(ref, policy),
-     masked to the completion up to and including its first EOS   (grpo_loss)
-  6. clip the gradient norm, AdamW step, log, checkpoint
+One step (the loop in main, one function per part):
+  1. rollout: take P prompts; sample G completions each at temperature T, prompt-major (rollout)
+  2. score: rewards.py's accuracy, format, fact (keywords), consistency; total = weighted sum
+     (score_rollouts); advantages per group: (r - mean) / (std + eps)      (group_advantages)
+  3. pick the groups to train: those whose rewards differ                 (groups_to_train)
+  4. reference: log-probs of the sampled tokens at the SAME temperature under the frozen reference
+     model when kl_coef > 0, and under the policy as it sampled when there are several inner
+     epochs                                                                 (frozen_logps)
+  5. train: per token -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A) + kl_coef * k3(ref,
+     policy), masked to the completion up to and including its first EOS (grpo_loss); clip the
+     gradient norm, AdamW step                                              (train)
+  6. record: metrics.jsonl, a few rollouts to read, one printed line; checkpoint   (record)
 
 Departures from the released MEDFACT-R1 code (which follows TRL's GRPOTrainer), on purpose:
 - the full clipped objective with several inner epochs (--inner_epochs) and an optional higher
@@ -60,16 +62,16 @@ import rewards
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
 # data
 parser.add_argument("--data", default="demo", help="demo | vqa-rad | slake | folder | pseudo-label JSONL")
-parser.add_argument("--split", default="train")
+parser.add_argument("--split", default="train", help="the split whose questions are the prompts")
 parser.add_argument("--val_split", default="val", help="held-out split for the periodic greedy accuracy")
-parser.add_argument("--val_limit", type=int, default=200)
+parser.add_argument("--val_limit", type=int, default=200, help="held-out rows scored (the first N)")
 parser.add_argument("--skip_bad_rows", action="store_true",
                     help="skip (and count) bad rows, training and held-out, instead of failing")
 # model
 parser.add_argument("--ckpt", "--model", dest="ckpt", default="runs/sft", help="SFT output folder (or tiny, hub name)")
-parser.add_argument("--max_pixels", type=int, default=None)
-parser.add_argument("--freeze_vision", action="store_true")
-parser.add_argument("--grad_ckpt", action="store_true")
+parser.add_argument("--max_pixels", type=int, default=None, help="cap image resolution (pixels)")
+parser.add_argument("--freeze_vision", action="store_true", help="do not train the vision tower")
+parser.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (less memory, ~30%% slower)")
 parser.add_argument("--trust_remote_code", action="store_true", help="run a checkpoint's own Python code")
 parser.add_argument("--fsdp", action="store_true", help="shard policy and reference over ranks with FSDP2")
 # rollouts
@@ -77,41 +79,42 @@ parser.add_argument("--prompts_per_step", type=int, default=96, help="global, ov
 parser.add_argument("--group_size", type=int, default=6, help="G completions per prompt (paper: 6)")
 parser.add_argument("--temperature", type=float, default=0.5,
                     help="sampling temperature (paper: 1.0; 0.5 trains the tiny demo best, see README)")
-parser.add_argument("--max_new_tokens", type=int, default=96)
+parser.add_argument("--max_new_tokens", type=int, default=96, help="completion length cap (tokens)")
 parser.add_argument("--ignore_eos", action="store_true", help="always sample max_new_tokens (benchmarks)")
 parser.add_argument("--dynamic_sampling", type=int, default=0,
                     help="K > 1: sample K x prompts, keep groups with reward spread first (needs K x prompts rows)")
 parser.add_argument("--train_zero_std", action="store_true",
                     help="also run the reference and training passes on groups with no reward spread")
 # rewards
-parser.add_argument("--w_accuracy", type=float, default=1.0)
-parser.add_argument("--w_format", type=float, default=1.0)
-parser.add_argument("--w_fact", type=float, default=1.0)
-parser.add_argument("--w_consistency", type=float, default=1.0)
+parser.add_argument("--w_accuracy", type=float, default=1.0, help="weight of the accuracy reward (0: off)")
+parser.add_argument("--w_format", type=float, default=1.0, help="weight of the format reward (0: off)")
+parser.add_argument("--w_fact", type=float, default=1.0, help="weight of the fact (keyword) reward (0: off)")
+parser.add_argument("--w_consistency", type=float, default=1.0, help="weight of the consistency reward (0: off)")
 parser.add_argument("--upstream_rewards", action="store_true", help="the released code's rewards, quirks included")
 parser.add_argument("--judge_url", default=None, help="OpenAI-compatible endpoint for the consistency judge")
-parser.add_argument("--judge_model", default=None)
+parser.add_argument("--judge_model", default=None, help="the judge's model name at --judge_url (key: $OPENAI_API_KEY)")
 # objective and optimisation
-parser.add_argument("--lr", type=float, default=5e-5)
-parser.add_argument("--warmup", type=int, default=5)
-parser.add_argument("--weight_decay", type=float, default=0.0)
-parser.add_argument("--kl_coef", type=float, default=0.04)
-parser.add_argument("--clip_eps", type=float, default=0.2)
+parser.add_argument("--lr", type=float, default=5e-5, help="learning rate (paper: 1e-6)")
+parser.add_argument("--warmup", type=int, default=5, help="linear warmup steps, then constant")
+parser.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+parser.add_argument("--kl_coef", type=float, default=0.04,
+                    help="k3 KL penalty to the frozen reference (paper: 0.04; 0: no reference model)")
+parser.add_argument("--clip_eps", type=float, default=0.2, help="clip the ratio to [1 - eps, 1 + eps_high]")
 parser.add_argument("--clip_eps_high", type=float, default=None, help="upper clip (default: = clip_eps)")
 parser.add_argument("--inner_epochs", type=int, default=1, help="optimisation passes over each batch of rollouts")
 parser.add_argument("--micro_batch", type=int, default=48, help="completions per forward/backward")
 parser.add_argument("--no_std_scale", action="store_true", help="advantages r - mean (no std division)")
 parser.add_argument("--token_level", action="store_true", help="average the loss over all tokens, not sequences")
-parser.add_argument("--grad_clip", type=float, default=1.0)
-parser.add_argument("--max_steps", type=int, default=60)
-parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
+parser.add_argument("--max_steps", type=int, default=60, help="optimizer steps")
+parser.add_argument("--seed", type=int, default=0, help="the prompt order and every rollout's sampling seed")
 # logging and checkpoints
-parser.add_argument("--out", default="runs/grpo")
+parser.add_argument("--out", default="runs/grpo", help="the final model, metrics.jsonl, rollouts.jsonl, checkpoints/")
 parser.add_argument("--eval_every", type=int, default=20, help="greedy held-out accuracy every N steps (0: off)")
-parser.add_argument("--save_every", type=int, default=0)
-parser.add_argument("--resume", action="store_true")
+parser.add_argument("--save_every", type=int, default=0, help="resumable checkpoint every N steps (0: never)")
+parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
 parser.add_argument("--rollouts_per_step", type=int, default=2, help="completions written to rollouts.jsonl")
-parser.add_argument("--device", default="auto")
+parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) or a torch device")
 parser.add_argument("--max_bad_steps", type=int, default=3, help="stop after this many non-finite steps in a row")
 parser.add_argument("--debug_nan_steps", type=int, nargs="*", default=[],
                     help="testing: make the loss NaN at these steps (1-based) to exercise the non-finite guard")
@@ -168,23 +171,219 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps=0.2, clip_
 
 
 # -----------------------------------------------------------------------------
+# one step, in the order of the docstring: rollout, score, pick the groups to train, reference,
+# train, record. A step's rollouts are a dict: "rows" (P), "batch" (their encoded prompts),
+# "tokens" and "mask" (P*G, T), "texts", "scores", "total" (P*G,) and "std" (P,: each group's spread).
+
+def prompts_for(step, n_rows, args, rank, world):
+    """Global indices of this rank's prompts at `step` (K x prompts_per_step / world of them with dynamic
+    sampling K): consecutive slices of a permutation drawn afresh, from the seed, every data epoch."""
+    n = args.prompts_per_step * max(1, args.dynamic_sampling)              # prompts per step, all ranks
+    data_epoch, i = divmod(step * n, n_rows - n_rows % n)                  # whole steps only: the tail rests
+    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(args.seed + 1 + data_epoch)).tolist()
+    per_rank = n // world
+    return perm[i:i + n][rank * per_rank:(rank + 1) * per_rank]
 
 
-def main(args):
-    rank, world, device = M.init_dist(args.device)
-    torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    if args.group_size < 2:
-        raise ValueError("--group_size must be >= 2: GRPO's advantage compares completions within a group")
-    P = args.prompts_per_step // world
-    if P * world != args.prompts_per_step:
-        raise ValueError(f"--prompts_per_step {args.prompts_per_step} must be divisible by world size {world}")
-    weights = {"accuracy": args.w_accuracy, "format": args.w_format, "fact": args.w_fact,
-               "consistency": args.w_consistency}
-    judge = rewards.make_openai_judge(args.judge_url, args.judge_model) if args.judge_url else None
+def rollout(vlm, rows, idx, step, args, autocast):
+    """1. G completions for each prompt rows[i], i in idx, seeded by (seed, step, prompt i, sample)."""
+    batch_rows = [rows[i] for i in idx]
+    vlm.model.eval()
+    with torch.no_grad(), autocast:
+        batch = vlm.encode([data.load_image(r) for r in batch_rows], [r["question"] for r in batch_rows],
+                           names=[str(r.get("id")) for r in batch_rows])
+        out = M.sample(vlm, batch, args.group_size, args.max_new_tokens, args.temperature,
+                       M.rollout_seeds(args.seed, step, idx, args.group_size), ignore_eos=args.ignore_eos)
+    tokens, mask = out["tokens"], out["mask"]                              # (P*G, T), prompt-major
+    return {"rows": batch_rows, "batch": batch, "tokens": tokens, "mask": mask, "texts": vlm.decode(tokens, mask)}
 
-    # -------------------------------------------------------------------------
-    # data
+
+def score_rollouts(rollouts, weights, judge, args):
+    """2. Every completion's rewards; their weighted total (P*G,) and each group's spread, its std (P,)."""
+    G = args.group_size
+    rollouts["scores"] = [rewards.score(t, r, weights, upstream=args.upstream_rewards, judge=judge)
+                          for t, r in zip(rollouts["texts"], (r for r in rollouts["rows"] for _ in range(G)))]
+    rollouts["total"] = torch.tensor([s["total"] for s in rollouts["scores"]], dtype=torch.float32)
+    rollouts["std"] = rollouts["total"].view(-1, G).std(1)
+
+
+def completions_of(groups, G):
+    """Indices (prompt-major) of the G completions of each group in `groups`, in that order."""
+    return torch.tensor([p * G + g for p in groups for g in range(G)], dtype=torch.long)
+
+
+def keep_groups(rollouts, groups, G):
+    """The rollouts of `groups` only (dynamic sampling keeps P of its K x P)."""
+    sel = completions_of(groups, G)
+    return {"rows": [rollouts["rows"][p] for p in groups], "batch": M.select_prompts(rollouts["batch"], groups),
+            "tokens": rollouts["tokens"][sel], "mask": rollouts["mask"][sel],
+            "texts": [rollouts["texts"][i] for i in sel.tolist()],
+            "scores": [rollouts["scores"][i] for i in sel.tolist()],
+            "total": rollouts["total"][sel], "std": rollouts["std"][groups]}
+
+
+def groups_to_train(rollouts, advantages, args, world, device):
+    """3. The completions the reference and training passes see: the groups with reward spread.
+
+    A group whose rewards are all equal has advantage 0: its only gradient would be the KL term. It
+    skips both passes (--train_zero_std keeps it), while the loss keeps its normalisation over all N
+    completions: the policy-gradient term is unchanged, and at high accuracy, where most groups agree,
+    a step costs a fraction. Every rank trains at least one group and as many as the others, topping
+    up with zero-spread groups whose mask is zeroed (a forward and a backward, no loss): AdamW steps
+    every step, and collectives line up. Returns {"batch", "tokens", "mask", "advantages", "n_live"},
+    the first n_live completions being the ones that count."""
+    G, std = args.group_size, rollouts["std"]
+    live = [p for p in range(len(std)) if args.train_zero_std or std[p] > 0]
+    n_live = len(live) * G
+    most = torch.tensor(max(1, len(live)), device=device)
+    if world > 1:
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    live += [p for p in range(len(std)) if p not in live][:int(most) - len(live)]
+    sel = completions_of(live, G).to(device)
+    mask = rollouts["mask"][sel].clone()
+    mask[n_live:] = 0                                                      # the top-up groups count for nothing
+    return {"batch": M.select_prompts(rollouts["batch"], live), "tokens": rollouts["tokens"][sel], "mask": mask,
+            "advantages": advantages[sel], "n_live": n_live}
+
+
+def micro_batches(picked, args):
+    """(start, stop) completion ranges of whole groups, about --micro_batch completions each."""
+    n, mb = picked["tokens"].size(0), max(args.group_size, args.micro_batch // args.group_size * args.group_size)
+    return [(i, min(i + mb, n)) for i in range(0, n, mb)]
+
+
+def picked_logps(vlm, picked, a, b, args, model=None):
+    """Log-probs (b - a, T) of the picked completions a:b at the sampling temperature; `model`: the reference."""
+    G = args.group_size
+    prompts = M.slice_prompts(picked["batch"], a // G, b // G)            # the prompts of completions a:b
+    return M.completion_logps(vlm, prompts, picked["tokens"][a:b], G, args.temperature, model=model)
+
+
+def frozen_logps(vlm, picked, args, autocast, model=None):
+    """4. Log-probs of the picked completions without grad, micro-batch by micro-batch: under the policy
+    as it sampled (old_logps, needed when the policy moves between inner epochs) or the reference."""
+    with torch.no_grad(), autocast:
+        return torch.cat([picked_logps(vlm, picked, a, b, args, model) for a, b in micro_batches(picked, args)])
+
+
+def train(vlm, params, optimizer, rollouts, picked, old_logps, ref_logps, step, args, world, autocast):
+    """5. Inner epochs over micro-batches of the picked completions, each loss weighted by its share of
+    all N completions (of all tokens with --token_level); one AdamW step per inner epoch, skipped when
+    the gradient is not finite. Returns (share-weighted loss stats, the last grad norm, skipped)."""
+    vlm.model.train()
+    N = rollouts["tokens"].size(0)
+    n_tok = rollouts["mask"].sum().float()
+    if world > 1:
+        torch.distributed.all_reduce(n_tok)
+    stats_sum = {"pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "trained": 0.0}  # share-weighted sums
+    n_live, skipped = picked["n_live"], False
+    for inner_epoch in range(args.inner_epochs):
+        for a, b in micro_batches(picked, args):
+            with autocast:
+                logps = picked_logps(vlm, picked, a, b, args).float()
+            old = old_logps[a:b].float() if old_logps is not None else logps.detach()  # one epoch: ratio 1
+            loss, stats = grpo_loss(logps, old, ref_logps[a:b] if ref_logps is not None else None,
+                                    picked["advantages"][a:b], picked["mask"][a:b], args.clip_eps,
+                                    args.clip_eps_high, args.kl_coef, args.token_level)
+            share = (picked["mask"][a:b].sum() * world / n_tok) if args.token_level else torch.tensor((b - a) / N)
+            if step + 1 in args.debug_nan_steps:
+                loss = loss * float("nan")
+            (loss * share).backward()
+            # the share of this micro-batch that is live groups, not top-up: stats are rescaled by it
+            stats["trained"] = 1.0 if args.token_level else (min(b, n_live) - min(a, n_live)) / (b - a)
+            for k, v in stats.items():
+                stats_sum[k] += v * share.item() / args.inner_epochs
+        if not args.fsdp:  # FSDP has already reduce-scattered the gradients
+            M.allreduce_grads(params)
+        grad_norm = M.clip_grad_norm(params, args.grad_clip)
+        if not torch.isfinite(grad_norm):
+            skipped = True
+            optimizer.zero_grad(set_to_none=True)
+            break
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return stats_sum, grad_norm, skipped
+
+
+def record(vlm, rollouts, advantages, stats_sum, world, device):
+    """6. The step's metrics over the global batch (the same numbers on any number of ranks): reward
+    and its parts, advantage spread, lengths, and the loss stats over the part that was trained."""
+    tokens, mask, scores, N = rollouts["tokens"], rollouts["mask"], rollouts["scores"], rollouts["tokens"].size(0)
+    lengths = mask.sum(1).float()
+    truncated = ((tokens == vlm.eos_id) & mask.bool()).sum(1) == 0        # no EOS: cut at max_new_tokens
+    gathered = torch.stack([advantages.float(), lengths])                 # (2, N): std and max need all ranks
+    if world > 1:
+        parts = [torch.empty_like(gathered) for _ in range(world)]
+        torch.distributed.all_gather(parts, gathered)
+        gathered = torch.cat(parts, 1)
+    local = {f"reward_{k}": sum(s[k] for s in scores) / N for k in ("accuracy", "format", "fact", "consistency")}
+    local.update(reward=rollouts["total"].mean().item(), adv_std=gathered[0].std().item(),
+                 zero_std_groups=(rollouts["std"] == 0).float().mean().item(), len_mean=lengths.mean().item(),
+                 len_max=gathered[1].max().item(), truncated=truncated.float().mean().item(), **stats_sum)
+    keys = sorted(local)
+    vec = torch.tensor([local[k] for k in keys], dtype=torch.float64, device=device)
+    if world > 1:  # means of per-rank means: every rank holds the same number of completions
+        torch.distributed.all_reduce(vec)
+        vec /= world
+    rec = dict(zip(keys, vec.tolist()))
+    trained = rec.pop("trained")  # share of the batch that was trained on: KL, clip_frac, pg_loss over it
+    rec.update({k: rec[k] / trained if trained else 0.0 for k in ("pg_loss", "kl", "clip_frac")})
+    return {**rec, "trained": trained}
+
+
+def held_out_accuracy(vlm, val_rows, args, rank, world, device):
+    """Greedy accuracy (the accuracy reward) on the held-out rows, shared over ranks."""
+    vlm.model.eval()
+    mine, n = val_rows[rank::world], math.ceil(len(val_rows) / world)
+    padded = (mine + val_rows[:1] * n)[:n]  # as many forwards on every rank (FSDP), the repeats not scored
+    texts = M.generate(vlm, [data.load_image(r) for r in padded], [r["question"] for r in padded],
+                       args.max_new_tokens, batch_size=64)[:len(mine)]
+    acc = torch.tensor([sum(rewards.score(t, r)["accuracy"] for t, r in zip(texts, mine)), len(mine)],
+                       dtype=torch.float64, device=device)
+    if world > 1:
+        torch.distributed.all_reduce(acc)
+    vlm.model.train()
+    return (acc[0] / acc[1]).item()
+
+
+def seconds_per_part(clock):
+    """The step's timings (the t_* metrics) from the times at which its parts ended."""
+    return {"t_generate": clock["generate"] - clock["start"], "t_score": clock["score"] - clock["generate"],
+            "t_reference": clock["reference"] - clock["old"], "t_train": clock["train"] - clock["reference"],
+            "t_step": clock["train"] - clock["start"]}
+
+
+def readable_rollouts(rollouts, step, args):
+    """The first completion of the first --rollouts_per_step groups, with its rewards: rollouts.jsonl."""
+    G, n = args.group_size, len(rollouts["texts"])
+    return [{"step": step + 1, "question": rollouts["rows"][i // G]["question"],
+             "answer": rollouts["rows"][i // G]["answer"], "completion": rollouts["texts"][i], **rollouts["scores"][i]}
+            for i in range(0, min(n, args.rollouts_per_step * G), G)]
+
+
+def print_step(bar, rec, step, start, t_start, args):
+    """The step's one line on rank 0."""
+    eta = (time.time() - t_start) / (step + 1 - start) * (args.max_steps - step - 1)
+    va = f" val_acc {rec['val_accuracy']:.3f}" if "val_accuracy" in rec else ""
+    bar.write(f"step {step + 1} reward {rec['reward']:.3f} (acc {rec['reward_accuracy']:.2f} fmt "
+              f"{rec['reward_format']:.2f} fact {rec['reward_fact']:.2f} cons "
+              f"{rec['reward_consistency']:.2f}){va} kl {rec['kl']:.4f} clip {rec['clip_frac']:.3f} "
+              f"len {rec['len_mean']:.0f} zero-std {rec['zero_std_groups']:.2f} "
+              f"{rec['t_step']:.1f}s (gen {rec['t_generate']:.1f}) eta {eta:.0f}s")
+
+
+def append_jsonl(args, name, records, rank):
+    if rank == 0:
+        with open(os.path.join(args.out, name), "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+# -----------------------------------------------------------------------------
+# setup: data, policy, frozen reference, optimizer
+
+
+def load_rows(args):
+    """Training prompts, and the held-out rows (none when the split does not exist, or --eval_every 0)."""
     rows = data.load(args.data, args.split, skip_bad_rows=args.skip_bad_rows)
     val_rows = []
     if args.eval_every:
@@ -192,29 +391,16 @@ def main(args):
             val_rows = data.load(args.data, args.val_split, limit=args.val_limit, skip_bad_rows=args.skip_bad_rows)
         except data.SplitNotFound as e:
             M.print0(f"no held-out split for periodic eval ({e}); set --val_split or --eval_every 0")
-    K = max(1, args.dynamic_sampling)
+    return rows, val_rows
 
-    def prompts_for(step):
-        """Global prompt indices of a step (K x P per rank with dynamic sampling), seeded by epoch."""
-        n = args.prompts_per_step * K
-        epoch, i = divmod(step * n, len(rows) - len(rows) % n)
-        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed + 1 + epoch)).tolist()
-        mine = perm[i:i + n][rank * P * K:(rank + 1) * P * K]
-        return mine
 
-    # -------------------------------------------------------------------------
-    # policy, frozen reference, optimizer
-    ckpt = M.latest_checkpoint(args.out) if args.resume else None
+def load_models(args, device, ckpt):
+    """The policy, ready to train (from the newest checkpoint with --resume), and, when kl_coef != 0, the
+    frozen reference."""
     load_on = "cpu" if args.fsdp else device  # FSDP moves each rank's shard to `device`
     vlm = M.load(ckpt or args.ckpt, device=load_on, dtype=torch.float32, max_pixels=args.max_pixels,
                  trust_remote_code=args.trust_remote_code)
-    # every image decodes and every prompt fits, or a one-line error (--skip_bad_rows: skipped and counted)
-    rows, val_rows = data.check_rows(vlm, rows, args.skip_bad_rows), data.check_rows(vlm, val_rows, args.skip_bad_rows)
-    if len(rows) < args.prompts_per_step * K:  # a step samples K x prompts_per_step distinct rows
-        need = f"--prompts_per_step {args.prompts_per_step}" + (f" x --dynamic_sampling {K}" if K > 1 else "")
-        raise ValueError(f"{args.data}: {len(rows)} rows, fewer than {need}")
-    policy = vlm.model
-    ref = None
+    policy, ref = vlm.model, None
     if args.kl_coef != 0:  # the reference is the starting model, also after a resume
         ref = M.load(args.ckpt, device=load_on, max_pixels=args.max_pixels,
                      trust_remote_code=args.trust_remote_code).model if ckpt else copy.deepcopy(policy)
@@ -227,6 +413,33 @@ def main(args):
         M.fsdp_shard(policy)
         if ref is not None:
             M.fsdp_shard(ref)
+    return vlm, ref
+
+
+def main(args):
+    rank, world, device = M.init_dist(args.device)
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    if args.group_size < 2:
+        raise ValueError("--group_size must be >= 2: GRPO's advantage compares completions within a group")
+    P, G, K = args.prompts_per_step // world, args.group_size, max(1, args.dynamic_sampling)  # P: this rank's
+    if P * world != args.prompts_per_step:
+        raise ValueError(f"--prompts_per_step {args.prompts_per_step} must be divisible by world size {world}")
+    weights = {"accuracy": args.w_accuracy, "format": args.w_format, "fact": args.w_fact,
+               "consistency": args.w_consistency}
+    judge = rewards.make_openai_judge(args.judge_url, args.judge_model) if args.judge_url else None
+
+    # -------------------------------------------------------------------------
+    # data, policy, frozen reference, optimizer
+    rows, val_rows = load_rows(args)
+    ckpt = M.latest_checkpoint(args.out) if args.resume else None
+    vlm, ref = load_models(args, device, ckpt)
+    policy = vlm.model
+    # every image decodes and every prompt fits, or a one-line error (--skip_bad_rows: skipped and counted)
+    rows, val_rows = data.check_rows(vlm, rows, args.skip_bad_rows), data.check_rows(vlm, val_rows, args.skip_bad_rows)
+    if len(rows) < args.prompts_per_step * K:  # a step samples K x prompts_per_step distinct rows
+        need = f"--prompts_per_step {args.prompts_per_step}" + (f" x --dynamic_sampling {K}" if K > 1 else "")
+        raise ValueError(f"{args.data}: {len(rows)} rows, fewer than {need}")
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
@@ -242,178 +455,58 @@ def main(args):
             json.dump(vars(args), f, indent=1)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
-    M.print0(f"grpo: {len(rows)} prompts, {args.prompts_per_step} x {args.group_size} completions per step, "
+    M.print0(f"grpo: {len(rows)} prompts, {args.prompts_per_step} x {G} completions per step, "
              f"{args.max_steps} steps, {world} rank(s), device {device}, kl_coef {args.kl_coef}")
 
-    def log(name, records):
-        if rank == 0:
-            with open(os.path.join(args.out, name), "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
-
-    def held_out_accuracy():
-        policy.eval()
-        mine, n = val_rows[rank::world], math.ceil(len(val_rows) / world)
-        padded = (mine + val_rows[:1] * n)[:n]  # as many forwards on every rank (FSDP), the repeats not scored
-        texts = M.generate(vlm, [data.load_image(r) for r in padded], [r["question"] for r in padded],
-                           args.max_new_tokens, batch_size=64)[:len(mine)]
-        acc = torch.tensor([sum(rewards.score(t, r)["accuracy"] for t, r in zip(texts, mine)), len(mine)],
-                           dtype=torch.float64, device=device)
-        if world > 1:
-            torch.distributed.all_reduce(acc)
-        policy.train()
-        return (acc[0] / acc[1]).item()
-
-    # -------------------------------------------------------------------------
-    # the loop
-    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=rank != 0, desc="grpo")
-    bad_in_a_row, t_start = 0, time.time()
-
-    def now():  # CUDA runs asynchronously: wait for queued kernels so the step split is honest
+    def now():  # CUDA runs asynchronously: wait for queued kernels so the step's timings are honest
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.time()
 
-    G = args.group_size
-    completions_of = lambda groups: torch.tensor([p * G + g for p in groups for g in range(G)], dtype=torch.long)
+    # -------------------------------------------------------------------------
+    # the loop: one step is the six parts above
+    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=rank != 0, desc="grpo")
+    bad_in_a_row, t_start = 0, time.time()
     for step in bar:
-        t0 = now()
+        clock = {"start": now()}  # the time at which each part ended
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))  # linear warmup, then constant
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        # 1. rollouts: P (x K) prompts, G completions each, seeds from (seed, step, prompt, sample)
-        idx = prompts_for(step)
-        batch_rows = [rows[i] for i in idx]
-        policy.eval()
-        with torch.no_grad(), autocast:
-            batch = vlm.encode([data.load_image(r) for r in batch_rows], [r["question"] for r in batch_rows],
-                               names=[str(r.get("id")) for r in batch_rows])
-            out = M.sample(vlm, batch, G, args.max_new_tokens, args.temperature,
-                           M.rollout_seeds(args.seed, step, idx, G), ignore_eos=args.ignore_eos)
-        tokens, mask = out["tokens"], out["mask"]                       # (K*P*G, T)
-        texts = vlm.decode(tokens, mask)
-        t_gen = now()
-
-        # 2. rewards, 3. advantages within each group
-        scores = [rewards.score(t, r, weights, upstream=args.upstream_rewards, judge=judge)
-                  for t, r in zip(texts, (r for r in batch_rows for _ in range(G)))]
-        total = torch.tensor([s["total"] for s in scores], dtype=torch.float32)
-        std = total.view(-1, G).std(1)
-        if K > 1:  # dynamic sampling: keep P groups, those with reward spread first
-            keep = sorted(range(len(idx)), key=lambda p: (bool(std[p] == 0), p))[:P]
-            sel = completions_of(keep)
-            tokens, mask, total, std = tokens[sel], mask[sel], total[sel], std[keep]
-            scores, texts = [scores[i] for i in sel.tolist()], [texts[i] for i in sel.tolist()]
-            batch_rows = [batch_rows[p] for p in keep]
-            batch = M.select_prompts(batch, keep)
-        advantages = group_advantages(total, G, scale=not args.no_std_scale).to(device)
-        t_score = now()
-
-        # Groups whose rewards are all equal have advantage 0: their only gradient would be the KL term.
-        # They skip the reference and training passes (--train_zero_std keeps them), while the loss
-        # keeps its normalisation over all N completions: the policy-gradient term is unchanged, and
-        # at high accuracy, where most groups agree, a step costs a fraction. Every rank trains at least
-        # one group and as many as the others, topping up with zero-spread groups whose mask is zeroed (a
-        # forward and a backward, no loss): AdamW steps every step, and collectives line up.
-        N = tokens.size(0)
-        live = [p for p in range(N // G) if args.train_zero_std or std[p] > 0]
-        n_live = len(live) * G
-        most = torch.tensor(max(1, len(live)), device=device)
-        if world > 1:
-            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-        live += [p for p in range(N // G) if p not in live][:int(most) - len(live)]
-        sel = completions_of(live).to(device)
-        t_tokens, t_mask, t_adv = tokens[sel], mask[sel].clone(), advantages[sel]
-        t_mask[n_live:] = 0
-        t_batch = M.select_prompts(batch, live)
-
-        # 4. log-probs of the old policy (only needed when the policy moves between passes) and the reference
-        mb = max(G, args.micro_batch // G * G)                           # micro-batches of whole groups
-        chunks = [(i, min(i + mb, len(sel))) for i in range(0, len(sel), mb)]
-        prompts = lambda a, b: M.slice_prompts(t_batch, a // G, b // G)  # the prompts of completions a:b
-
-        with torch.no_grad(), autocast:
-            old_logps = torch.cat([M.completion_logps(vlm, prompts(a, b), t_tokens[a:b], G, args.temperature)
-                                   for a, b in chunks]) if args.inner_epochs > 1 else None
-            t_old = now()
-            ref_logps = torch.cat([M.completion_logps(vlm, prompts(a, b), t_tokens[a:b], G, args.temperature,
-                                                      model=ref) for a, b in chunks]).float() if ref else None
-        t_ref = now()
-
-        # 5. inner epochs over micro-batches; the loss of each is weighted by its share of all N completions
-        policy.train()
-        n_tok = mask.sum().float()
-        if world > 1:
-            torch.distributed.all_reduce(n_tok)
-        stats_sum = {"pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "trained": 0.0}  # share-weighted sums
-        skipped = False
-        for epoch in range(args.inner_epochs):
-            for a, b in chunks:
-                with autocast:
-                    logps = M.completion_logps(vlm, prompts(a, b), t_tokens[a:b], G, args.temperature).float()
-                old = old_logps[a:b].float() if old_logps is not None else logps.detach()
-                loss, stats = grpo_loss(logps, old, ref_logps[a:b] if ref is not None else None, t_adv[a:b],
-                                        t_mask[a:b], args.clip_eps, args.clip_eps_high, args.kl_coef,
-                                        args.token_level)
-                share = (t_mask[a:b].sum() * world / n_tok) if args.token_level else torch.tensor((b - a) / N)
-                if step + 1 in args.debug_nan_steps:
-                    loss = loss * float("nan")
-                (loss * share).backward()
-                stats["trained"] = 1.0 if args.token_level else (min(b, n_live) - min(a, n_live)) / (b - a)
-                for k, v in stats.items():
-                    stats_sum[k] += v * share.item() / args.inner_epochs
-            if not args.fsdp:  # FSDP has already reduce-scattered the gradients
-                M.allreduce_grads(params)
-            grad_norm = M.clip_grad_norm(params, args.grad_clip)
-            if not torch.isfinite(grad_norm):
-                skipped = True
-                optimizer.zero_grad(set_to_none=True)
-                break
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        t_train = now()
-
-        # 6. log: one record per step, over the global batch (the same numbers on any number of ranks)
-        lengths = mask.sum(1).float()
-        truncated = ((tokens == vlm.eos_id) & mask.bool()).sum(1) == 0
-        spread = torch.stack([advantages.float(), lengths])                  # (2, N): std and max need all ranks
-        if world > 1:
-            parts = [torch.empty_like(spread) for _ in range(world)]
-            torch.distributed.all_gather(parts, spread)
-            spread = torch.cat(parts, 1)
-        local = {f"reward_{k}": sum(s[k] for s in scores) / N for k in ("accuracy", "format", "fact", "consistency")}
-        local.update(reward=total.mean().item(), adv_std=spread[0].std().item(),
-                     zero_std_groups=(std == 0).float().mean().item(), len_mean=lengths.mean().item(),
-                     len_max=spread[1].max().item(), truncated=truncated.float().mean().item(), **stats_sum)
-        keys = sorted(local)
-        vec = torch.tensor([local[k] for k in keys], dtype=torch.float64, device=device)
-        if world > 1:
-            torch.distributed.all_reduce(vec)
-            vec /= world
-        rec = dict(zip(keys, vec.tolist()))
-        trained = rec.pop("trained")  # share of the batch that was trained on: KL, clip_frac, pg_loss over it
-        rec.update({k: rec[k] / trained if trained else 0.0 for k in ("pg_loss", "kl", "clip_frac")})
-        rec = {"step": step + 1, **rec, "trained": trained, "lr": lr, "grad_norm": grad_norm.item(),
-               "t_generate": t_gen - t0, "t_score": t_score - t_gen, "t_reference": t_ref - t_old,
-               "t_train": t_train - t_ref, "t_step": t_train - t0,
-               "tokens_per_s": lengths.sum().item() * world / (t_gen - t0), "skipped": skipped}
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
+        # 1. rollout: P (x K) prompts, G completions each
+        rollouts = rollout(vlm, rows, prompts_for(step, len(rows), args, rank, world), step, args, autocast)
+        clock["generate"] = now()
+        # 2. score, and advantages within each group; dynamic sampling keeps P groups, those with spread first
+        score_rollouts(rollouts, weights, judge, args)
+        if K > 1:
+            spread_first = sorted(range(len(rollouts["rows"])), key=lambda p: (bool(rollouts["std"][p] == 0), p))
+            rollouts = keep_groups(rollouts, spread_first[:P], G)
+        advantages = group_advantages(rollouts["total"], G, scale=not args.no_std_scale).to(device)
+        clock["score"] = now()
+        # 3. pick the groups to train
+        picked = groups_to_train(rollouts, advantages, args, world, device)
+        # 4. reference: their log-probs under the policy as it sampled (several inner epochs) and the reference
+        old_logps = frozen_logps(vlm, picked, args, autocast) if args.inner_epochs > 1 else None
+        clock["old"] = now()
+        ref_logps = frozen_logps(vlm, picked, args, autocast, model=ref).float() if ref is not None else None
+        clock["reference"] = now()
+        # 5. train
+        stats_sum, grad_norm, skipped = train(vlm, params, optimizer, rollouts, picked, old_logps, ref_logps,
+                                              step, args, world, autocast)
+        clock["train"] = now()
+        # 6. record: metrics.jsonl, a few rollouts to read, one printed line
+        rec = {"step": step + 1, **record(vlm, rollouts, advantages, stats_sum, world, device), "lr": lr,
+               "grad_norm": grad_norm.item(), **seconds_per_part(clock),
+               "tokens_per_s": rollouts["mask"].sum().item() * world / (clock["generate"] - clock["start"]),
+               "skipped": skipped}
         if device.type == "cuda":
             rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         if args.eval_every and val_rows and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
-            rec["val_accuracy"] = held_out_accuracy()
-        log("metrics.jsonl", [rec])
-        log("rollouts.jsonl", [{"step": step + 1, "question": batch_rows[i // G]["question"],
-                                "answer": batch_rows[i // G]["answer"], "completion": texts[i], **scores[i]}
-                               for i in range(0, min(N, args.rollouts_per_step * G), G)])
+            rec["val_accuracy"] = held_out_accuracy(vlm, val_rows, args, rank, world, device)
+        append_jsonl(args, "metrics.jsonl", [rec], rank)
+        append_jsonl(args, "rollouts.jsonl", readable_rollouts(rollouts, step, args), rank)
         bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=f"{rec['reward_accuracy']:.2f}")
         if rank == 0:
-            eta = (time.time() - t_start) / (step + 1 - start) * (args.max_steps - step - 1)
-            va = f" val_acc {rec['val_accuracy']:.3f}" if "val_accuracy" in rec else ""
-            bar.write(f"step {step + 1} reward {rec['reward']:.3f} (acc {rec['reward_accuracy']:.2f} fmt "
-                      f"{rec['reward_format']:.2f} fact {rec['reward_fact']:.2f} cons "
-                      f"{rec['reward_consistency']:.2f}){va} kl {rec['kl']:.4f} clip {rec['clip_frac']:.3f} "
-                      f"len {rec['len_mean']:.0f} zero-std {rec['zero_std_groups']:.2f} "
-                      f"{rec['t_step']:.1f}s (gen {rec['t_generate']:.1f}) eta {eta:.0f}s")
+            print_step(bar, rec, step, start, t_start, args)
         if skipped:
             bad_in_a_row += 1
             M.print0(f"step {step + 1}: non-finite gradient, update skipped ({bad_in_a_row}/{args.max_bad_steps})")
