@@ -63,21 +63,21 @@ parser.add_argument("--fsdp", action="store_true", help="shard the model over ra
 # optimisation
 parser.add_argument("--batch_size", type=int, default=32, help="global batch (sequences per optimizer step)")
 parser.add_argument("--grad_accum", type=int, default=1, help="micro-steps per rank per optimizer step")
-parser.add_argument("--lr", type=float, default=2e-3)
+parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (the 3B: 1e-5; tiny from scratch: 2e-3)")
 parser.add_argument("--min_lr_frac", type=float, default=0.1, help="cosine decays to lr * this")
 parser.add_argument("--warmup", type=int, default=30, help="linear warmup steps")
-parser.add_argument("--weight_decay", type=float, default=0.01)
-parser.add_argument("--grad_clip", type=float, default=1.0)
+parser.add_argument("--weight_decay", type=float, default=0.01, help="AdamW decay of the matrices (not norms, biases)")
+parser.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
 parser.add_argument("--epochs", type=float, default=3.0, help="used when --max_steps is 0")
-parser.add_argument("--max_steps", type=int, default=0)
-parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--max_steps", type=int, default=0, help="optimizer steps (0: --epochs over the training rows)")
+parser.add_argument("--seed", type=int, default=0, help="the held-out slice, the data order and the weights' init")
 # logging and checkpoints
-parser.add_argument("--out", default="runs/sft")
-parser.add_argument("--log_every", type=int, default=10)
+parser.add_argument("--out", default="runs/sft", help="the final model, metrics.jsonl, args.json, checkpoints/")
+parser.add_argument("--log_every", type=int, default=10, help="print a line every N steps (metrics.jsonl: every step)")
 parser.add_argument("--eval_every", type=int, default=100, help="held-out loss every N steps (0: only at the end)")
 parser.add_argument("--save_every", type=int, default=0, help="resumable checkpoint every N steps (0: never)")
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-parser.add_argument("--device", default="auto")
+parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) or a torch device")
 parser.add_argument("--max_bad_steps", type=int, default=3, help="stop after this many non-finite steps in a row")
 parser.add_argument("--debug_nan_steps", type=int, nargs="*", default=[],
                     help="testing: make the loss NaN at these steps (1-based) to exercise the non-finite guard")
@@ -108,14 +108,8 @@ def n_target_tokens(vlm, rows):
     return sum(len(vlm.tokenizer(r["target"], add_special_tokens=False).input_ids) + 1 for r in rows)
 
 
-def main(args):
-    rank, world, device = M.init_dist(args.device)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
-
-    # -------------------------------------------------------------------------
-    # data: pseudo-label rows, a fixed held-out slice, a seeded order per epoch
+def load_rows(args):
+    """The pseudo-label rows (each must carry its target), split into training rows and a fixed held-out slice."""
     rows = data.load(args.data, "train", skip_bad_rows=args.skip_bad_rows)
     missing = [r for r in rows if not r.get("target")]
     if missing:
@@ -124,14 +118,78 @@ def main(args):
             raise data.DataError(msg)
         M.print0(f"skipped {len(missing)} rows without a target: first: {msg}")
         rows = [r for r in rows if r.get("target")]
+    # the held-out slice depends on the seed only, so a resumed run holds out the same rows
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_val = int(len(rows) * args.val_frac)
-    val_rows = [rows[i] for i in order[:n_val]]
-    train_rows = [rows[i] for i in order[n_val:]]
+    return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
+
+
+def make_optimizer(params, args, device):
+    """AdamW; weight decay on the matrices only (norm gains and biases are not pulled towards 0)."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
+                             fused=device.type == "cuda")
+
+
+def lr_at(step, args, max_steps):
+    """Linear warmup, then cosine decay to min_lr_frac * lr."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    t = (step - args.warmup) / max(1, max_steps - args.warmup)
+    return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def accumulate_gradients(vlm, mine, n_tokens, micro, args, step, world, device, autocast):
+    """Forward and backward over this rank's rows of the step, grad_accum micro-batches of `micro` rows;
+    returns the global batch's loss (the same number on every rank)."""
+    loss_sum = 0.0
+    for k in range(args.grad_accum):
+        # x world: allreduce_grads averages, and we want the gradient of the global token mean
+        loss, _ = sft_loss(vlm, mine[k * micro:(k + 1) * micro], n_tokens / world, autocast)
+        if step + 1 in args.debug_nan_steps:
+            loss = loss * float("nan")
+        loss.backward()
+        loss_sum += loss.item() / world
+    if world > 1:
+        t = torch.tensor([loss_sum], device=device)
+        torch.distributed.all_reduce(t)
+        loss_sum = t.item()
+    return loss_sum
+
+
+@torch.no_grad()
+def val_loss(vlm, val_rows, chunk, rank, world, device, autocast):
+    """Mean target-token NLL over the held-out rows, in chunks of `chunk` rows per rank."""
+    vlm.model.eval()
+    mine = val_rows[rank::world]
+    total = torch.zeros(2, device=device)
+    for i in range(math.ceil(math.ceil(len(val_rows) / world) / chunk)):  # as many forwards on every rank (FSDP)
+        part = mine[i * chunk:(i + 1) * chunk]
+        loss, n = sft_loss(vlm, part or val_rows[:1], 1.0, autocast)  # an empty share still runs, unscored
+        if part:
+            total += torch.tensor([loss.item(), n], device=device)
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    vlm.model.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def main(args):
+    rank, world, device = M.init_dist(args.device)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+
+    # -------------------------------------------------------------------------
+    # data: pseudo-label rows, a fixed held-out slice, a seeded order per epoch
+    train_rows, val_rows = load_rows(args)
 
     # -------------------------------------------------------------------------
     # model (the newest checkpoint's with --resume), then every row checked against it before step 1
     ckpt = M.latest_checkpoint(args.out) if args.resume else None
+    # a tiny model's tokenizer learns from the text it will see: questions, targets, some evidence
     texts = [t for r in train_rows for t in (r["question"], r["target"])] + \
         [p["text"] for r in train_rows[:2000] for p in r.get("evidence", [])[:1] if isinstance(p, dict)]
     vlm = M.load(ckpt or args.model, device="cpu" if args.fsdp else device, dtype=torch.float32, texts=texts,
@@ -149,8 +207,8 @@ def main(args):
     max_steps = args.max_steps or int(args.epochs * steps_per_epoch)
 
     def global_batch(step):  # the same rows for a step whatever the world size, and after a resume
-        epoch, i = divmod(step, steps_per_epoch)
-        perm = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed + 1 + epoch))
+        data_epoch, i = divmod(step, steps_per_epoch)
+        perm = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed + 1 + data_epoch))
         return [train_rows[j] for j in perm[i * args.batch_size:(i + 1) * args.batch_size].tolist()]
 
     # -------------------------------------------------------------------------
@@ -164,11 +222,7 @@ def main(args):
     if args.fsdp:  # each rank holds 1/world of the weights, gradients and optimizer state (moved to `device`)
         M.fsdp_shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
-                                  fused=device.type == "cuda")
+    optimizer = make_optimizer(params, args, device)
     start = 0
     if ckpt:
         M.load_optimizer(ckpt, optimizer, model)
@@ -176,33 +230,11 @@ def main(args):
         M.print0(f"resumed from {ckpt} at step {start}")
     if rank == 0:  # metrics.jsonl holds exactly the steps up to the restart point
         M.truncate_metrics(os.path.join(args.out, "metrics.jsonl"), start)
-    if rank == 0:
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     M.print0(f"sft: {len(train_rows)} train / {len(val_rows)} val rows, {M.count_params(model) / 1e6:.1f}M params, "
              f"{max_steps} steps of {args.batch_size} ({world} ranks x {args.grad_accum} x {micro}), device {device}")
-
-    def lr_at(step):  # linear warmup, then cosine to min_lr_frac * lr
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        t = (step - args.warmup) / max(1, max_steps - args.warmup)
-        return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
-
-    @torch.no_grad()
-    def val_loss():
-        model.eval()
-        mine, c = val_rows[rank::world], micro * args.grad_accum
-        total = torch.zeros(2, device=device)
-        for i in range(math.ceil(math.ceil(len(val_rows) / world) / c)):  # as many forwards on every rank (FSDP)
-            chunk = mine[i * c:(i + 1) * c]
-            loss, n = sft_loss(vlm, chunk or val_rows[:1], 1.0, autocast)
-            if chunk:
-                total += torch.tensor([loss.item(), n], device=device)
-        if world > 1:
-            torch.distributed.all_reduce(total)
-        model.train()
-        return (total[0] / total[1].clamp(min=1)).item()
 
     def log(rec):
         if rank == 0:
@@ -217,29 +249,18 @@ def main(args):
         rows_g = global_batch(step)
         n_tokens = n_target_tokens(vlm, rows_g)  # the loss is a mean over the global batch's target tokens
         mine = rows_g[rank * micro * args.grad_accum:(rank + 1) * micro * args.grad_accum]
-        lr = lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = 0.0
-        for k in range(args.grad_accum):
-            # x world: allreduce_grads averages, and we want the gradient of the global token mean
-            loss, _ = sft_loss(vlm, mine[k * micro:(k + 1) * micro], n_tokens / world, autocast)
-            if step + 1 in args.debug_nan_steps:
-                loss = loss * float("nan")
-            loss.backward()
-            loss_sum += loss.item() / world
+        lr = lr_at(step, args, max_steps)
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
+        loss = accumulate_gradients(vlm, mine, n_tokens, micro, args, step, world, device, autocast)
         if not args.fsdp:  # FSDP has already reduce-scattered the gradients
             M.allreduce_grads(params)
-        if world > 1:
-            t = torch.tensor([loss_sum], device=device)
-            torch.distributed.all_reduce(t)
-            loss_sum = t.item()
         grad_norm = M.clip_grad_norm(params, args.grad_clip)
-        if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
             # a NaN/inf step is skipped; a few in a row stop the run with the last checkpoint intact
             bad_in_a_row += 1
             optimizer.zero_grad(set_to_none=True)
-            M.print0(f"step {step + 1}: non-finite loss {loss_sum} or grad norm {grad_norm.item()}: update skipped "
+            M.print0(f"step {step + 1}: non-finite loss {loss} or grad norm {grad_norm.item()}: update skipped "
                      f"({bad_in_a_row}/{args.max_bad_steps})")
             log({"step": step + 1, "skipped": True, "loss": None, "lr": lr})
             if bad_in_a_row >= args.max_bad_steps:
@@ -249,15 +270,15 @@ def main(args):
         bad_in_a_row = 0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        rec = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm.item(),
+        rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
                "tokens": n_tokens, "time": time.time() - t0}
         if args.eval_every and (step + 1) % args.eval_every == 0 and val_rows:
-            rec["val_loss"] = val_loss()
+            rec["val_loss"] = val_loss(vlm, val_rows, micro * args.grad_accum, rank, world, device, autocast)
         log(rec)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}")
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         if rank == 0 and (step + 1) % args.log_every == 0:
             vl = f" val_loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""
-            bar.write(f"step {step + 1}/{max_steps} loss {loss_sum:.4f}{vl} lr {lr:.2e} "
+            bar.write(f"step {step + 1}/{max_steps} loss {loss:.4f}{vl} lr {lr:.2e} "
                       f"grad_norm {grad_norm.item():.2f} {(time.time() - t0) / (step + 1 - start):.2f}s/step")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < max_steps:
             M.save_step_checkpoint(args.out, step + 1, vlm, {"step": step + 1, "args": vars(args)}, optimizer)
@@ -266,7 +287,7 @@ def main(args):
     # the final model, a plain Hugging Face folder at --out
     final = {"step": max_steps, "args": vars(args)}
     if val_rows:
-        final["val_loss"] = val_loss()
+        final["val_loss"] = val_loss(vlm, val_rows, micro * args.grad_accum, rank, world, device, autocast)
         M.print0(f"final val_loss {final['val_loss']:.4f}")
     M.save_checkpoint(args.out, vlm, final)  # every rank: under FSDP the weights are gathered first
     M.print0(f"saved {args.out} ({time.time() - t0:.0f}s)")
