@@ -30,15 +30,15 @@ import sys
 import time
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
-parser.add_argument("--out", default="runs/demo")
+parser.add_argument("--out", default="runs/demo", help="folder for every stage's output and report.json")
 parser.add_argument("--fresh", action="store_true", help="start over instead of reusing finished stages")
 parser.add_argument("--ablation", action="store_true", help="run the ablation table instead of the main job")
 parser.add_argument("--plot", default=None, help="only draw curves.png for this demo folder")
 parser.add_argument("--main", default="runs/demo", help="ablation: the main job's folder (reused when finished)")
-parser.add_argument("--sft_steps", type=int, default=600)
-parser.add_argument("--grpo_steps", type=int, default=60)
+parser.add_argument("--sft_steps", type=int, default=600, help="SFT steps of 32 pseudo-labels (~4 min on 2 cores)")
+parser.add_argument("--grpo_steps", type=int, default=60, help="GRPO steps of 96 prompts x 6 samples (~3.5 min)")
 parser.add_argument("--coverage", type=float, default=1.0, help="share of pseudo-labels that cite evidence")
-parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--seed", type=int, default=0, help="passed to retrieve.py, sft.py and grpo.py")
 
 PY = sys.executable
 KEYS = ["accuracy", "closed_accuracy", "open_accuracy", "open_recall", "format", "fact", "consistency"]
@@ -51,7 +51,8 @@ os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
 
 
 def run(cmd, done_file, seconds, name, fresh):
-    """Run a stage unless its output exists; time it."""
+    """Run a stage unless its output exists; time it. A subprocess, as a user would run it: what the demo
+    shows is what the command lines do, and each stage starts with a clean process (threads, memory)."""
     if done_file and os.path.exists(done_file) and not fresh:
         print(f"[{name}] reusing {done_file}")
         return
@@ -71,6 +72,7 @@ def evaluate_ckpt(ckpt, out, name, seconds, fresh, extra=()):
 
 
 def table(results, title):
+    """One row per model, the metrics of evaluate.py's table."""
     print(f"\n{title}")
     print(f"{'':>26} | " + " | ".join(f"{k:>15}" for k in KEYS))
     for name, res in results.items():
@@ -81,11 +83,13 @@ def table(results, title):
 def paired(before_dir, after_dir):
     """Same questions, two models: how many answers the second fixed and broke, and the exact two-sided
     McNemar p-value (a sign test on the flips): is the change bigger than chance?"""
+    # matched by row id, not by line: the two files need not list the rows in the same order
     read = lambda d: {r["id"]: r["exact"] for r in map(json.loads, open(os.path.join(d, "predictions.jsonl")))}
     a, b = read(before_dir), read(after_dir)
     fixed = sum(1 for k in a if not a[k] and b.get(k))
     broke = sum(1 for k in a if a[k] and not b.get(k))
     n = fixed + broke
+    # under "no change", each flip is a fixed or a broken answer with probability 1/2: a binomial tail, doubled
     p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(fixed, broke) + 1)) / 2 ** n) if n else 1.0
     return {"fixed": fixed, "broke": broke, "p_value": round(p, 4)}
 
@@ -95,6 +99,7 @@ def pval(p):
 
 
 def plot(folder):
+    """curves.png from grpo/metrics.jsonl: the reward parts per step, and the held-out accuracy."""
     metrics = os.path.join(folder, "grpo", "metrics.jsonl")
     try:
         import matplotlib
@@ -170,6 +175,7 @@ def ablation(args):
     main(argparse.Namespace(**{**vars(args), "out": main_out, "ablation": False, "fresh": False}))
     sft_dir = os.path.join(main_out, "sft")
     grpo = [PY, "grpo.py", "--data", "demo", "--max_steps", str(args.grpo_steps), "--seed", str(args.seed)]
+    # each variant changes one thing against the main job's GRPO: its start, or one reward's weight (0: off)
     variants = {"GRPO without SFT": ["--ckpt", "tiny"]}
     for r in ("accuracy", "format", "fact", "consistency"):
         variants[f"SFT + GRPO without {r}"] = ["--ckpt", sft_dir, f"--w_{r}", "0"]

@@ -46,21 +46,23 @@ import rewards
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
 # data
 parser.add_argument("--data", default="demo", help="demo | vqa-rad | slake | pathvqa | folder | JSONL")
-parser.add_argument("--split", default="test")
+parser.add_argument("--split", default="test", help="the split to evaluate (train, val, test)")
 parser.add_argument("--lang", default="en", help="SLAKE language: en | zh | all")
 parser.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
-parser.add_argument("--skip_bad_rows", action="store_true")
+parser.add_argument("--skip_bad_rows", action="store_true", help="skip (and count) bad rows instead of failing")
 parser.add_argument("--no_baselines", action="store_true", help="skip the majority / question-only baselines")
 # model
-parser.add_argument("--ckpt", "--model", dest="ckpt", default="runs/grpo")
-parser.add_argument("--max_pixels", type=int, default=None)
-parser.add_argument("--max_new_tokens", type=int, default=128)
-parser.add_argument("--batch_size", type=int, default=64)
+parser.add_argument("--ckpt", "--model", dest="ckpt", default="runs/grpo",
+                    help="checkpoint folder (sft.py / grpo.py output), tiny, or a hub name")
+parser.add_argument("--max_pixels", type=int, default=None, help="cap image resolution (pixels), as in training")
+parser.add_argument("--max_new_tokens", type=int, default=128, help="greedy decoding stops here at the latest")
+parser.add_argument("--batch_size", type=int, default=64, help="prompts decoded together, per process")
 parser.add_argument("--trust_remote_code", action="store_true", help="run a checkpoint's own Python code")
 # output
-parser.add_argument("--out", default="runs/eval/metrics.json")
-parser.add_argument("--device", default="auto")
-parser.add_argument("--quiet", action="store_true")
+parser.add_argument("--out", default="runs/eval/metrics.json",
+                    help="metrics JSON; predictions.jsonl goes to the same folder")
+parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) or a torch device")
+parser.add_argument("--quiet", action="store_true", help="no progress bar and no table")
 
 
 def mean(xs):
@@ -70,6 +72,7 @@ def mean(xs):
 
 def grade(completion, row):
     """One row's scores: exact match, open recall, and the four rewards."""
+    # lenient: a model that answers right without the tags is still right here; `format` says how often
     pred = rewards.parse_answer_lenient(completion)
     gold = row["answer"]
     s = rewards.score(completion, row)
@@ -80,6 +83,7 @@ def grade(completion, row):
 
 
 def summarize(rows, graded):
+    """The metrics JSON's numbers; each a mean over the rows it applies to, None when none does."""
     closed = [g for r, g in zip(rows, graded) if r["answer_type"] == "closed"]
     open_ = [g for r, g in zip(rows, graded) if r["answer_type"] == "open"]
     out = {"n": len(rows), "accuracy": mean(g["exact"] for g in graded),
@@ -161,7 +165,7 @@ def main(args):
         res = {"dataset": rows[0]["dataset"] if rows else args.data, "split": args.split, "ckpt": args.ckpt,
                **summarize(rows, graded)}
         if not args.no_baselines:
-            try:
+            try:  # a reference line, not the result: a bad training row skips, a missing split only warns
                 res["baselines"] = baselines(data.load(args.data, "train", lang=args.lang, skip_bad_rows=True), rows)
             except (data.DataError, FileNotFoundError) as e:
                 print(f"baselines skipped: {e}")
@@ -169,6 +173,7 @@ def main(args):
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
+        # one line per row, in the rows' order: what bench/demo_flips.py and demo.py's paired test compare
         with open(os.path.join(os.path.dirname(os.path.abspath(args.out)), "predictions.jsonl"), "w") as f:
             for r, c, g in zip(rows, completions, graded):
                 f.write(json.dumps({"id": r.get("id"), "question": r["question"], "gold": r["answer"],
