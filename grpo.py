@@ -33,6 +33,7 @@ Run it:
         --lr 1e-6 --prompts_per_step 48 --max_new_tokens 512 --max_pixels 200704 --grad_ckpt
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \\
         grpo.py ...     # 2 nodes: the same command on each, R = 0 on HOST0, 1 on the other
+    ... --bf16          # the 3B on one GPU: bf16 weights and AdamW state (optim.py), rollouts on engine.py
     ... --fsdp          # shard policy and reference (FSDP2) when one GPU cannot hold them
     ... --resume        # continue exactly from the newest checkpoint in --out (shared by all nodes)
 
@@ -51,7 +52,9 @@ import torch
 from tqdm import tqdm
 
 import data
+import engine
 import model as M
+import optim
 import rewards
 
 # -----------------------------------------------------------------------------
@@ -71,6 +74,8 @@ parser.add_argument("--freeze_vision", action="store_true")
 parser.add_argument("--grad_ckpt", action="store_true")
 parser.add_argument("--trust_remote_code", action="store_true", help="run a checkpoint's own Python code")
 parser.add_argument("--fsdp", action="store_true", help="shard policy and reference over ranks with FSDP2")
+parser.add_argument("--bf16", action="store_true",
+                    help="bf16 weights, reference and AdamW state, stochastic rounding (optim.py): the 3B on one GPU")
 # rollouts
 parser.add_argument("--prompts_per_step", type=int, default=96, help="global, over all ranks")
 parser.add_argument("--group_size", type=int, default=6, help="G completions per prompt (paper: 6)")
@@ -78,6 +83,9 @@ parser.add_argument("--temperature", type=float, default=0.5,
                     help="sampling temperature (paper: 1.0; 0.5 trains the tiny demo best, see README)")
 parser.add_argument("--max_new_tokens", type=int, default=96)
 parser.add_argument("--ignore_eos", action="store_true", help="always sample max_new_tokens (benchmarks)")
+parser.add_argument("--engine", choices=["auto", "static", "hf"], default="auto",
+                    help="rollouts: static (engine.py: static KV cache, CUDA graph) or hf (model.sample); "
+                         "auto: static on CUDA without --fsdp, else hf")
 parser.add_argument("--dynamic_sampling", type=int, default=0,
                     help="K > 1: sample K x prompts, keep groups with reward spread first")
 parser.add_argument("--train_zero_std", action="store_true",
@@ -205,7 +213,10 @@ def main(args):
     # policy, frozen reference, optimizer
     ckpt = M.latest_checkpoint(args.out) if args.resume else None
     load_on = "cpu" if args.fsdp else device  # FSDP moves each rank's shard to `device`
-    vlm = M.load(ckpt or args.ckpt, device=load_on, dtype=torch.float32, max_pixels=args.max_pixels,
+    if args.fsdp and (args.bf16 or args.engine == "static"):
+        raise ValueError("--fsdp shards the weights: it takes neither --bf16 nor --engine static")
+    dtype = torch.bfloat16 if args.bf16 else torch.float32  # --bf16: the reference is bf16 too
+    vlm = M.load(ckpt or args.ckpt, device=load_on, dtype=dtype, max_pixels=args.max_pixels,
                  trust_remote_code=args.trust_remote_code)
     # every image decodes and every prompt fits, or a one-line error (--skip_bad_rows: skipped and counted)
     rows, val_rows = M.check_rows(vlm, rows, args.skip_bad_rows), M.check_rows(vlm, val_rows, args.skip_bad_rows)
@@ -217,7 +228,7 @@ def main(args):
     if args.kl_coef != 0:  # the reference is the starting model, also after a resume
         ref = M.load(args.ckpt, device=load_on, max_pixels=args.max_pixels,
                      trust_remote_code=args.trust_remote_code).model if ckpt else copy.deepcopy(policy)
-        ref = ref.to(M.default_dtype(device)).eval().requires_grad_(False)
+        ref = ref.to(dtype if args.bf16 else M.default_dtype(device)).eval().requires_grad_(False)
     if args.freeze_vision:
         policy.model.visual.requires_grad_(False)
     if args.grad_ckpt:
@@ -227,8 +238,11 @@ def main(args):
         if ref is not None:
             M.fsdp_shard(ref)
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = (optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay, seed=args.seed)
+                 if args.bf16 else torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99),
+                                                     weight_decay=args.weight_decay, fused=device.type == "cuda"))
+    static = args.engine == "static" or (args.engine == "auto" and device.type == "cuda" and not args.fsdp)
+    sample = engine.sample if static else M.sample  # the same seeds give the same completions
     start = 0
     if ckpt:
         M.load_optimizer(ckpt, optimizer, policy)
@@ -287,8 +301,8 @@ def main(args):
         with torch.no_grad(), autocast:
             batch = vlm.encode([data.load_image(r) for r in batch_rows], [r["question"] for r in batch_rows],
                                names=[str(r.get("id")) for r in batch_rows])
-            out = M.sample(vlm, batch, G, args.max_new_tokens, args.temperature,
-                           M.rollout_seeds(args.seed, step, idx, G), ignore_eos=args.ignore_eos)
+            out = sample(vlm, batch, G, args.max_new_tokens, args.temperature,
+                         M.rollout_seeds(args.seed, step, idx, G), ignore_eos=args.ignore_eos)
         tokens, mask = out["tokens"], out["mask"]                       # (K*P*G, T)
         texts = vlm.decode(tokens, mask)
         t_gen = now()
