@@ -114,8 +114,8 @@ def test_bf16_and_autocast_decode_stay_close_and_leave_the_weights_alone(vlm):
         cast = engine.sample(vlm, batch, 3, 16, 1.0, seeds)
     assert all(torch.equal(v, before[k]) and v.dtype == torch.float32 for k, v in vlm.model.state_dict().items())
     b16 = M.VLM(copy.deepcopy(vlm.model).to(torch.bfloat16), vlm.tokenizer, vlm.image_processor, "tiny")
-    q = b16.model.model.language_model.layers[0].self_attn.q_proj.weight
-    assert engine.Decoder(b16.model, 1, 64, torch.bfloat16).layers[0]["self_attn.q_proj.weight"].data_ptr() == q.data_ptr()
+    up = b16.model.model.language_model.layers[0].mlp.up_proj.weight
+    assert engine.Decoder(b16.model, 1, 64, torch.bfloat16).layers[0]["up"].data_ptr() == up.data_ptr()
     native = engine.sample(b16, b16.encode(images(2), QUESTIONS[:2]), 3, 16, 1.0, seeds)
     for out in (cast, native):
         with torch.no_grad():
