@@ -2,16 +2,16 @@
 engine.py: the rollout engine. GRPO's generation at the speed of reading the weights once per token.
 
 model.sample decodes through the Hugging Face layer stack: a growing DynamicCache, a new attention
-mask and ~1,600 kernel launches per token, and a host sync per token (`done.all()`). On a CPU that
-costs what its arithmetic costs; on a GPU it is launch-bound (~37 ms per token for the 3B at batch
-18, where reading its bf16 weights once takes ~2.5 ms). Here the same sampling is one decode step
-with fixed shapes, written in plain torch over the checkpoint's own weights, replayed per token:
+mask and over a thousand kernel launches per token, and a host sync per token. On a CPU that costs
+what its arithmetic costs; on a GPU it is launch-bound (37.6 ms per token for the 3B at batch 18 on
+an H100, where reading its bf16 weights takes ~2.5 ms). Here each token is one decode step with
+fixed shapes, in plain torch over the checkpoint's own weights:
 
 - prefill: the prompts go through the Hugging Face forward once (vision tower, M-RoPE positions,
   a DynamicCache), exactly as model.sample; their keys and values are then copied, G times per
   prompt, into a KV cache allocated once per rollout batch: (layers, N, kv heads, S, head dim).
 - decode step, one token for all N rows, per Qwen2 text decoder layer (Qwen2-VL and Qwen2.5-VL):
-  RMSNorm (in fp32, cast back, then scaled); q, k, v projections with biases; rotary embedding at
+  RMSNorm; the q, k, v projections (with biases) as one fused GEMM; rotary embedding at
   each row's own position next_pos + t (for text tokens the three M-RoPE sections share one
   position, so it is plain 1-D RoPE with the model's inv_freq: theta and section layout give the
   same cos/sin); the new k, v written at cache column L + t; grouped-query attention over the cache
@@ -25,23 +25,22 @@ with fixed shapes, written in plain torch over the checkpoint's own weights, rep
   per 8 tokens); rows that ended emit padding, and the result is trimmed to the last row's EOS,
   so tokens and mask equal model.sample's.
 - on CUDA the step (sampling, cache writes, the step counter included) is captured as a CUDA
-  graph after one eager warm-up step and replayed per token: ~1,600 kernels for one launch. If
-  capture fails (an op that syncs, an unsupported kernel), it warns and decodes eagerly: the same
-  tokens, only slower.
+  graph after one eager warm-up step and replayed per token: about a thousand kernels, one launch.
+  If capture fails (an op that syncs, an unsupported kernel), it warns and decodes eagerly: the
+  same tokens, only slower.
 
-The decode step runs in the autocast dtype when autocast is on (fp32 weights under bf16
-autocast: the text weights are cast once per rollout batch, ~6 GB for the 3B), else in the
-weights' own dtype (bf16 training, optim.py: no copy; float32 on CPU). In float32 it samples
-token for token what model.sample samples (tests/test_engine.py); in bf16 the two differ by
-rounding, as two bf16 kernels do. model.sample stays the plain path, and the only one under
-FSDP (sharded weights).
+The decode step runs in the autocast dtype when autocast is on (fp32 weights under bf16 autocast:
+the text weights are cast once per rollout batch, ~6 GB for the 3B), else in the weights' own dtype
+(bf16 training: only q, k, v are copied, fused; float32 on CPU). In float32 it samples token for
+token what model.sample samples (tests/test_engine.py); in bf16 the two differ by rounding. The
+plain path, model.sample, stays: for comparison, and under FSDP (sharded weights).
 
     import engine
     out = engine.sample(vlm, batch, group_size=6, max_new_tokens=256, temperature=1.0, seeds=seeds)
     out["tokens"], out["mask"], out["logps"]          # (N, T) each, as model.sample (+ log-probs)
 
-To reuse the graph across rollout batches (saving its capture, ~0.1-0.5 s), keep the cache and
-graph while N and S stay fixed; this file rebuilds them per call, which keeps it stateless.
+The cache and graph are rebuilt per call (stateless); to save the capture, keep them while N and
+S stay fixed.
 """
 
 import time

@@ -24,10 +24,16 @@
 #     bash bench/gpu_check.sh && cp bench/results/grpo_speed_*.json "$OUT"/
 # STEPS and REPEATS (default 2 and 1) set the timed GRPO steps per run and the runs per side.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$SELF")/.."
 PY=${PYTHON:-python3}
 WHEELS="transformers==5.24.0 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19"
 
+if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then  # usage: the header above, nothing run
+    echo "usage: bash bench/gpu_check.sh [--fetch [PKG==VER ...]]"
+    sed -n '2,/^set -uo/p' "$SELF" | grep '^#' | sed 's/^# \{0,1\}//'
+    exit 0
+fi
 if [ "${1:-}" = "--fetch" ]; then  # here, with network: the wheels for Python 3.12 on x86-64 Linux
     shift
     exec "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

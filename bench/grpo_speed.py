@@ -422,7 +422,8 @@ def git_state():
     """The commit measured, and which of the files that run changed since it (uncommitted edits)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "grpo.py", "model.py", "data.py", "rewards.py"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "grpo.py", "model.py", "data.py", "rewards.py",
+                                "engine.py", "optim.py"],
                                cwd=ROOT, capture_output=True, text=True).stdout.split("\n")
         return {"commit": commit or None, "uncommitted": [line[3:] for line in dirty if line.strip()]}
     except OSError:
