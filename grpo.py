@@ -35,6 +35,7 @@ Run it:
         --lr 1e-6 --prompts_per_step 48 --max_new_tokens 512 --max_pixels 200704 --grad_ckpt
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \\
         grpo.py ...     # 2 nodes: the same command on each, R = 0 on HOST0, 1 on the other
+    ... --bf16          # the 3B on one GPU: bf16 weights and AdamW state (optim.py), rollouts on engine.py
     ... --fsdp          # shard policy and reference (FSDP2) when one GPU cannot hold them
     ... --resume        # continue exactly from the newest checkpoint in --out (shared by all nodes)
 
@@ -53,7 +54,9 @@ import torch
 from tqdm import tqdm
 
 import data
+import engine
 import model as M
+import optim
 import rewards
 
 # -----------------------------------------------------------------------------
@@ -74,6 +77,8 @@ parser.add_argument("--freeze_vision", action="store_true", help="do not train t
 parser.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (less memory, ~30%% slower)")
 parser.add_argument("--trust_remote_code", action="store_true", help="run a checkpoint's own Python code")
 parser.add_argument("--fsdp", action="store_true", help="shard policy and reference over ranks with FSDP2")
+parser.add_argument("--bf16", action="store_true",
+                    help="bf16 weights, reference and AdamW state, stochastic rounding (optim.py): the 3B on one GPU")
 # rollouts
 parser.add_argument("--prompts_per_step", type=int, default=96, help="global, over all ranks")
 parser.add_argument("--group_size", type=int, default=6, help="G completions per prompt (paper: 6)")
@@ -81,6 +86,9 @@ parser.add_argument("--temperature", type=float, default=0.5,
                     help="sampling temperature (paper: 1.0; 0.5 trains the tiny demo best, see README)")
 parser.add_argument("--max_new_tokens", type=int, default=96, help="completion length cap (tokens)")
 parser.add_argument("--ignore_eos", action="store_true", help="always sample max_new_tokens (benchmarks)")
+parser.add_argument("--engine", choices=["auto", "static", "hf"], default="auto",
+                    help="rollouts: static (engine.py: static KV cache, CUDA graph) or hf (model.sample); "
+                         "auto: static on CUDA without --fsdp, else hf")
 parser.add_argument("--dynamic_sampling", type=int, default=0,
                     help="K > 1: sample K x prompts, keep groups with reward spread first (needs K x prompts rows)")
 parser.add_argument("--train_zero_std", action="store_true",
@@ -185,15 +193,16 @@ def prompts_for(step, n_rows, args, rank, world):
     return perm[i:i + n][rank * per_rank:(rank + 1) * per_rank]
 
 
-def rollout(vlm, rows, idx, step, args, autocast):
-    """1. G completions for each prompt rows[i], i in idx, seeded by (seed, step, prompt i, sample)."""
+def rollout(vlm, rows, idx, step, args, autocast, sample=M.sample):
+    """1. G completions for each prompt rows[i], i in idx, seeded by (seed, step, prompt i, sample).
+    `sample` is model.sample or engine.sample: the same seeds give the same completions."""
     batch_rows = [rows[i] for i in idx]
     vlm.model.eval()
     with torch.no_grad(), autocast:
         batch = vlm.encode([data.load_image(r) for r in batch_rows], [r["question"] for r in batch_rows],
                            names=[str(r.get("id")) for r in batch_rows])
-        out = M.sample(vlm, batch, args.group_size, args.max_new_tokens, args.temperature,
-                       M.rollout_seeds(args.seed, step, idx, args.group_size), ignore_eos=args.ignore_eos)
+        out = sample(vlm, batch, args.group_size, args.max_new_tokens, args.temperature,
+                     M.rollout_seeds(args.seed, step, idx, args.group_size), ignore_eos=args.ignore_eos)
     tokens, mask = out["tokens"], out["mask"]                              # (P*G, T), prompt-major
     return {"rows": batch_rows, "batch": batch, "tokens": tokens, "mask": mask, "texts": vlm.decode(tokens, mask)}
 
@@ -398,13 +407,16 @@ def load_models(args, device, ckpt):
     """The policy, ready to train (from the newest checkpoint with --resume), and, when kl_coef != 0, the
     frozen reference."""
     load_on = "cpu" if args.fsdp else device  # FSDP moves each rank's shard to `device`
-    vlm = M.load(ckpt or args.ckpt, device=load_on, dtype=torch.float32, max_pixels=args.max_pixels,
+    if args.fsdp and (args.bf16 or args.engine == "static"):
+        raise ValueError("--fsdp shards the weights: it takes neither --bf16 nor --engine static")
+    dtype = torch.bfloat16 if args.bf16 else torch.float32  # --bf16: the reference is bf16 too
+    vlm = M.load(ckpt or args.ckpt, device=load_on, dtype=dtype, max_pixels=args.max_pixels,
                  trust_remote_code=args.trust_remote_code)
     policy, ref = vlm.model, None
     if args.kl_coef != 0:  # the reference is the starting model, also after a resume
         ref = M.load(args.ckpt, device=load_on, max_pixels=args.max_pixels,
                      trust_remote_code=args.trust_remote_code).model if ckpt else copy.deepcopy(policy)
-        ref = ref.to(M.default_dtype(device)).eval().requires_grad_(False)
+        ref = ref.to(dtype if args.bf16 else M.default_dtype(device)).eval().requires_grad_(False)
     if args.freeze_vision:
         policy.model.visual.requires_grad_(False)
     if args.grad_ckpt:
@@ -441,8 +453,11 @@ def main(args):
         need = f"--prompts_per_step {args.prompts_per_step}" + (f" x --dynamic_sampling {K}" if K > 1 else "")
         raise ValueError(f"{args.data}: {len(rows)} rows, fewer than {need}")
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = (optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay, seed=args.seed)
+                 if args.bf16 else torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99),
+                                                     weight_decay=args.weight_decay, fused=device.type == "cuda"))
+    static = args.engine == "static" or (args.engine == "auto" and device.type == "cuda" and not args.fsdp)
+    sample = engine.sample if static else M.sample  # the same seeds give the same completions
     start = 0
     if ckpt:
         M.load_optimizer(ckpt, optimizer, policy)
@@ -473,7 +488,8 @@ def main(args):
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
         # 1. rollout: P (x K) prompts, G completions each
-        rollouts = rollout(vlm, rows, prompts_for(step, len(rows), args, rank, world), step, args, autocast)
+        idx = prompts_for(step, len(rows), args, rank, world)
+        rollouts = rollout(vlm, rows, idx, step, args, autocast, sample)
         clock["generate"] = now()
         # 2. score, and advantages within each group; dynamic sampling keeps P groups, those with spread first
         score_rollouts(rollouts, weights, judge, args)

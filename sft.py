@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 import data
 import model as M
+import optim
 
 # -----------------------------------------------------------------------------
 # config
@@ -60,6 +61,8 @@ parser.add_argument("--freeze_vision", action="store_true", help="do not train t
 parser.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (less memory, ~30%% slower)")
 parser.add_argument("--trust_remote_code", action="store_true", help="run a checkpoint's own Python code")
 parser.add_argument("--fsdp", action="store_true", help="shard the model over ranks (FSDP2): too big for 1 GPU")
+parser.add_argument("--bf16", action="store_true",
+                    help="bf16 weights and AdamW state with stochastic rounding (optim.py): half the memory")
 # optimisation
 parser.add_argument("--batch_size", type=int, default=32, help="global batch (sequences per optimizer step)")
 parser.add_argument("--grad_accum", type=int, default=1, help="micro-steps per rank per optimizer step")
@@ -125,12 +128,13 @@ def load_rows(args):
 
 
 def make_optimizer(params, args, device):
-    """AdamW; weight decay on the matrices only (norm gains and biases are not pulled towards 0)."""
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
-                             fused=device.type == "cuda")
+    """AdamW; weight decay on the matrices only (norm gains and biases are not pulled towards 0).
+    --bf16: optim.AdamW, whose stochastic rounding keeps updates smaller than a bf16 step."""
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if args.bf16:
+        return optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), seed=args.seed)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
 def lr_at(step, args, max_steps):
@@ -192,7 +196,10 @@ def main(args):
     # a tiny model's tokenizer learns from the text it will see: questions, targets, some evidence
     texts = [t for r in train_rows for t in (r["question"], r["target"])] + \
         [p["text"] for r in train_rows[:2000] for p in r.get("evidence", [])[:1] if isinstance(p, dict)]
-    vlm = M.load(ckpt or args.model, device="cpu" if args.fsdp else device, dtype=torch.float32, texts=texts,
+    if args.bf16 and args.fsdp:
+        raise ValueError("--bf16 is for unsharded weights: drop --fsdp (or --bf16)")
+    vlm = M.load(ckpt or args.model, device="cpu" if args.fsdp else device,
+                 dtype=torch.bfloat16 if args.bf16 else torch.float32, texts=texts,
                  max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code)
     # its image decodes and its prompt fits, or a one-line error (--skip_bad_rows: skipped and counted)
     train_rows = data.check_rows(vlm, train_rows, args.skip_bad_rows)

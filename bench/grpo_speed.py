@@ -10,8 +10,11 @@ the 3B), and run the same setting: G = 6, 1 and 3 prompts per step (--prompts), 
 tokens forced (ours: --ignore_eos; TRL: min_new_tokens), every group trained (ours:
 --train_zero_std, as TRL does; a random model's groups mostly score alike), KL coefficient 0.04 with a frozen
 reference, temperature 1, one inner iteration, all completions in one micro-batch, no vLLM;
-on CUDA bf16 autocast over fp32 weights (reference in bf16) and gradient checkpointing.
-- ours: grpo.py itself, as a subprocess; its metrics.jsonl gives the step split.
+on CUDA gradient checkpointing and, by default (--bf16), bf16 weights on both sides: ours grpo.py
+--bf16 (bf16 AdamW state with stochastic rounding, optim.py), TRL its usual bf16 model (plain bf16
+AdamW); --no-bf16 gives fp32 weights under bf16 autocast on both (reference in bf16).
+- ours: grpo.py itself, as a subprocess (rollouts on engine.py on CUDA: --engine auto); its
+  metrics.jsonl gives the step split.
 - TRL: this script again as a subprocess (--worker trl): GRPOTrainer with an image-only Qwen2.5-VL
   processor (the stock one needs torchvision for video) and rewards.score as its reward
   function; a callback times each step (on_step_begin -> on_step_end), and wrappers time its
@@ -24,15 +27,18 @@ Peak memory: on CPU the peak RSS of each subprocess (os.wait4's ru_maxrss, so im
 included); on CUDA torch.cuda.max_memory_allocated (TRL here; ours if grpo.py logs peak_mem_gib).
 Decode step = generation time / completion tokens per row, against the bandwidth bound
 (bytes of the text weights read per token / copy bandwidth measured on the GPU; n/a on CPU).
-Needs trl installed (see bench/README.md). Writes bench/results/grpo_speed_<device>.json and
-prints a table last.
+The decode engine alone (--worker decode, one more subprocess): engine.sample against model.sample
+on one batch of --decode_prompts x G (18 rows), forced length: ms per decode step, CUDA graph
+capture + warm-up seconds, completion tokens/s, peak memory, and how many tokens the two agree on
+(all of them in float32; bf16 rounding makes them part ways somewhere).
+Needs trl installed (see bench/README.md). Prints a table last; writes the JSON only to --out
+(bench/gpu_check.sh passes bench/results/grpo_speed_<device>.json).
 """
 
 import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -57,14 +63,18 @@ parser.add_argument("--kl_coef", type=float, default=0.04)
 parser.add_argument("--temperature", type=float, default=1.0)
 parser.add_argument("--grad_ckpt", action=argparse.BooleanOptionalAction, default=None,
                     help="gradient checkpointing on both sides (default: on with CUDA, off on CPU)")
+parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16 weights on both sides (ours: grpo.py --bf16; default: on with CUDA, off on CPU)")
+parser.add_argument("--engine", choices=["auto", "static", "hf"], default="auto", help="grpo.py --engine")
+parser.add_argument("--decode_prompts", type=int, default=3, help="prompts in the decode benchmark (x G rows)")
 # measurement
 parser.add_argument("--steps", type=int, default=4, help="timed steps per run (one more runs first, as warm-up)")
 parser.add_argument("--repeats", type=int, default=3, help="runs per side and setting, alternating ours / TRL")
 parser.add_argument("--threads", type=int, default=None,
                     help="CPU threads per run (OMP_NUM_THREADS), the same for both sides (default: torch's)")
 parser.add_argument("--workdir", default=None, help="checkpoint, rows and run folders (default: a temporary one)")
-parser.add_argument("--out", default=None, help="default bench/results/grpo_speed_<device>.json")
-parser.add_argument("--worker", choices=["build", "trl"], default=None, help=argparse.SUPPRESS)
+parser.add_argument("--out", default=None, help="the results JSON (none is written without it)")
+parser.add_argument("--worker", choices=["build", "trl", "decode"], default=None, help=argparse.SUPPRESS)
 parser.add_argument("--run_dir", default=None, help=argparse.SUPPRESS)
 parser.add_argument("--P", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -133,7 +143,7 @@ def build(args, work):
 # the TRL worker: GRPOTrainer on the same checkpoint and rows, timed from inside
 
 
-def trl_worker(args, work, run_dir, P, grad_ckpt):
+def trl_worker(args, work, run_dir, P, grad_ckpt, bf16):
     import torch
     from datasets import Dataset
     from PIL import Image
@@ -158,7 +168,8 @@ def trl_worker(args, work, run_dir, P, grad_ckpt):
     tokenizer = AutoTokenizer.from_pretrained(ckpt, padding_side="left")
     processor = ImageOnlyProcessor(Qwen2VLImageProcessorPil.from_pretrained(ckpt), tokenizer,
                                    chat_template=tokenizer.chat_template)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                                               attn_implementation="sdpa")
     rows = [json.loads(line) for line in open(work / "rows.jsonl")]
     prompt = lambda r: [{"role": "system", "content": M.SYSTEM},  # noqa: E731
                         {"role": "user", "content": f"{r['question']} {M.INSTRUCTION}"}]
@@ -223,7 +234,7 @@ def trl_worker(args, work, run_dir, P, grad_ckpt):
         generation_kwargs={"min_new_tokens": args.max_new_tokens}, temperature=args.temperature,
         beta=args.kl_coef, loss_type="grpo", learning_rate=1e-6, lr_scheduler_type="constant",
         gradient_checkpointing=grad_ckpt, gradient_checkpointing_kwargs={"use_reentrant": False},
-        # the reference in bf16 on CUDA, as grpo.py keeps it (the policy stays fp32 on both sides)
+        # the reference in bf16 on CUDA, as grpo.py keeps it (the policy: bf16 or fp32, as ours)
         model_init_kwargs={"dtype": "bfloat16"} if cuda else None, use_vllm=False)
     trainer = GRPOTrainer(model=model, reward_funcs=medfact_reward, args=config, train_dataset=dataset,
                           processing_class=processor, callbacks=[StepTimer()])
@@ -241,6 +252,55 @@ def trl_worker(args, work, run_dir, P, grad_ckpt):
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     with open(run_dir / "trl_steps.json", "w") as f:
         json.dump(out, f)
+
+
+# -----------------------------------------------------------------------------
+# the decode worker: engine.sample against model.sample on one batch, in one process
+
+
+def decode_worker(args, work, bf16):
+    import torch
+    from PIL import Image
+    import engine
+    import model as M
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    # as grpo.py holds the policy: bf16 weights (--bf16), else fp32 weights under bf16 autocast on CUDA
+    vlm = M.load(str(work / "ckpt"), device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    rows = [json.loads(line) for line in open(work / "rows.jsonl")][:args.decode_prompts]
+    batch = vlm.encode([Image.open(r["image"]) for r in rows], [r["question"] for r in rows])
+    G, T = args.group_size, args.max_new_tokens
+    seeds = M.rollout_seeds(0, 0, list(range(len(rows))), G)
+    N = len(rows) * G
+
+    def timed(fn, **kw):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        with torch.no_grad(), autocast:
+            out = fn(vlm, batch, G, T, args.temperature, seeds, ignore_eos=True, **kw)
+        if cuda:
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t, torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
+
+    result = {"rows": N, "prompt_tokens": batch["input_ids"].size(1), "max_new_tokens": T,
+              "weights": "bfloat16" if bf16 else "float32" + (" under bf16 autocast" if cuda else "")}
+    for run in ("first", "second"):  # the first call also pays the process's CUDA / cuBLAS set-up
+        stats = {}
+        fast, wall, peak = timed(engine.sample, stats=stats)
+        result[f"engine_{run}"] = {
+            "wall_s": wall, "prefill_s": stats["prefill_s"], "capture_s": stats["capture_s"],
+            "decode_ms_per_step": 1000 * stats["decode_s"] / max(1, stats["steps"]), "graph": stats["graph"],
+            "tokens_per_s": N * T / wall, "peak_gib": peak}
+    plain, wall, peak = timed(M.sample)
+    result["model_sample"] = {"wall_s": wall, "ms_per_token": 1000 * wall / T, "tokens_per_s": N * T / wall,
+                              "peak_gib": peak}
+    same = (fast["tokens"] == plain["tokens"]).cumprod(1).sum(1).float()  # tokens agreed before the first difference
+    result["agree"] = {"rows_identical": int((same == T).sum()), "mean_tokens_before_first_difference": same.mean().item()}
+    with open(work / "decode.json", "w") as f:
+        json.dump(result, f, indent=1)
 
 
 # -----------------------------------------------------------------------------
@@ -291,12 +351,13 @@ def step_cpu(steps, marks):
         s["cpu_s"] = marks[k] - marks[k - 1] if ok and k > 0 else None
 
 
-def run_ours(args, work, run_dir, P, grad_ckpt, env):
+def run_ours(args, work, run_dir, P, grad_ckpt, bf16, env):
     cmd = [sys.executable, str(ROOT / "grpo.py"), "--ckpt", str(work / "ckpt"), "--data", str(work / "rows.jsonl"),
            "--max_steps", str(args.steps + 1), "--prompts_per_step", str(P), "--group_size", str(args.group_size),
            "--max_new_tokens", str(args.max_new_tokens), "--ignore_eos", "--train_zero_std", "--kl_coef", str(args.kl_coef),
            "--temperature", str(args.temperature), "--lr", "1e-6", "--inner_epochs", "1",
-           "--micro_batch", str(P * args.group_size), "--eval_every", "0", "--out", str(run_dir)]
+           "--micro_batch", str(P * args.group_size), "--eval_every", "0", "--out", str(run_dir),
+           "--engine", args.engine] + (["--bf16"] if bf16 else [])
     wall, cpu, rss, marks = spawn(cmd + (["--grad_ckpt"] if grad_ckpt else []), run_dir.with_suffix(".log"), env,
                                   progress=run_dir / "metrics.jsonl")
     metrics = run_dir.with_suffix(".metrics.jsonl")
@@ -310,12 +371,12 @@ def run_ours(args, work, run_dir, P, grad_ckpt, env):
             "peak_mem_gib": max(peak) if peak else None}
 
 
-def run_trl(args, work, run_dir, P, grad_ckpt, env):
+def run_trl(args, work, run_dir, P, grad_ckpt, bf16, env):
     cmd = [sys.executable, __file__, "--worker", "trl", "--workdir", str(work), "--run_dir", str(run_dir),
            "--P", str(P), "--model", args.model, "--group_size", str(args.group_size),
            "--max_new_tokens", str(args.max_new_tokens), "--kl_coef", str(args.kl_coef),
            "--temperature", str(args.temperature), "--steps", str(args.steps),
-           "--grad_ckpt" if grad_ckpt else "--no-grad_ckpt"]
+           "--grad_ckpt" if grad_ckpt else "--no-grad_ckpt", "--bf16" if bf16 else "--no-bf16"]
     run_dir.mkdir(parents=True, exist_ok=True)
     wall, cpu, rss, marks = spawn(cmd, run_dir.with_suffix(".log"), env, progress=run_dir / "steps.jsonl")
     out = json.loads((run_dir / "trl_steps.json").read_text())
@@ -361,9 +422,9 @@ def git_state():
     """The commit measured, and which of the files that run changed since it (uncommitted edits)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        files = ["grpo.py", "model.py", "data.py", "synthetic_cxr.py", "rewards.py"]
-        dirty = subprocess.run(["git", "status", "--porcelain", *files], cwd=ROOT, capture_output=True,
-                               text=True).stdout.split("\n")
+        dirty = subprocess.run(["git", "status", "--porcelain", "grpo.py", "model.py", "data.py", "rewards.py",
+                                "synthetic_cxr.py", "engine.py", "optim.py"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.split("\n")
         return {"commit": commit or None, "uncommitted": [line[3:] for line in dirty if line.strip()]}
     except OSError:
         return None
@@ -383,7 +444,7 @@ def table(result):
     info, rows = result["model"], result["results"]
     gpu = info["device_kind"] == "cuda"
     mem = "peak_mem_gib" if gpu else "peak_rss_gib"
-    cols = [("tok/s", "tokens_per_s", "{:.0f}"), ("step s", "t_step", "{:.2f}"), ("best step s", "best_t_step", "{:.2f}"),
+    cols = [("tok/s", "tokens_per_s", "{:.0f}"), ("step tok/s", "step_tokens_per_s", "{:.0f}"), ("step s", "t_step", "{:.2f}"), ("best step s", "best_t_step", "{:.2f}"),
             ("gen s", "t_generate", "{:.2f}"), ("ref s", "t_reference", "{:.3f}"), ("train s", "t_train", "{:.2f}"),
             ("score s", "t_score", "{:.3f}"), ("peak GiB" if gpu else "peak RSS GiB", mem, "{:.2f}"),
             ("decode ms", "decode_ms", "{:.2f}")]
@@ -401,10 +462,11 @@ def table(result):
     s = result["settings"]
     out = [f"GRPO step, {result['model_name']} on {info['device']} ({result['device_note']}): G={s['group_size']}, "
            f"{s['max_new_tokens']} forced tokens, kl {s['kl_coef']}, T={s['temperature']}, grad ckpt "
-           f"{'on' if s['grad_ckpt'] else 'off'}; medians of {s['steps']} steps x {s['repeats']} runs per side",
+           f"{'on' if s['grad_ckpt'] else 'off'}, {s['policy_dtype']} weights; medians of {s['steps']} steps x "
+           f"{s['repeats']} runs per side",
            fmt(head), *map(fmt, lines),
-           "tok/s = completion tokens / generation time; ours/TRL > 1 is ours faster for tok/s, < 1 for times "
-           "and memory"]
+           "tok/s = completion tokens / generation time, step tok/s = / step time; ours/TRL > 1 is ours faster for "
+           "tok/s, < 1 for times and memory"]
     b = result["decode_bound"]
     if b is None:
         ours = ", ".join(f"{r['ours']['decode_ms']:.2f} ms at P={r['prompts_per_step']}" for r in rows)
@@ -414,13 +476,27 @@ def table(result):
                    f"measured): {b['fp32_ms']:.2f} ms from fp32 weights, {b['bf16_ms']:.2f} ms from bf16; ours "
                    + ", ".join(f"{r['ours']['decode_ms']:.2f} ms ({r['ours']['decode_ms'] / b['bf16_ms']:.1f}x bf16 "
                                f"bound) at P={r['prompts_per_step']}" for r in rows))
+    d = result.get("decode")
+    if d:  # the engine alone: the second call (the first also pays the process's CUDA set-up)
+        e, first, hf = d["engine_second"], d["engine_first"], d["model_sample"]
+        mem = f"; peak {e['peak_gib']:.1f} GiB (model.sample {hf['peak_gib']:.1f})" if e["peak_gib"] else ""
+        vs = f" ({e['decode_ms_per_step'] / b['bf16_ms']:.1f}x the bf16 bound)" if b else ""
+        out.append(f"decode alone, {d['rows']} rows x {d['max_new_tokens']} forced tokens, {d['weights']} weights: "
+                   f"engine {e['decode_ms_per_step']:.2f} ms/step{vs} ({'CUDA graph' if e['graph'] else 'eager'}; "
+                   f"capture + warm-up {first['capture_s']:.2f} s in the first call, {e['capture_s']:.2f} s after), "
+                   f"{e['tokens_per_s']:.0f} tok/s with prefill; model.sample {hf['ms_per_token']:.2f} ms/token, "
+                   f"{hf['tokens_per_s']:.0f} tok/s: engine {e['tokens_per_s'] / hf['tokens_per_s']:.1f}x{mem}; "
+                   f"{d['agree']['rows_identical']}/{d['rows']} rows token-identical "
+                   f"(mean {d['agree']['mean_tokens_before_first_difference']:.0f} tokens before a difference)")
     return "\n".join(out)
 
 
 def main(args):
     work = Path(args.workdir or tempfile.mkdtemp(prefix="grpo_speed_"))
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    # the repo first, then any PYTHONPATH given (bench/gpu_check.sh puts the carried wheels' folder there)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     load_start = os.getloadavg()[0]
@@ -432,35 +508,18 @@ def main(args):
     info = json.loads((work / "info.json").read_text())
     gpu = info["device_kind"] == "cuda"
     grad_ckpt = gpu if args.grad_ckpt is None else args.grad_ckpt
-    results = []
-    for P in args.prompts:
-        runs = {"ours": [], "trl": []}
-        for i in range(args.repeats):
-            # alternate which side goes first, so a slow spell on a shared machine hits both
-            order = ("ours", "trl") if i % 2 == 0 else ("trl", "ours")
-            for side in order:
-                run_dir = work / f"{side}_P{P}_{i}"
-                fn = run_ours if side == "ours" else run_trl
-                load = os.getloadavg()[0]
-                r = {**fn(args, work, run_dir, P, grad_ckpt, env), "load_before": load}
-                runs[side].append(r)
-                print(f"P={P} run {i + 1}/{args.repeats} {side}: median step "
-                      f"{statistics.median(s['t_step'] for s in r['steps']):.2f}s (wall {r['wall_s']:.0f}s, "
-                      f"load {load:.1f} before)", flush=True)
-        ours, trl = summarise(runs["ours"], args, P), summarise(runs["trl"], args, P)
-        ratio = {k: ours[k] / trl[k] if trl[k] else None
-                 for k in FIELDS + ["tokens_per_s", "decode_ms", "best_t_step", "best_t_generate", "cpu_s_per_step"]
-                 if ours[k] is not None and trl[k] is not None}
-        key = "peak_mem_gib" if gpu else "peak_rss_gib"
-        ratio["peak"] = ours[key] / trl[key] if ours[key] and trl[key] else None
-        results.append({"prompts_per_step": P, "ours": ours, "trl": trl, "ratio": ratio})
+    bf16 = gpu if args.bf16 is None else args.bf16
+    print(f"decode: engine.sample vs model.sample, {args.decode_prompts} x {args.group_size} rows", flush=True)
+    spawn([sys.executable, __file__, "--worker", "decode", "--workdir", str(work), "--group_size",
+           str(args.group_size), "--max_new_tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
+           "--decode_prompts", str(args.decode_prompts), "--bf16" if bf16 else "--no-bf16"], work / "decode.log", env)
+    decode = json.loads((work / "decode.json").read_text())
     bound = None
     if gpu:
         n, bw = info["decode_params"], info["bandwidth_gb_s"] * 1e9
         bound = {"decode_params": n, "bandwidth_gb_s": info["bandwidth_gb_s"],
                  "fp32_ms": 1000 * 4 * n / bw, "bf16_ms": 1000 * 2 * n / bw}
-    device = info["device"] if gpu else "cpu"
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    results = []
     result = {
         "command": "python bench/grpo_speed.py " + " ".join(sys.argv[1:]),
         "model_name": args.model,
@@ -471,21 +530,56 @@ def main(args):
         "git": git_state(),
         "settings": {"prompts": args.prompts, "group_size": args.group_size, "max_new_tokens": args.max_new_tokens,
                      "kl_coef": args.kl_coef, "temperature": args.temperature, "inner_iterations": 1,
-                     "grad_ckpt": grad_ckpt, "policy_dtype": "float32",
-                     "autocast": "bf16" if gpu else None, "reference_dtype": "bfloat16" if gpu else "float32",
+                     "grad_ckpt": grad_ckpt, "policy_dtype": "bfloat16" if bf16 else "float32",
+                     "optimizer": {"ours": "optim.AdamW, bf16 state, stochastic rounding" if bf16 else "torch AdamW",
+                                   "trl": "its default AdamW, state in the policy's dtype"},
+                     "engine": args.engine, "autocast": "bf16" if gpu else None,
+                     "reference_dtype": "bfloat16" if gpu or bf16 else "float32",
                      "steps": args.steps, "warmup_steps_dropped": 1, "repeats": args.repeats},
-        "peak_memory_how": ("torch.cuda.max_memory_allocated in the process (ours: grpo.py's peak_mem_gib, "
-                            "null if it does not log it)" if gpu else
-                            "peak RSS of the process (os.wait4 ru_maxrss): model, optimizer, activations and "
-                            "the imported libraries"),
-        "results": results,
+        "peak_memory_how": ("torch.cuda.max_memory_allocated in the process (ours: grpo.py's peak_mem_gib)" if gpu
+                            else "peak RSS of the process (os.wait4 ru_maxrss): model, optimizer, activations and "
+                                 "the imported libraries"),
+        "results": results,  # filled setting by setting, the file rewritten after each
+        "decode": decode,
         "decode_bound": bound,
-        "bench_wall_s": time.time() - t_start,
+        "complete": False,
     }
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"grpo_speed_{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}\n")
+
+    def save():  # only where asked (--out): a --help or a trial run leaves the committed results alone
+        if args.out:
+            result["bench_wall_s"] = time.time() - t_start
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1) + "\n")
+
+    save()  # a run cut off by a time limit still leaves what it measured
+    for P in args.prompts:
+        runs = {"ours": [], "trl": []}
+        for i in range(args.repeats):
+            # alternate which side goes first, so a slow spell on a shared machine hits both
+            order = ("ours", "trl") if i % 2 == 0 else ("trl", "ours")
+            for side in order:
+                run_dir = work / f"{side}_P{P}_{i}"
+                fn = run_ours if side == "ours" else run_trl
+                load = os.getloadavg()[0]
+                r = {**fn(args, work, run_dir, P, grad_ckpt, bf16, env), "load_before": load}
+                runs[side].append(r)
+                print(f"P={P} run {i + 1}/{args.repeats} {side}: median step "
+                      f"{statistics.median(s['t_step'] for s in r['steps']):.2f}s (wall {r['wall_s']:.0f}s, "
+                      f"load {load:.1f} before)", flush=True)
+        ours, trl = summarise(runs["ours"], args, P), summarise(runs["trl"], args, P)
+        ratio = {k: ours[k] / trl[k] if trl[k] else None
+                 for k in FIELDS + ["tokens_per_s", "step_tokens_per_s", "decode_ms", "best_t_step", "best_t_generate",
+                                    "cpu_s_per_step"]
+                 if ours[k] is not None and trl[k] is not None}
+        key = "peak_mem_gib" if gpu else "peak_rss_gib"
+        ratio["peak"] = ours[key] / trl[key] if ours[key] and trl[key] else None
+        results.append({"prompts_per_step": P, "ours": ours, "trl": trl, "ratio": ratio})
+        save()
+    result["complete"] = True
+    save()
+    if args.out:
+        print(f"wrote {args.out}\n")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)  # the checkpoint alone is 7.5 GB for the 3B
     print(table(result))
@@ -496,6 +590,8 @@ if __name__ == "__main__":
     if args.worker == "build":
         build(args, Path(args.workdir))
     elif args.worker == "trl":
-        trl_worker(args, Path(args.workdir), Path(args.run_dir), args.P, bool(args.grad_ckpt))
+        trl_worker(args, Path(args.workdir), Path(args.run_dir), args.P, bool(args.grad_ckpt), bool(args.bf16))
+    elif args.worker == "decode":
+        decode_worker(args, Path(args.workdir), bool(args.bf16))
     else:
         main(args)

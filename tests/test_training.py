@@ -72,3 +72,59 @@ def test_grpo_pieces_raise_the_mean_reward():
         loss.backward()
         opt.step()
     assert np.mean(means[-3:]) > np.mean(means[:3]) + 0.2, means
+
+
+def _run(stage, argv):
+    stage.main(stage.parser.parse_args([str(a) for a in argv]))
+
+
+def _grpo_args(out, *extra):
+    return ["--ckpt", "tiny", "--data", "demo", "--out", out, "--prompts_per_step", 4, "--group_size", 2,
+            "--max_new_tokens", 12, "--micro_batch", 4, "--max_steps", 3, "--eval_every", 0, "--upstream_rewards",
+            *extra]
+
+
+def _lines(path):
+    import json
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("t_") and k != "tokens_per_s"}
+            for line in open(path)]
+
+
+def test_grpo_with_the_static_engine_runs_what_the_hf_path_runs(tmp_path):
+    """grpo.py --engine static (engine.py) and --engine hf (model.sample): the same completions, rewards,
+    losses and final weights, bit for bit (float32, CPU)."""
+    import grpo
+    from safetensors.torch import load_file
+    for e in ("hf", "static"):
+        _run(grpo, _grpo_args(tmp_path / e, "--engine", e))
+    assert _lines(tmp_path / "hf" / "rollouts.jsonl") == _lines(tmp_path / "static" / "rollouts.jsonl")
+    assert _lines(tmp_path / "hf" / "metrics.jsonl") == _lines(tmp_path / "static" / "metrics.jsonl")
+    a, b = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "static" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_mode_trains_grpo_and_sft_in_bf16(tmp_path):
+    """--bf16: weights, moments and the saved model are bf16, and the weights move (stochastic rounding)."""
+    import json
+    import data
+    import grpo
+    from safetensors.torch import load_file
+    _run(grpo, _grpo_args(tmp_path / "grpo", "--bf16", "--engine", "static", "--kl_coef", 0.04, "--lr", 1e-4))
+    (tmp_path / "images").mkdir()
+    with open(tmp_path / "pseudo.jsonl", "w") as f:
+        for i, r in enumerate(data.load("demo", "train")[:8]):
+            data.load_image(r).save(tmp_path / "images" / f"{i}.png")
+            row = {k: r[k] for k in ("id", "question", "answer", "answer_type", "keywords")}
+            f.write(json.dumps({**row, "image": f"images/{i}.png",
+                                "target": f"<think>It shows.</think><answer>{r['answer']}</answer>"}) + "\n")
+    _run(sft, ["--data", tmp_path / "pseudo.jsonl", "--model", "tiny", "--out", tmp_path / "sft", "--batch_size", 4,
+               "--max_steps", 3, "--val_frac", 0.0, "--warmup", 1, "--lr", 1e-4, "--bf16", "--save_every", 2])
+    M.save_checkpoint(str(tmp_path / "start"), M.load("tiny"))  # the weights both runs started from
+    start = load_file(tmp_path / "start" / "model.safetensors")
+    for out in (tmp_path / "grpo", tmp_path / "sft"):
+        w = load_file(out / "model.safetensors")
+        assert all(v.dtype == torch.bfloat16 for v in w.values())
+        moved = [not torch.equal(v, start[k].bfloat16()) for k, v in w.items() if k in start]
+        assert sum(moved) > len(moved) / 2, out  # most tensors changed after 3 steps at lr 1e-4
+    opt = torch.load(tmp_path / "sft" / "checkpoints" / "step_0000002" / "optimizer.pt", weights_only=True)
+    assert {v["exp_avg_sq"].dtype for v in opt["state"].values()} == {torch.bfloat16}
