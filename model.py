@@ -254,15 +254,19 @@ class VLM:
         batch["attention_mask"] = attention_mask.to(self.device)
         return batch
 
-    def prompt_length(self, image, question, instruction=INSTRUCTION):
-        """(tokens in the prompt encode() would build, of which image tokens), without the image processor."""
+    def image_tokens(self, width, height):
+        """Image tokens of a width x height image: the processor's own resize rule (sides multiples of patch x
+        merge, pixels in range). ValueError for a size it refuses (an aspect ratio over 200)."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-        n_img = 0
-        if image is not None:  # the processor's own resize rule: sides multiples of patch x merge, pixels in range
-            ip = self.image_processor
-            h, w = smart_resize(image.height, image.width, ip.patch_size * ip.merge_size, ip.size["shortest_edge"],
-                                ip.size["longest_edge"])
-            n_img = (h // ip.patch_size) * (w // ip.patch_size) // self.merge ** 2
+        ip = self.image_processor
+        h, w = smart_resize(height, width, ip.patch_size * ip.merge_size, ip.size["shortest_edge"],
+                            ip.size["longest_edge"])
+        return (h // ip.patch_size) * (w // ip.patch_size) // self.merge ** 2
+
+    def prompt_length(self, image, question, instruction=INSTRUCTION):
+        """(tokens in the prompt encode() would build, of which image tokens), without the image processor.
+        `image`: a PIL image, its (width, height), or None."""
+        n_img = 0 if image is None else self.image_tokens(*(image if isinstance(image, tuple) else image.size))
         ids = self.tokenizer(chat_prompt(question, n_img, instruction), add_special_tokens=False).input_ids
         return len(ids), n_img
 

@@ -8,18 +8,22 @@ The 2-process side is this file run under torchrun (see the bottom): one process
 all its runs, so the imports are paid once.
 """
 import copy
+import io
 import json
 import math
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -28,6 +32,7 @@ import data  # noqa: E402
 import evaluate  # noqa: E402
 import grpo  # noqa: E402
 import model as M  # noqa: E402
+import retrieve  # noqa: E402
 import sft  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
@@ -272,12 +277,14 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp):
     assert not os.path.exists(os.path.join(out, "model.safetensors"))  # no final model from a failed run
 
 
+
 def test_grpo_non_finite_gradient_skips_and_stops(tmp):
     out = str(tmp["root"] / "grpo_nan")
     with pytest.raises(RuntimeError, match="2 non-finite steps in a row; stopping. Last good checkpoint: None"):
         run(grpo, grpo_args(tmp, out, "--debug_nan_steps", 1, 2, "--max_bad_steps", 2, "--eval_every", 0))
     assert [(r["step"], r["skipped"]) for r in records(out)] == [(1, True), (2, True)]
     assert not os.path.exists(os.path.join(out, "model.safetensors"))
+
 
 
 # -----------------------------------------------------------------------------
@@ -504,6 +511,113 @@ def test_nothing_unsafe_is_loaded(tmp):
             for call in src.split("torch.load(")[1:]:
                 assert "weights_only=True" in call.split("\n")[0], name
             assert "trust_remote_code=True" not in src, name
+
+
+# -----------------------------------------------------------------------------
+# second round (issue 15): every field and image checked before step 1, what one stage writes the next
+# reads, a resume that refuses or tolerates, a last good checkpoint that is good, bounded evaluation
+
+
+WRONG_TYPES = [  # (field, value, what the one-line error says); each was accepted, or crashed, before
+    ("split", ["train"], "split must be text"),
+    ("lang", ["en"], "lang must be text"),
+    ("answer", ["yes"], "answer must be text, not list"),
+    ("answer", {"a": 1}, "answer must be text, not dict"),
+    ("answer", True, "answer must be text, not bool"),
+    ("answer", float("nan"), "answer must be text, not float"),
+    ("question", 7, "question must be text, not int"),
+    ("question", "Is there\ud800 a nodule?", "question is not valid Unicode"),
+    ("target", 5, "target must be text, not int"),
+    ("target", ["<think>"], "target must be text, not list"),
+    ("keywords", "nodule", "keywords must be a list of strings"),
+    ("keywords", [1, 2], "keywords must be a list of strings"),
+    ("id", ["r"], "id must be text or an integer, not list"),
+    ("id", 1.5, "id must be text or an integer, not float"),
+    ("category", {"c": 1}, "category must be text, not dict"),
+    ("report", 3, "report must be text, not int"),
+    ("dataset", [1], "dataset must be text, not list"),
+    ("evidence", "a passage", "evidence must be a list of passages"),
+    ("evidence", [{"text": 3}], "evidence must be a list of passages"),
+    ("image", 5, "image must be a path or a PIL image, not int"),
+    ("image", ".", "image is not a regular file"),
+]
+
+
+@pytest.mark.parametrize("field, value, problem", WRONG_TYPES, ids=[f"{f}={v!r}" for f, v, _ in WRONG_TYPES])
+def test_a_field_of_the_wrong_type_is_one_line_or_skipped(tmp, field, value, problem, capsys):
+    path = write_rows(tmp, "wrong_type.jsonl", [good_row(0), good_row(1, **{field: value}), good_row(2)])
+    with pytest.raises(data.DataError) as e:
+        data.load(path, "train")
+    one_line(e, path, "line 2", problem)
+    capsys.readouterr()
+    assert [r["id"] for r in data.load(path, "train", skip_bad_rows=True)] == ["r0", "r2"]
+    assert "skipped 1 bad rows" in capsys.readouterr().err
+
+
+def test_a_bad_target_is_skipped_before_step_one_not_met_at_step_four(tmp, capfd):
+    # 12 rows, batches of 4, 3 steps: every row is trained on, so a row that got through would crash the run
+    path = write_rows(tmp, "number_target.jsonl", [good_row(i) for i in range(11)] + [good_row(11, target=42)])
+    out = str(tmp["root"] / "number_target")
+    argv = ["--data", path, "--model", tmp["ckpt"], "--out", out, "--batch_size", 4, "--max_steps", 3,
+            "--val_frac", 0, "--eval_every", 0]
+    with pytest.raises(data.DataError) as e:
+        run(sft, argv)
+    one_line(e, path, "line 12", "target must be text, not int")
+    capfd.readouterr()
+    run(sft, argv + ["--skip_bad_rows"])
+    assert "skipped 1 bad rows" in capfd.readouterr().err
+    assert [r["step"] for r in records(out)] == [1, 2, 3]
+
+
+RAMP = np.tile(np.arange(256, dtype=np.uint8), (8, 1))  # (8, 256): every 8-bit value once per row
+
+
+@pytest.mark.parametrize("name, image, fmt", [
+    ("16-bit, full range (I;16)", Image.fromarray(RAMP.astype(np.uint16) * 257), "PNG"),
+    ("12-bit in 16 bits (I;16)", Image.fromarray(RAMP.astype(np.uint16) * 16), "PNG"),
+    ("32-bit integers (I)", Image.fromarray(RAMP.astype(np.int32) * 257), "TIFF"),
+    ("float within 0..1 (F)", Image.fromarray(RAMP.astype(np.float32) / 255), "TIFF"),
+    ("float CT units (F)", Image.fromarray(RAMP.astype(np.float32) * 8 - 1000), "TIFF"),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_high_bit_depth_images_are_scaled_to_8_bits_not_clipped(tmp, name, image, fmt):
+    # PIL's convert("RGB") clips a 16-bit image to white (the report: 99.6% of the pixels)
+    path = str(tmp["root"] / "images" / f"deep_{image.mode.replace(';', '_')}_{RAMP.sum() % 7}.{fmt.lower()}")
+    image.save(path, format=fmt)
+    for source in (path, image):  # a file, and an in-memory image
+        got = np.asarray(data.load_image(source)).astype(int)
+        assert got.shape == (8, 256, 3) and np.abs(got - RAMP[..., None]).max() <= 1, name
+
+
+def test_every_image_mode_and_shape_reaches_the_model_or_is_one_line(tmp, capsys):
+    vlm, root = tmp["vlm"], tmp["root"] / "images"
+    base = Image.merge("RGB", [Image.fromarray(np.tile(np.arange(0, 240, 6, dtype=np.uint8), (30, 1)))] * 3)
+    images = {mode: base.convert(mode) for mode in
+              ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "F")}
+    images["I;16"] = Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 257)
+    frames = [base.convert("L"), Image.new("L", base.size, 255)]
+    frames[0].save(root / "animated.gif", save_all=True, append_images=frames[1:])
+    images["animated GIF"] = str(root / "animated.gif")  # its first frame
+    for mode, im in images.items():
+        rgb = data.load_image(im)
+        assert rgb.mode == "RGB" and rgb.size == base.size, mode
+        assert abs(np.asarray(rgb.convert("L")).mean() - np.asarray(base.convert("L")).mean()) < 12, mode
+    # shapes: the processor's resize takes each one, or check_rows refuses it in one line (aspect > 200)
+    shapes = [(1, 1), (2, 300), (300, 2), (1, 200), (3, 601), (201, 1), (5600, 28), (5601, 28)]
+    rows = [good_row(i, image=f"images/shape_{w}x{h}.png") for i, (w, h) in enumerate(shapes)]
+    for w, h in shapes:
+        Image.new("RGB", (w, h), (90, 40, 20)).save(root / f"shape_{w}x{h}.png")
+    rows = data.load(write_rows(tmp, "shapes.jsonl", rows), "train")
+    with pytest.raises(data.DataError) as e:
+        data.check_rows(vlm, rows)
+    one_line(e, "shape_3x601.png (row r4)", "the image processor refuses a 3x601 image")
+    good = data.check_rows(vlm, rows, skip_bad_rows=True)
+    assert [r["id"] for r in good] == ["r0", "r1", "r2", "r3", "r6"]
+    assert "skipped 3 bad rows of 8" in capsys.readouterr().err
+    for r in good:  # what check_rows passed, the model takes, with the prompt length it predicted
+        image = data.load_image(r)
+        batch = vlm.encode([image], [r["question"]])
+        assert batch["input_ids"].size(1) == vlm.prompt_length(image, r["question"])[0]
+        M.sample(vlm, batch, 1, 2, 0.0)
 
 
 # -----------------------------------------------------------------------------
