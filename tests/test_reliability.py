@@ -264,27 +264,33 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp):
                     "--max_bad_steps", 3)
     with pytest.raises(RuntimeError) as e:
         run(sft, argv)
-    last_good = os.path.join(out, "checkpoints", "step_0000003")
-    assert str(e.value) == f"3 non-finite steps in a row at step 6; stopping. Last good checkpoint: {last_good}"
+    root = os.path.join(out, "checkpoints")
+    # a flagged step saves no checkpoint (none at 2, 4, 5, 6); step 3's weights fed step 4, where the trouble
+    # began: not good, set aside; the last good one is step 1's (step 2 was flagged, but the run recovered)
+    last_good = os.path.join(root, "step_0000001")
+    assert str(e.value) == (f"3 bad steps in a row (non-finite or spike, steps 4-6); stopping. Last good checkpoint: "
+                            f"{last_good} (set aside as *.bad, the step after each flagged or its weights not "
+                            f"finite: step_0000003). Lower --lr and --resume.")
+    assert sorted(os.listdir(root)) == ["step_0000001", "step_0000003.bad"]
+    assert M.latest_checkpoint(out) == last_good  # what --resume continues from
     recs = records(out)
     assert [(r["step"], r.get("skipped", False)) for r in recs] == [
         (1, False), (2, True), (3, False), (4, True), (5, True), (6, True)]
     assert recs[1]["loss"] is None and math.isfinite(recs[2]["loss"])  # trains on after a single skip
-    # the skipped step never reached the optimizer: two updates (steps 1 and 3) in the last good checkpoint
+    # the skipped steps never reached the optimizer: one update (step 1) in the last good checkpoint
     opt = torch.load(os.path.join(last_good, "optimizer.pt"), weights_only=True)
-    assert {float(s["step"]) for s in opt["state"].values()} == {2.0}
+    assert {float(s["step"]) for s in opt["state"].values()} == {1.0}
     assert all(torch.isfinite(w).all() for w in weights(last_good).values())
     assert not os.path.exists(os.path.join(out, "model.safetensors"))  # no final model from a failed run
 
 
-
 def test_grpo_non_finite_gradient_skips_and_stops(tmp):
     out = str(tmp["root"] / "grpo_nan")
-    with pytest.raises(RuntimeError, match="2 non-finite steps in a row; stopping. Last good checkpoint: None"):
+    with pytest.raises(RuntimeError, match=r"2 bad steps in a row \(non-finite or spike, steps 1-2\); stopping. "
+                                           r"Last good checkpoint: None\. Lower --lr and --resume"):
         run(grpo, grpo_args(tmp, out, "--debug_nan_steps", 1, 2, "--max_bad_steps", 2, "--eval_every", 0))
     assert [(r["step"], r["skipped"]) for r in records(out)] == [(1, True), (2, True)]
     assert not os.path.exists(os.path.join(out, "model.safetensors"))
-
 
 
 # -----------------------------------------------------------------------------
@@ -618,6 +624,171 @@ def test_every_image_mode_and_shape_reaches_the_model_or_is_one_line(tmp, capsys
         batch = vlm.encode([image], [r["question"]])
         assert batch["input_ids"].size(1) == vlm.prompt_length(image, r["question"])[0]
         M.sample(vlm, batch, 1, 2, 0.0)
+
+
+def files_of(folder):
+    return {os.path.relpath(os.path.join(d, n), folder): (open(os.path.join(d, n), "rb").read(),
+                                                          os.stat(os.path.join(d, n)).st_mtime_ns)
+            for d, _, names in os.walk(folder) for n in names}
+
+
+def test_resume_with_nothing_to_resume_refuses_and_touches_nothing(tmp, sft_ref):
+    out = str(tmp["root"] / "finished")  # a finished run that saved no step checkpoints (--save_every 0)
+    shutil.copytree(sft_ref, out)
+    shutil.rmtree(os.path.join(out, "checkpoints"))
+    before = files_of(out)
+    for stage, argv in ((sft, sft_args(tmp, out, "--resume")), (grpo, grpo_args(tmp, out, "--resume"))):
+        with pytest.raises(ValueError) as e:
+            run(stage, argv)
+        one_line(e, out, "nothing to resume")
+        assert files_of(out) == before
+    with pytest.raises(ValueError) as e:  # nor in a folder that does not exist
+        run(sft, sft_args(tmp, str(tmp["root"] / "never_ran"), "--resume"))
+    one_line(e, "nothing to resume")
+    assert not os.path.exists(tmp["root"] / "never_ran")
+
+
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_resume_tolerates_a_torn_last_line(tmp, stage, request):
+    ref = request.getfixturevalue(f"{stage}_ref")
+    module, make_args = (sft, sft_args) if stage == "sft" else (grpo, grpo_args)
+    out = str(tmp["root"] / f"{stage}_torn")
+    shutil.copytree(ref, out)  # finished, with checkpoints of steps 2 and 4: a rerun from step 4 ...
+    logs = ["metrics.jsonl"] + (["rollouts.jsonl"] if stage == "grpo" else [])
+    for name in logs:  # ... after a crash or a full disk tore the last line, inside a UTF-8 character
+        with open(os.path.join(out, name), "ab") as f:
+            f.write(b'{"step": 5, "question": "caf\xc3')
+    run(module, make_args(tmp, out, "--resume"))
+    for name in logs:
+        assert_close_records(records(ref, name), records(out, name), exact=True)
+    assert_same_weights(ref, out, exact=True)
+
+
+def test_a_final_save_killed_midway_never_leaves_a_mix(tmp, monkeypatch):
+    # the final save goes into --out, which holds the run's logs; a kill at any file operation must leave
+    # the old model, the new one, or a folder load() refuses in one line: never one run's config, another's
+    # weights or tokenizer
+    old, new = tmp["vlm"], M.load("tiny", texts=["an entirely different corpus of words"] * 50)
+    assert len(old.tokenizer) != len(new.tokenizer)
+    out, outcomes = str(tmp["root"] / "final_kill"), []
+    real = {"replace": os.replace, "remove": os.remove}
+    for kill_at in range(100):
+        for d in (out, out + ".tmp"):
+            shutil.rmtree(d, ignore_errors=True)
+        M.save_checkpoint(out, old, {"step": 1})
+        open(os.path.join(out, "metrics.jsonl"), "w").close()
+        left = [kill_at]
+
+        def dies(name):
+            def op(*a, **k):
+                if left[0] == 0:
+                    raise KeyboardInterrupt
+                left[0] -= 1
+                return real[name](*a, **k)
+            return op
+        monkeypatch.setattr(os, "replace", dies("replace"))
+        monkeypatch.setattr(os, "remove", dies("remove"))
+        try:
+            M.save_checkpoint(out, new, {"step": 2})
+            finished = True
+        except KeyboardInterrupt:
+            finished = False
+        monkeypatch.undo()
+        try:
+            got = M.load(out)
+        except ValueError as e:
+            assert "\n" not in str(e)
+            outcomes.append("refused")
+        else:
+            which = [name for name, vlm in (("old", old), ("new", new)) if len(vlm.tokenizer) == len(got.tokenizer)]
+            assert which, "a tokenizer of neither run"
+            ref = (old if which == ["old"] else new).model.state_dict()
+            assert all(torch.equal(v, ref[k]) for k, v in got.model.state_dict().items()), (kill_at, which)
+            outcomes.append(which[0])
+        if finished:
+            break
+    assert finished and outcomes[0] == "old" and outcomes[-1] == "new" and "refused" in outcomes
+
+
+def test_step_guard_flags_spikes_and_names_a_checkpoint_from_before_the_trouble(tmp):
+    guard = M.StepGuard(max_bad=2)
+    for step, g in enumerate([1.0, 1.2, 0.8, 1.1, 0.9, 1.0], 1):
+        assert guard.check(step, loss=2.0, grad_norm=g) is None
+    assert guard.check(7, loss=2.0, grad_norm=50.0) == "spike"  # over 10 x the median
+    assert not guard.clean
+    assert guard.check(8, loss=2.1, grad_norm=1.0) is None and guard.clean  # one spike: the run goes on
+    resumed = M.StepGuard(max_bad=2, state=json.loads(json.dumps(guard.state())))  # as state.json holds it
+    assert resumed.check(9, loss=40.0, grad_norm=1.0) == guard.check(9, loss=40.0, grad_norm=1.0) == "spike"
+    assert guard.check(10, loss=float("nan"), grad_norm=1.0) == "non-finite"
+    out = str(tmp["root"] / "guard")
+    for step, scale in ((5, 1.0), (7, float("inf")), (8, 1.0)):  # step 8's weights fed the spike at step 9
+        folder = os.path.join(out, "checkpoints", f"step_{step:07d}")
+        os.makedirs(folder)
+        save_file({"w": torch.ones(3) * scale}, os.path.join(folder, "model.safetensors"))
+        with open(os.path.join(folder, "state.json"), "w") as f:
+            json.dump({"step": step}, f)
+    with pytest.raises(RuntimeError) as e:
+        guard.stop(out)
+    assert "steps 9-10" in str(e.value) and f"Last good checkpoint: {out}/checkpoints/step_0000005 " in str(e.value)
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == [
+        "step_0000005", "step_0000007.bad", "step_0000008.bad"]
+    assert M.latest_checkpoint(out).endswith("step_0000005")
+
+
+def test_an_exploding_update_stops_naming_a_checkpoint_that_is_good(tmp):
+    # three good steps, then a learning rate that blows the weights up to ~1e30 (finite) in one update:
+    # the checkpoint saved right after it looked fine, until the next step's loss was not finite
+    out = str(tmp["root"] / "explode")
+    argv = ["--data", tmp["pseudo"], "--model", tmp["ckpt"], "--out", out, "--batch_size", 4, "--val_frac", 0,
+            "--eval_every", 0, "--warmup", 1, "--save_every", 1]
+    run(sft, argv + ["--max_steps", 3])
+    with pytest.raises(RuntimeError) as e:
+        run(sft, argv + ["--max_steps", 8, "--resume", "--lr", 1e30])
+    good = M.latest_checkpoint(out)
+    assert f"Last good checkpoint: {good}" in str(e.value) and good.endswith("step_0000002")
+    assert max(w.abs().max().item() for w in weights(good).values()) < 100
+    assert os.path.exists(os.path.join(out, "checkpoints", "step_0000003.bad"))  # the ~1e30 one, set aside
+    run(sft, argv + ["--max_steps", 8, "--resume"])  # the README's advice: lower --lr and --resume
+    assert [r["step"] for r in records(out)] == list(range(1, 9)) and not any(r.get("skipped") for r in records(out))
+    assert all(torch.isfinite(w).all() and w.abs().max() < 100 for w in weights(out).values())
+
+
+def test_weights_come_from_safetensors_only_also_through_an_index(tmp):
+    folder = tmp["root"] / "index_to_pickle"
+    os.makedirs(folder)
+    for name in os.listdir(tmp["ckpt"]):
+        if name != "model.safetensors":
+            shutil.copy(os.path.join(tmp["ckpt"], name), folder / name)
+    state = weights(tmp["ckpt"])
+    torch.save(state, folder / "pytorch_model.bin")  # a plain state dict: weights_only=True would load it
+    for target in ("pytorch_model.bin", "../tiny/model.safetensors"):
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {k: target for k in state}}))
+        with pytest.raises(ValueError) as e:
+            M.load(str(folder))
+        one_line(e, "model.safetensors.index.json", target, "only safetensors")
+
+
+def test_bad_model_folders_and_outs_are_one_line(tmp):
+    def folder(name, **files):
+        path = tmp["root"] / name
+        os.makedirs(path)
+        for f in os.listdir(tmp["ckpt"]):
+            shutil.copy(os.path.join(tmp["ckpt"], f), path / f)
+        for f, content in files.items():
+            (path / f.replace("_", ".", 1) if f.startswith("model_") else path / f).write_bytes(content)
+        return str(path)
+    cases = [folder("zero_weights", model_safetensors=b""), folder("garbage_config", **{"config.json": b"{nope"}),
+             folder("list_config", **{"config.json": b"[1, 2]"}), folder("torn_weights", model_safetensors=open(
+                 os.path.join(tmp["ckpt"], "model.safetensors"), "rb").read()[:5000]), tmp["pseudo"]]
+    for path in cases:
+        with pytest.raises(ValueError) as e:
+            M.load(path)
+        one_line(e, path)
+    for out in (tmp["pseudo"], os.path.join(tmp["pseudo"], "sub")):  # a file; under a file
+        with pytest.raises(ValueError) as e:
+            run(sft, sft_args(tmp, out))
+        one_line(e, out)
 
 
 # -----------------------------------------------------------------------------
