@@ -769,6 +769,24 @@ def test_weights_come_from_safetensors_only_also_through_an_index(tmp):
         one_line(e, "model.safetensors.index.json", target, "only safetensors")
 
 
+def test_evaluate_checks_out_first_and_decodes_batch_by_batch(tmp, monkeypatch):
+    events = []
+    monkeypatch.setattr(M, "generate", lambda vlm, images, questions, *a, **k:
+                        events.append(("generate", len(images))) or ["<answer>yes</answer>"] * len(questions))
+    for bad in (str(tmp["root"]), os.path.join(tmp["pseudo"], "metrics.json")):  # a folder; under a file
+        with pytest.raises(ValueError) as e:
+            run(evaluate, ["--ckpt", tmp["ckpt"], "--data", "demo", "--limit", 4, "--no_baselines", "--quiet",
+                           "--out", bad])
+        one_line(e, bad)
+        assert events == []  # refused before any answer was generated
+    load_image = data.load_image
+    monkeypatch.setattr(data, "load_image", lambda r: events.append("decode") or load_image(r))
+    evaluate.evaluate(tmp["vlm"], data.load("demo", "test", limit=10), batch_size=4, progress=False)
+    # each batch's images are decoded when its turn comes: memory does not grow with the split
+    assert events == ["decode"] * 4 + [("generate", 4)] + ["decode"] * 4 + [("generate", 4)] + \
+        ["decode"] * 2 + [("generate", 2)]
+
+
 def test_bad_model_folders_and_outs_are_one_line(tmp):
     def folder(name, **files):
         path = tmp["root"] / name
