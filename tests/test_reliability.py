@@ -626,6 +626,94 @@ def test_every_image_mode_and_shape_reaches_the_model_or_is_one_line(tmp, capsys
         M.sample(vlm, batch, 1, 2, 0.0)
 
 
+def test_retrieve_checks_every_row_and_skips_with_a_count(tmp, corrupt, capsys):
+    rows = [good_row(i) for i in range(4)] + [good_row(4, answer=["yes"]), good_row(5, image=corrupt)]
+    path, out = write_rows(tmp, "retrieve_bad.jsonl", rows), str(tmp["root"] / "retrieve_bad" / "p.jsonl")
+    argv = ["--data", path, "--corpus", "cxr-glossary", "--out", out]
+    with pytest.raises(data.DataError) as e:
+        retrieve.main(retrieve.get_args(argv))
+    one_line(e, path, "line 5", "answer must be text")
+    assert not os.path.exists(out)
+    capsys.readouterr()
+    retrieve.main(retrieve.get_args(argv + ["--skip_bad_rows"]))
+    err = capsys.readouterr().err
+    assert "skipped 1 bad rows of" in err and "skipped 1 bad rows of 5: first problem:" in err  # the field, the image
+    assert [r["id"] for r in data.load(out, "train")] == ["r0", "r1", "r2", "r3"]
+
+
+def test_cli_errors_are_one_line_without_a_traceback(tmp):
+    bad = write_rows(tmp, "cli_bad.jsonl", [good_row(0), good_row(1, split=["train"])])
+    commands = {  # side by side: each pays its imports (sft.py's and grpo.py's are evaluate.py's)
+        "retrieve, a bad row": ["retrieve.py", "--data", bad, "--corpus", "cxr-glossary",
+                                "--out", str(tmp["root"] / "cli" / "p.jsonl")],
+        "evaluate, no such model": ["evaluate.py", "--ckpt", str(tmp["root"] / "no" / "model"), "--out",
+                                    str(tmp["root"] / "cli" / "m.json")],
+    }
+    procs = {k: subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for k, argv in commands.items()}
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert proc.returncode == 1 and "Traceback" not in err and len(lines) == 1, (name, err[-2000:])
+
+
+def test_one_jsonl_pair_what_retrieve_writes_the_next_stage_reads(tmp, monkeypatch, capsys):
+    # a SLAKE copy addressed relative to the working folder, rows with null and repeated ids, and text
+    # holding the line separators JSON allows raw in a string
+    root = tmp["root"] / "slake_copy" / "Slake1.0"
+    os.makedirs(root / "imgs" / "a")
+    Image.new("RGB", (20, 20), (10, 80, 10)).save(root / "imgs" / "a" / "source.jpg")
+    seps = "\u2028\u2029\x85"
+    base = {"img_name": "a/source.jpg", "q_lang": "en", "answer_type": "CLOSED", "content_type": "Organ"}
+    questions = [f"Is there{seps}a lung?", "Is this a CT?", "Is it an MRI?", "Is it a chest?"]
+    (root / "train.json").write_text(json.dumps([dict(base, qid=qid, question=q, answer="Yes")
+                                                 for qid, q in zip([None, None, 7, 7], questions)]))
+    os.makedirs(tmp["root"] / "work")
+    monkeypatch.chdir(tmp["root"] / "work")
+    argv = ["--data", "../slake_copy", "--corpus", "cxr-glossary", "--out", "runs/x/p.jsonl"]
+    retrieve.main(retrieve.get_args(argv))
+    ids = ["slake-0", "slake-1", "slake-7", "slake-7#2"]  # made up from the row's place; made unique
+    rows = data.load("runs/x/p.jsonl", "train")
+    assert [r["id"] for r in rows] == ids and [r["question"] for r in rows] == questions
+    assert all(data.load_image(r).size == (20, 20) for r in rows)
+    retrieve.main(retrieve.get_args(argv))  # a rerun writes nothing twice and drops nothing
+    assert "resuming: 4 rows already in" in capsys.readouterr().out
+    assert [r["id"] for r in data.load("runs/x/p.jsonl", "train")] == ids
+    run(sft, ["--data", "runs/x/p.jsonl", "--model", tmp["ckpt"], "--out", "runs/x/sft", "--batch_size", 2,
+              "--max_steps", 1, "--val_frac", 0, "--eval_every", 0])
+    # the reader: a byte-order mark, CRLF, blank lines and raw U+2028; the writer: one line, whatever the text
+    odd = tmp["root"] / "odd.jsonl"
+    lines = [json.dumps(good_row(0, question=f"Is{seps}it?"), ensure_ascii=False), "", "  ", json.dumps(good_row(1))]
+    odd.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    assert [(r["id"], r["question"]) for r in data.load(str(odd), "train")] == [
+        ("r0", f"Is{seps}it?"), ("r1", "Is there a nodule?")]
+    text = f"a{seps}\x0b\x0c\x1c\x1d\x1e\r\nb"
+    line = data.jsonl_line({"q": text})
+    assert line.endswith("\n") and len(line.splitlines()) == 1 and json.loads(line)["q"] == text
+
+
+def test_retrieve_stores_each_embedded_image_once_with_its_own_bytes(tmp):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    jpegs = []
+    for colour in ((200, 30, 30), (30, 200, 30), (30, 30, 200)):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), colour).save(buf, format="JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    folder = tmp["root"] / "embedded"
+    os.makedirs(folder / "data")
+    pq.write_table(pa.table({"image": [{"bytes": jpegs[i % 3], "path": None} for i in range(12)],
+                             "question": [f"Is this image {i}?" for i in range(12)], "answer": ["yes"] * 12}),
+                   str(folder / "data" / "train-00000-of-00001.parquet"))
+    out = str(folder / "out" / "p.jsonl")
+    retrieve.main(retrieve.get_args(["--data", str(folder), "--corpus", "cxr-glossary", "--out", out]))
+    stored = sorted(os.listdir(folder / "out" / "p_images"))
+    assert len(stored) == 3 and all(name.endswith(".jpg") for name in stored)  # one file per distinct image
+    assert sorted(open(folder / "out" / "p_images" / n, "rb").read() for n in stored) == sorted(jpegs)  # as embedded
+    rows = data.load(out, "train")
+    assert len(rows) == 12 and len({r["image"] for r in rows}) == 3
+    assert data.load_image(rows[4]).getpixel((5, 5)) == Image.open(io.BytesIO(jpegs[1])).convert("RGB").getpixel((5, 5))
+
+
 def files_of(folder):
     return {os.path.relpath(os.path.join(d, n), folder): (open(os.path.join(d, n), "rb").read(),
                                                           os.stat(os.path.join(d, n)).st_mtime_ns)
