@@ -68,7 +68,7 @@ resolves from OUT's folder: a dataset's image file stays where it is (its absolu
 in-memory image is stored once, however many questions share it, under OUT_images/ and named by
 the hash of its bytes: the bytes it came embedded as (parquet, the hub), not re-encoded, or a
 PNG for one that exists only as pixels (the demo's). 20,000 parquet rows over 2,500 images:
-23 s and 228 MB, where one PNG per row took 21 rows/s and 0.43 MB a row
+26 s and 228 MB, where one PNG per row took 21 rows/s and 0.43 MB a row
 (bench/retrieve_scale.py). vars(args) goes to OUT.args.json. Every row is checked first
 (data.load, and each distinct image decodes): a bad one is a one-line error, or skipped and
 counted with --skip_bad_rows. A rerun appends the missing rows (resumable; ids are unique and
