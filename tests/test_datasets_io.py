@@ -40,7 +40,8 @@ def pseudo(tmp_path_factory):
 
 
 def test_pseudo_labels_round_trip_through_to_dataset_and_parquet(pseudo, tmp_path):
-    assert {"target", "evidence", "evidence_ids", "keywords", "report", "category", "writer", "source"} <= set(pseudo[0])
+    fields = {"target", "evidence", "evidence_ids", "keywords", "report", "category", "writer", "source"}
+    assert fields <= set(pseudo[0])
     ds = data.to_dataset(pseudo)
     assert isinstance(ds.features["image"], datasets.Image)
     assert ds.features["keywords"] == datasets.List(datasets.Value("string"))
