@@ -422,7 +422,7 @@ def _load_parquet(files, split, lang, dataset, by_file_name=True):
 def _datasets_name(ds):
     """A name for a datasets.Dataset / DatasetDict in messages."""
     name = getattr(getattr(ds, "info", None), "dataset_name", None)
-    return f"<datasets.{type(ds).__name__}{' ' + name if name else ''}>"
+    return f"<{type(ds).__module__.split('.')[0]}.{type(ds).__name__}{' ' + name if name else ''}>"
 
 
 def _load_datasets(ds, split, lang, name, dataset=None):
@@ -446,10 +446,10 @@ def _load_datasets(ds, split, lang, name, dataset=None):
 
 def _table_rows(name, batches, split, lang, dataset, folder, shared, counter, own_split):
     """Rows from batches of records (parquet, a datasets.Dataset), every field kept, as the JSONL reader keeps
-    them. own_split: the records are not one split's (a file named for one, a DatasetDict's), so a record's
-    split field picks the split, as in a JSONL file. Embedded image bytes are shared: `shared` maps each
-    image's bytes to one bytes object, so a split that repeats an image on every question of it (PathVQA:
-    20k rows over ~2.5k images) holds each image once."""
+    them. own_split: the records may be of several splits (one parquet file, one Dataset), so a record's split
+    field says which, as in a JSONL file (a file named for a split, or a DatasetDict's split, says it for all).
+    Embedded image bytes are shared: `shared` maps each image's bytes to one bytes object, so a split that
+    repeats an image on every question of it (PathVQA: 20k rows over ~2.5k images) holds each image once."""
     i = -1
     for batch in batches:
         for r in batch:
