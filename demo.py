@@ -110,11 +110,15 @@ def read_jsonl(path):
 
 def plot(folder):
     """curves.png from sft/ and grpo/metrics.jsonl: SFT loss, GRPO reward parts, KL and held-out accuracy.
-    Returns its path, or None when the folder has neither metrics file."""
+    Returns its path, or None when there is nothing to draw or nothing to draw with."""
     sft, grpo = (read_jsonl(os.path.join(folder, stage, "metrics.jsonl")) for stage in ("sft", "grpo"))
     if not sft and not grpo:
         return None
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # in requirements.txt; a .venv made before it may lack it: the report goes on without
+        print(f"curves.png needs matplotlib: {PY} -m pip install -r requirements.txt, then {PY} demo.py --plot {folder}")
+        return None
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(2, 2, figsize=(12, 7.5))
@@ -307,7 +311,7 @@ def main(args):
           f"{change['broke']} (McNemar p {pval(change['p_value'])}; below 0.05: more than chance)")
     print("seconds per stage: " + ", ".join(f"{k} {v}" for k, v in seconds.items()) +
           f"; total {report['total_seconds']} (stage times; this run took {time.time() - t0:.0f}s)")
-    print(f"wrote {curves} and {page} (open it in a browser)")
+    print(f"wrote {' and '.join(p for p in (curves, page) if p)} (open the page in a browser)")
 
 
 def ablation(args):
@@ -346,9 +350,9 @@ def ablation(args):
 if __name__ == "__main__":
     a = parser.parse_args()
     if a.plot:
-        if not plot(a.plot):
+        if not any(os.path.exists(os.path.join(a.plot, stage, "metrics.jsonl")) for stage in ("sft", "grpo")):
             sys.exit(f"{a.plot}: no sft/metrics.jsonl or grpo/metrics.jsonl to draw; run {PY} demo.py --out {a.plot}")
-        print(f"wrote {os.path.join(a.plot, 'curves.png')} and {write_report(a.plot)}")
+        print(f"wrote {' and '.join(p for p in (plot(a.plot), write_report(a.plot)) if p)}")
     elif a.ablation:
         ablation(a)
     else:
