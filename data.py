@@ -23,10 +23,15 @@ and "validate" are accepted and mean "val").
 Local layouts recognised (a folder, or its parent where noted):
 - VQA-RAD, OSF release: `VQA_RAD Dataset Public.json` + `VQA_RAD Image Folder/`. The
   official test split is phrase_type test_freeform + test_para (451 rows: 272 closed,
-  179 open); train is the other 1,797 rows. There is no validation split.
+  179 open). VQA-RAD has no validation split, so we hold one out of train: "val" is the
+  questions on a fixed tenth of the training images (VAL_IMAGES: a hash of the image file
+  name, 196 questions on 35 images), "train" the rest (1,601). Settings are chosen on val
+  without touching test, and val's images are disjoint from train's (while 446 of the 451
+  test questions are on training images).
 - VQA-RAD, MEVF split files: `data_RAD/` (or its parent, when no OSF json is there)
   with trainset.json / testset.json; images from data_RAD/images/ or the sibling
-  OSF image folder. Train has 1,267 extra "frame" questions (3,064 rows).
+  OSF image folder. Train has 1,267 extra "frame" questions (3,064 rows); val is held
+  out of it as for the OSF release.
 - SLAKE 1.0: `Slake1.0/` (or its parent) with train/validate/test.json and imgs/.
   `lang` filters q_lang: "en", "zh" or "all". Evaluate per language: the splits are
   image-disjoint within a language but not across languages.
@@ -71,6 +76,7 @@ _load_slake) and a branch in _detect().
 """
 
 import glob
+import hashlib
 import io
 import json
 import os
@@ -346,10 +352,21 @@ def _vqa_rad_category(qtype):
     return VQA_RAD_TYPE_TYPOS.get(qtype, qtype) or None
 
 
+# VQA-RAD's held-out validation images: a fixed tenth, by a hash of the file name (no RNG, no list to ship)
+VAL_IMAGES = 0.1
+
+
+def _held_out(image_name):
+    return int(hashlib.sha1(os.path.basename(image_name).encode()).hexdigest(), 16) % 1000 < VAL_IMAGES * 1000
+
+
 def _vqa_rad_rows(file, records, image_dir, split, id_prefix):
+    """Rows of VQA-RAD's records; "train" and "val" split the training records by image (_held_out)."""
     for i, r in enumerate(records):
         if not isinstance(r, dict):
             yield file, f"row {i}", "not a JSON object"
+            continue
+        if split in ("train", "val") and r.get("image_name") and _held_out(str(r["image_name"])) != (split == "val"):
             continue
         image = os.path.join(image_dir, r["image_name"]) if r.get("image_name") else None
         yield file, f"row {i}", _row(f"{id_prefix}{r.get('qid', i)}", image, r.get("question"), r.get("answer"),
@@ -359,19 +376,15 @@ def _vqa_rad_rows(file, records, image_dir, split, id_prefix):
 
 def _load_vqa_rad(root, split):
     file = os.path.join(root, VQA_RAD_JSON)
-    if split == "val":
-        raise SplitNotFound(f"{file}: VQA-RAD has no validation split (use train or test)")
     records = _read_json(file)
-    # the official test split is the phrase_type test_freeform + test_para rows
+    # the official test split is the phrase_type test_freeform + test_para rows; train and val the others
     keep = [r for r in records if not isinstance(r, dict) or
             str(r.get("phrase_type", "")).startswith("test") == (split == "test")]
     yield from _vqa_rad_rows(file, keep, os.path.join(root, VQA_RAD_IMAGES), split, "vqa-rad-")
 
 
 def _load_mevf(root, split):
-    if split not in MEVF_FILES:
-        raise SplitNotFound(f"{root}: the MEVF VQA-RAD split has no {split!r} split (use train or test)")
-    file = os.path.join(root, MEVF_FILES[split])
+    file = os.path.join(root, MEVF_FILES["test" if split == "test" else "train"])  # val: held out of train
     image_dir = os.path.join(root, "images")
     if not os.path.isdir(image_dir):  # the split files alone, next to the OSF release's image folder
         image_dir = os.path.join(os.path.dirname(os.path.normpath(root)), VQA_RAD_IMAGES)
@@ -544,12 +557,15 @@ def _load_hub(source, split, lang):
         return
     import datasets
     hub_split = {"train": "train", "val": "validation", "test": "test"}[split]
-    if source == "vqa-rad" and split == "val":
-        raise SplitNotFound(f"{HUB[source]}: VQA-RAD has no validation split (use train or test)")
+    if source == "vqa-rad" and split == "val":  # held out of train by image, as for a local copy (by its bytes)
+        hub_split = "train"
     if lang not in ("en", "all"):
         return
     ds = datasets.load_dataset(HUB[source], split=hub_split).cast_column("image", datasets.Image(decode=False))
     for i, ex in enumerate(ds):
+        if source == "vqa-rad" and split != "test" and _held_out(hashlib.sha1(ex["image"]["bytes"]).hexdigest()) \
+                != (split == "val"):
+            continue
         image, problem = _image_from_bytes(ex["image"]["bytes"], f"{HUB[source]} {hub_split} row {i}")
         yield HUB[source], f"row {i}", problem or _row(f"{source}-{split}-{i}", image, ex.get("question"),
                                                        ex.get("answer"), None, source, split)
