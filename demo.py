@@ -24,7 +24,6 @@ each stage, the seeds, and how the GRPO setting was chosen (on the val split).
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -81,20 +80,6 @@ def table(results, title):
     for name, res in results.items():
         print(f"{name:>26} | " + " | ".join(f"{res[k]:15.3f}" if res[k] is not None else f"{'-':>15}"
                                             for k in KEYS))
-
-
-def paired(before_dir, after_dir):
-    """Same questions, two models: how many answers the second fixed and broke, and the exact two-sided
-    McNemar p-value (a sign test on the flips): is the change bigger than chance?"""
-    # matched by row id, not by line: the two files need not list the rows in the same order
-    read = lambda d: {r["id"]: r["exact"] for r in map(json.loads, open(os.path.join(d, "predictions.jsonl")))}
-    a, b = read(before_dir), read(after_dir)
-    fixed = sum(1 for k in a if not a[k] and b.get(k))
-    broke = sum(1 for k in a if a[k] and not b.get(k))
-    n = fixed + broke
-    # under "no change", each flip is a fixed or a broken answer with probability 1/2: a binomial tail, doubled
-    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(fixed, broke) + 1)) / 2 ** n) if n else 1.0
-    return {"fixed": fixed, "broke": broke, "p_value": round(p, 4)}
 
 
 def pval(p):
@@ -215,8 +200,8 @@ def results_html(report):
     html.append("</table>")
     if report.get("grpo_vs_sft"):
         c = report["grpo_vs_sft"]
-        html.append(f"<p>GRPO against SFT on the same questions: {c['fixed']} answers fixed, {c['broke']} broken "
-                    f"(exact McNemar p {pval(c['p_value'])}).</p>")
+        html.append(f"<p>GRPO against SFT on the same questions: {c['fixed']} answers fixed, {c['broken']} broken "
+                    f"(exact McNemar p {pval(c['p'])}).</p>")
     if report.get("seconds"):
         times = ", ".join(f"{escape(k)} {v}" for k, v in report["seconds"].items())
         html.append(f"<p class=note>seconds per stage: {times}; total {report.get('total_seconds')}</p>")
@@ -280,7 +265,7 @@ def main(args):
 
     # data: drawn in memory from a seed; print what a model that ignores the image would score
     import data
-    from evaluate import baselines  # the same baselines evaluate.py reports beside the model
+    from evaluate import baselines, paired  # the same baselines and paired test as the real benchmarks
     train, test = data.load("demo", "train"), data.load("demo", "test")
     print(f"demo data: {len(train)} train / {len(test)} test questions; question-only baseline on test: "
           f"{baselines(train, test)['question_only']:.3f}")
@@ -308,7 +293,7 @@ def main(args):
           f"held-out demo test split (n={results['grpo']['n']}); baselines: question-only "
           f"{b.get('question_only', float('nan')):.3f}, majority {b.get('majority', float('nan')):.3f}")
     print(f"GRPO vs SFT on the same {results['grpo']['n']} questions: fixed {change['fixed']}, broke "
-          f"{change['broke']} (McNemar p {pval(change['p_value'])}; below 0.05: more than chance)")
+          f"{change['broken']} (McNemar p {pval(change['p'])}; below 0.05: more than chance)")
     print("seconds per stage: " + ", ".join(f"{k} {v}" for k, v in seconds.items()) +
           f"; total {report['total_seconds']} (stage times; this run took {time.time() - t0:.0f}s)")
     print(f"wrote {' and '.join(p for p in (curves, page) if p)} (open the page in a browser)")
@@ -338,12 +323,13 @@ def ablation(args):
     # each GRPO run against SFT alone on the same questions: answers fixed / broken, McNemar p
     dirs = {"SFT + GRPO": os.path.join(main_out, "eval_grpo")}
     dirs.update({name: os.path.join(folder(name), "eval") for name in variants})
+    from evaluate import paired
     vs_sft = {name: paired(os.path.join(main_out, "eval_sft"), d) for name, d in dirs.items()}
     with open(os.path.join(out, "ablation.json"), "w") as f:
         json.dump({**results, "vs_sft": vs_sft, "seconds": seconds}, f, indent=1)
     table(results, "ablation on the held-out demo test split")
     for name, c in vs_sft.items():
-        print(f"{name:>32} vs SFT only: fixed {c['fixed']:3d}, broke {c['broke']:3d}, McNemar p {pval(c['p_value'])}")
+        print(f"{name:>32} vs SFT only: fixed {c['fixed']:3d}, broke {c['broken']:3d}, McNemar p {pval(c['p'])}")
     print("seconds per run: " + ", ".join(f"{k} {v}" for k, v in seconds.items()))
 
 

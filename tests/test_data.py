@@ -293,13 +293,15 @@ def test_demo_question_alone_cannot_answer(demo_splits):
         assert max(tally.values()) / sum(tally.values()) <= 0.6, (q, tally)
     # the baseline itself: the majority answer per question, else per answer type
     rows = [{"question": "Q?", "answer": a, "answer_type": "closed"} for a in ("yes", "yes", "no")]
-    assert baselines(rows, rows) == {"majority": pytest.approx(2 / 3), "question_only": pytest.approx(2 / 3)}
+    assert baselines(rows, rows) == {"majority": pytest.approx(2 / 3), "question_only": pytest.approx(2 / 3),
+                                     "closed_majority": pytest.approx(2 / 3)}
     unseen = [{"question": "New?", "answer": "Yes.", "answer_type": "closed"}]
     assert baselines(rows, unseen)["question_only"] == 1
     # the question is matched after normalisation (case, punctuation, articles), the answer too
     rows += [{"question": "Which side?", "answer": "Left", "answer_type": "open"}] * 2
     assert baselines(rows, [{"question": "which SIDE", "answer": "left.", "answer_type": "open"}]) == \
-        {"majority": 1.0, "question_only": 1.0}
+        {"majority": 1.0, "question_only": 1.0, "closed_majority": None}  # no closed question to score
+    assert baselines(rows, rows)["closed_majority"] == pytest.approx(2 / 3)  # "yes" on the three closed rows
 
 
 def test_demo_categories_and_answer_types(demo_splits):

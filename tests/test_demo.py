@@ -1,4 +1,4 @@
-"""demo.py: the paired comparison (fixed / broke / McNemar p) on hand-worked predictions; curves.png and
+"""evaluate.paired: the paired comparison (fixed / broke / McNemar p) on hand-worked predictions; curves.png and
 report.html from a small fake run folder."""
 import importlib.util
 import json
@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+
+import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "demo.py"))
@@ -32,9 +34,9 @@ def write(folder, exact):
 def test_paired_counts_flips_and_sign_test(tmp_path, before, after, fixed, broke, p):
     write(tmp_path / "a", before)
     write(tmp_path / "b", after)
-    got = demo.paired(str(tmp_path / "a"), str(tmp_path / "b"))
-    assert (got["fixed"], got["broke"]) == (fixed, broke)
-    assert got["p_value"] == pytest.approx(p, abs=1e-4)
+    got = evaluate.paired(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert (got["fixed"], got["broken"]) == (fixed, broke)
+    assert got["p"] == pytest.approx(p, abs=1e-4)
 
 
 # -----------------------------------------------------------------------------
@@ -67,7 +69,7 @@ def fake_run(folder):
                        "baselines": {"majority": 0.25, "question_only": 0.5}}
     with open(os.path.join(folder, "report.json"), "w") as f:
         json.dump({"base": res(0.0), "sft": res(0.5), "grpo": res(0.75),
-                   "grpo_vs_sft": demo.paired(os.path.join(folder, "eval_sft"), os.path.join(folder, "eval_grpo")),
+                   "grpo_vs_sft": evaluate.paired(os.path.join(folder, "eval_sft"), os.path.join(folder, "eval_grpo")),
                    "seconds": {"sft": 1.0}, "total_seconds": 1.0}, f)
 
 
