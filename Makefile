@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+DATA   ?= ../shared/data
 
-.PHONY: demo test ablation clean
+.PHONY: demo test ablation bench-real clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +18,12 @@ demo: $(STAMP)
 
 ablation: $(STAMP)
 	$(PY) demo.py --ablation --out runs/ablation
+
+# the pipeline on VQA-RAD and SLAKE, 3 seeds each (~2.5 h on 2 cores); README table: bench/real_table.py
+bench-real: $(STAMP)
+	bash bench/benchmarks.sh --data $(DATA)/vqa_rad --name vqa_rad
+	bash bench/benchmarks.sh --data $(DATA)/slake/Slake1.0 --name slake
+	$(PY) bench/real_table.py --readme README.md
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -16,20 +16,35 @@ and "validate" are accepted and mean "val").
     load("pathvqa", "val")                 # $MEDFACT_DATA_DIR/pathvqa if set, else the hub
     load("path/to/Slake1.0", "train")      # a local copy in its original layout, auto-detected
     load("rows.jsonl", "train")            # rows in the schema above, one JSON object a line
+    load("rows.parquet", "train")          # the same rows as parquet (e.g. to_dataset(rows).to_parquet(...))
+    load(dataset_or_dict, "train")         # a datasets.Dataset / DatasetDict, or a save_to_disk folder
+    to_dataset(rows)                       # rows (pseudo-labels too) -> a datasets.Dataset, images embedded
 
 Local layouts recognised (a folder, or its parent where noted):
 - VQA-RAD, OSF release: `VQA_RAD Dataset Public.json` + `VQA_RAD Image Folder/`. The
   official test split is phrase_type test_freeform + test_para (451 rows: 272 closed,
-  179 open); train is the other 1,797 rows. There is no validation split.
+  179 open). VQA-RAD has no validation split, so we hold one out of train: "val" is the
+  questions on a fixed tenth of the training images (VAL_IMAGES: a hash of the image file
+  name, 196 questions on 35 images), "train" the rest (1,601). Settings are chosen on val
+  without touching test, and val's images are disjoint from train's (while 446 of the 451
+  test questions are on training images).
 - VQA-RAD, MEVF split files: `data_RAD/` (or its parent, when no OSF json is there)
   with trainset.json / testset.json; images from data_RAD/images/ or the sibling
-  OSF image folder. Train has 1,267 extra "frame" questions (3,064 rows).
+  OSF image folder. Train has 1,267 extra "frame" questions (3,064 rows); val is held
+  out of it as for the OSF release.
 - SLAKE 1.0: `Slake1.0/` (or its parent) with train/validate/test.json and imgs/.
   `lang` filters q_lang: "en", "zh" or "all". Evaluate per language: the splits are
   image-disjoint within a language but not across languages.
 - PathVQA as the Hugging Face parquet export: `data/*.parquet` or `*.parquet`, one or
   more files per split named `<split>-....parquet`, image bytes inside.
 - Any folder with `<split>.jsonl` or `<split>.json` rows (image paths relative to it).
+- A `Dataset.save_to_disk` / `DatasetDict.save_to_disk` folder.
+
+From parquet and `datasets` every field of a row is kept (a pseudo-label's target, evidence, ...),
+as from JSONL; in one file or one Dataset a row's `split` field says which split it is in (as in
+JSONL), in split-named files or a DatasetDict the container does. Embedded images are held once
+per distinct image (PathVQA repeats each image's bytes on every question of it), and parquet is
+read in batches.
 
 Quirks of the official releases that the loaders absorb: VQA-RAD's answer_type
 "CLOSED " (trailing space) and int answers (5 rows) become "closed" and str; its
@@ -94,9 +109,9 @@ from PIL import Image
 import synthetic_cxr
 from rewards import normalize_answer  # ONE answer normalisation, shared with rewards and evaluation
 
-__all__ = ["DataError", "SplitNotFound", "load", "load_image", "check_rows", "normalize_answer", "jsonl_line",
-           "append_jsonl", "write_jsonl", "read_jsonl", "cut_torn_line", "truncate_jsonl", "writable_file",
-           "writable_folder"]
+__all__ = ["DataError", "SplitNotFound", "load", "load_image", "check_rows", "to_dataset", "normalize_answer",
+           "jsonl_line", "append_jsonl", "write_jsonl", "read_jsonl", "cut_torn_line", "truncate_jsonl",
+           "writable_file", "writable_folder"]
 
 
 class DataError(ValueError):
@@ -120,11 +135,16 @@ LOCAL_NAMES = {"vqa-rad": "vqa_rad", "slake": "slake", "pathvqa": "pathvqa"}  # 
 
 
 def load(source, split, lang="en", skip_bad_rows=False, limit=None):
-    """Rows of one split of `source`: "demo", a dataset name, a local folder or a .jsonl file."""
-    source = os.fspath(source)
+    """Rows of one split of `source`: "demo", a dataset name, a local folder, a .jsonl or .parquet file,
+    or a datasets.Dataset / DatasetDict."""
+    in_memory = not isinstance(source, (str, os.PathLike))  # a datasets object, not a name or a path
+    name = _datasets_name(source) if in_memory else os.fspath(source)
     if split not in SPLITS:
-        raise DataError(f"{source}: unknown split {split!r} (use train, val/validation/validate or test)")
+        raise DataError(f"{name}: unknown split {split!r} (use train, val/validation/validate or test)")
     split = SPLITS[split]
+    if in_memory:
+        return _finish(_load_datasets(source, split, lang, name), name, split, lang, skip_bad_rows, limit)
+    source = name
     if source == "demo":
         rows = [dict(r) for r in synthetic_cxr.rows(split) if lang in ("all", r["lang"])]  # copies: callers may edit
         if not rows:
@@ -148,7 +168,11 @@ def _detect(path, split, lang, dataset=None):
     if os.path.isfile(path):
         if path.endswith((".jsonl", ".json")):
             return path, _load_rows_file(path, split, lang, dataset)
-        raise DataError(f"{path}: not a dataset (expected a .jsonl or .json file of rows, or a dataset folder)")
+        if path.endswith(".parquet"):  # one file: its rows carry their split, or belong to every split
+            return path, _load_parquet([path], split, lang, dataset or _folder_name(path).rsplit(".", 1)[0],
+                                       by_file_name=False)
+        raise DataError(f"{path}: not a dataset (expected a .jsonl, .json or .parquet file of rows, or a dataset "
+                        f"folder)")
     if os.path.exists(os.path.join(path, VQA_RAD_JSON)):
         return os.path.join(path, VQA_RAD_JSON), _load_vqa_rad(path, split)
     for d in (path, os.path.join(path, "data_RAD")):
@@ -158,16 +182,20 @@ def _detect(path, split, lang, dataset=None):
         if os.path.isdir(os.path.join(d, "imgs")) and any(
                 os.path.exists(os.path.join(d, f)) for fs in SLAKE_FILES.values() for f in fs):
             return d, _load_slake(d, split, lang)
+    if os.path.exists(os.path.join(path, "dataset_dict.json")) or all(
+            os.path.exists(os.path.join(path, f)) for f in ("dataset_info.json", "state.json")):
+        import datasets  # a Dataset.save_to_disk / DatasetDict.save_to_disk folder
+        return path, _load_datasets(datasets.load_from_disk(path), split, lang, path, dataset or _folder_name(path))
     parquets = sorted(glob.glob(os.path.join(path, "data", "*.parquet")) + glob.glob(os.path.join(path, "*.parquet")))
     if parquets:
-        return path, _load_parquet(parquets, split, dataset or _folder_name(path))
+        return path, _load_parquet(parquets, split, lang, dataset or _folder_name(path))
     for name in [k for k, v in SPLITS.items() if v == split]:
         for ext in (".jsonl", ".json"):
             f = os.path.join(path, name + ext)
             if os.path.exists(f):
                 return f, _load_rows_file(f, split, lang, dataset or _folder_name(path))
     raise SplitNotFound(f"{path}: no known dataset layout for split {split!r} (looked for VQA-RAD, MEVF data_RAD, "
-                        f"Slake1.0, *.parquet and <split>.jsonl/.json)")
+                        f"Slake1.0, a save_to_disk folder, *.parquet and <split>.jsonl/.json)")
 
 
 def _folder_name(path):
@@ -629,10 +657,21 @@ def _vqa_rad_category(qtype):
     return VQA_RAD_TYPE_TYPOS.get(qtype, qtype) or None
 
 
+# VQA-RAD's held-out validation images: a fixed tenth, by a hash of the file name (no RNG, no list to ship)
+VAL_IMAGES = 0.1
+
+
+def _held_out(image_name):
+    return int(hashlib.sha1(os.path.basename(image_name).encode()).hexdigest(), 16) % 1000 < VAL_IMAGES * 1000
+
+
 def _vqa_rad_rows(file, records, image_dir, split, id_prefix):
+    """Rows of VQA-RAD's records; "train" and "val" split the training records by image (_held_out)."""
     for i, r in enumerate(records):
         if not isinstance(r, dict):
             yield file, f"row {i}", "not a JSON object"
+            continue
+        if split in ("train", "val") and r.get("image_name") and _held_out(str(r["image_name"])) != (split == "val"):
             continue
         image = _in(image_dir, r.get("image_name"))
         yield file, f"row {i}", _row(f"{id_prefix}{_or(r.get('qid'), i)}", image, r.get("question"), r.get("answer"),
@@ -642,19 +681,15 @@ def _vqa_rad_rows(file, records, image_dir, split, id_prefix):
 
 def _load_vqa_rad(root, split):
     file = os.path.join(root, VQA_RAD_JSON)
-    if split == "val":
-        raise SplitNotFound(f"{file}: VQA-RAD has no validation split (use train or test)")
     records = _read_json(file)
-    # the official test split is the phrase_type test_freeform + test_para rows
+    # the official test split is the phrase_type test_freeform + test_para rows; train and val the others
     keep = [r for r in records if not isinstance(r, dict) or
             str(r.get("phrase_type", "")).startswith("test") == (split == "test")]
     yield from _vqa_rad_rows(file, keep, os.path.join(root, VQA_RAD_IMAGES), split, "vqa-rad-")
 
 
 def _load_mevf(root, split):
-    if split not in MEVF_FILES:
-        raise SplitNotFound(f"{root}: the MEVF VQA-RAD split has no {split!r} split (use train or test)")
-    file = os.path.join(root, MEVF_FILES[split])
+    file = os.path.join(root, MEVF_FILES["test" if split == "test" else "train"])  # val: held out of train
     image_dir = os.path.join(root, "images")
     if not os.path.isdir(image_dir):  # the split files alone, next to the OSF release's image folder
         image_dir = os.path.join(os.path.dirname(os.path.normpath(root)), VQA_RAD_IMAGES)
@@ -687,20 +722,81 @@ def _load_slake(root, split, lang):
 # -----------------------------------------------------------------------------
 # PathVQA (Hugging Face parquet export), rows files, and the hub
 
-def _load_parquet(files, split, dataset):
+def _load_parquet(files, split, lang, dataset, by_file_name=True):
+    """Rows of parquet files (the Hugging Face export: `<split>-....parquet`, or one file given by name),
+    read in batches: the whole table is never a Python list."""
+    import itertools
     import pyarrow.parquet as pq  # a dependency of `datasets`
-    names = [k for k, v in SPLITS.items() if v == split]
-    files = [f for f in files if os.path.basename(f).split("-")[0].split(".")[0] in names]
+    if by_file_name:
+        names = [k for k, v in SPLITS.items() if v == split]
+        files = [f for f in files if os.path.basename(f).split("-")[0].split(".")[0] in names]
+    shared, counter = {}, itertools.count()  # across the split's files: one bytes object per image, unique ids
     for file in files:
-        for i, r in enumerate(pq.read_table(file).to_pylist()):
+        batches = (b.to_pylist() for b in pq.ParquetFile(file).iter_batches(batch_size=512))
+        yield from _table_rows(file, batches, split, lang, dataset, os.path.dirname(file), shared, counter,
+                               own_split=not by_file_name)
+
+
+def _datasets_name(ds):
+    """A name for a datasets.Dataset / DatasetDict in messages."""
+    name = getattr(getattr(ds, "info", None), "dataset_name", None)
+    return f"<{type(ds).__module__.split('.')[0]}.{type(ds).__name__}{' ' + name if name else ''}>"
+
+
+def _load_datasets(ds, split, lang, name, dataset=None):
+    """Rows of a datasets.Dataset, or of one split of a DatasetDict (train / validation / val / test)."""
+    import itertools
+    import datasets
+    whole = not isinstance(ds, datasets.DatasetDict)  # a Dataset: its rows' split field (if any) says which
+    if not whole:
+        keys = [k for k in ds if SPLITS.get(k) == split]
+        if not keys:
+            raise SplitNotFound(f"{name}: no {split!r} split (it has {', '.join(ds) or 'none'})")
+        ds = ds[keys[0]]
+    if not isinstance(ds, datasets.Dataset):
+        raise DataError(f"{name}: not a dataset (expected a name, a path, or a datasets.Dataset / DatasetDict)")
+    if isinstance(ds.features.get("image"), datasets.Image):
+        ds = ds.cast_column("image", datasets.Image(decode=False))  # the embedded bytes, not decoded pixels
+    batches = (b.to_pylist() for b in ds.with_format("arrow").iter(batch_size=512))
+    yield from _table_rows(name, batches, split, lang, dataset or ds.info.dataset_name or "dataset", None, {},
+                           itertools.count(), own_split=whole)
+
+
+def _table_rows(name, batches, split, lang, dataset, folder, shared, counter, own_split):
+    """Rows from batches of records (parquet, a datasets.Dataset), every field kept, as the JSONL reader keeps
+    them. own_split: the records may be of several splits (one parquet file, one Dataset), so a record's split
+    field says which, as in a JSONL file (a file named for a split, or a DatasetDict's split, says it for all).
+    Embedded image bytes are shared: `shared` maps each image's bytes to one bytes object, so a split that
+    repeats an image on every question of it (PathVQA: 20k rows over ~2.5k images) holds each image once."""
+    i = -1
+    for batch in batches:
+        for r in batch:
+            i += 1
+            n = next(counter)
+            if own_split and r.get("split") is not None and SPLITS.get(r["split"]) != split:  # another split's
+                if r["split"] not in SPLITS:
+                    yield name, f"row {i}", f"unknown split {r['split']!r}"
+                continue
+            if lang != "all" and (r.get("lang") or "en") != lang:
+                continue
             image, problem = r.get("image"), None
             if isinstance(image, dict):  # the datasets Image feature: {"bytes": ..., "path": ...}
-                image, problem = _image_from_bytes(image["bytes"], f"{file} row {i}") if image.get("bytes") \
-                    else (image.get("path"), None)
-            if isinstance(image, str):  # a path, relative to the parquet file
-                image = os.path.join(os.path.dirname(file), image)
-            yield file, f"row {i}", problem or _row(r.get("id", f"{dataset}-{split}-{i}"), image, r.get("question"),
-                                                    r.get("answer"), r.get("answer_type"), dataset, split)
+                if image.get("bytes"):
+                    data = shared.setdefault(image["bytes"], image["bytes"])
+                    image, problem = _image_from_bytes(data, f"{name} row {i}")
+                else:
+                    image = image.get("path")
+            if isinstance(image, str) and folder:  # a path, relative to the parquet file
+                image = os.path.join(folder, image)
+            if not isinstance(r.get("keywords") or [], list):
+                problem = "keywords must be a list of strings"
+            if problem:
+                yield name, f"row {i}", problem
+                continue
+            row = _row(r.get("id", f"{dataset}-{split}-{n}"), image, r.get("question"), r.get("answer"),
+                       r.get("answer_type"), r.get("dataset") or dataset, split, r.get("lang") or "en",
+                       r.get("keywords"), r.get("report"), r.get("category"))
+            yield name, f"row {i}", {**r, **row}  # extra fields travel with the row: target, evidence, ...
 
 
 def _load_rows_file(file, split, lang, dataset=None):
@@ -764,12 +860,76 @@ def _load_hub(source, split, lang):
         return
     import datasets
     hub_split = {"train": "train", "val": "validation", "test": "test"}[split]
-    if source == "vqa-rad" and split == "val":
-        raise SplitNotFound(f"{HUB[source]}: VQA-RAD has no validation split (use train or test)")
+    if source == "vqa-rad" and split == "val":  # held out of train by image, as for a local copy (by its bytes)
+        hub_split = "train"
     if lang not in ("en", "all"):
         return
     ds = datasets.load_dataset(HUB[source], split=hub_split).cast_column("image", datasets.Image(decode=False))
     for i, ex in enumerate(ds):
+        if source == "vqa-rad" and split != "test" and _held_out(hashlib.sha1(ex["image"]["bytes"]).hexdigest()) \
+                != (split == "val"):
+            continue
         image, problem = _image_from_bytes(ex["image"]["bytes"], f"{HUB[source]} {hub_split} row {i}")
         yield HUB[source], f"row {i}", problem or _row(f"{source}-{split}-{i}", image, ex.get("question"),
                                                        ex.get("answer"), None, source, split)
+
+
+# -----------------------------------------------------------------------------
+# rows out: a datasets.Dataset that load() reads back unchanged
+
+STRING_FIELDS = ("id", "question", "answer", "answer_type", "dataset", "split", "lang", "report", "category",
+                 "target", "writer")
+STRING_LIST_FIELDS = ("keywords", "evidence_ids")
+
+
+def to_dataset(rows):
+    """Rows (load()'s, or retrieve.py's pseudo-labels) -> a datasets.Dataset keeping every field.
+
+    The features are explicit where the row's meaning is known: the image is a datasets.Image with its bytes
+    embedded (from the file, or PNG for an in-memory image; one bytes object per distinct image), so the
+    dataset travels alone; keywords and evidence_ids are lists of strings; the text fields are strings (a
+    missing one is None). Other fields (evidence, source, ...) take Arrow's inferred types. Share it with
+    ds.to_parquet(path), ds.save_to_disk(folder) or ds.push_to_hub(repo); load() reads each back with every
+    field equal (the image then an in-memory image of the same bytes), so pseudo-labels shared as a dataset
+    feed sft.py and the fact reward as the JSONL does.
+    """
+    import datasets
+    import pyarrow as pa
+    encoded = {}
+
+    def image_bytes(row):
+        image = row.get("image")
+        key = image if isinstance(image, str) else id(image)
+        if key not in encoded:
+            if isinstance(image, str):
+                try:
+                    with open(image, "rb") as f:
+                        encoded[key] = {"bytes": f.read(), "path": os.path.basename(image)}
+                except OSError as e:
+                    raise DataError(f"{image} (row {row.get('id')}): cannot read image ({e.strerror})") from None
+            elif isinstance(image, Image.Image):
+                data = image.info.get("medfact_bytes")  # loaded from embedded bytes: kept as they were
+                if data is None:
+                    buf = io.BytesIO()
+                    image.save(buf, format="PNG")
+                    data = buf.getvalue()
+                encoded[key] = {"bytes": data, "path": None}
+            else:
+                raise DataError(f"row {row.get('id')}: image must be a path or a PIL image, not "
+                                f"{type(image).__name__}")
+        return encoded[key]
+
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # every field of any row, in first-seen order
+    records = [{k: image_bytes(r) if k == "image" else r.get(k) for k in columns} for r in rows]
+    features = {}
+    for k in columns:
+        if k == "image":
+            features[k] = datasets.Image()
+        elif k in STRING_FIELDS:
+            features[k] = datasets.Value("string")
+        elif k in STRING_LIST_FIELDS:
+            features[k] = datasets.List(datasets.Value("string"))
+        else:  # what Arrow infers from the values, e.g. evidence: a list of {"id", "title", "text"}
+            schema = pa.schema([pa.field(k, pa.array([r[k] for r in records]).type)])
+            features[k] = datasets.Features.from_arrow_schema(schema)[k]
+    return datasets.Dataset.from_list(records, features=datasets.Features(features))

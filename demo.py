@@ -6,12 +6,14 @@ demo.py: the whole MEDFACT-R1 pipeline on the embedded demo, offline, on a lapto
 Each stage runs as the same command a user would type (printed before it runs), writes into
 --out, and is skipped on a re-run when its output is complete (--fresh starts over). At the end
 it prints one table and writes report.json ({"base", "sft", "grpo": evaluate.py's JSON,
-"seconds": {stage: s}}) and curves.png (reward parts and held-out accuracy over GRPO steps;
-needs matplotlib, otherwise it says how to get the picture).
+"seconds": {stage: s}}), curves.png (SFT loss; GRPO reward parts, KL and held-out accuracy) and
+report.html: one self-contained page (pictures inline, no external files or links) with the
+results table, the curves and a few test questions answered by the SFT and the SFT + GRPO model,
+with their rewards; it opens offline in any browser.
 
     python demo.py                        # = make demo
     python demo.py --ablation             # = make ablation: the paper's ablation on the demo
-    python demo.py --plot runs/demo       # only redraw curves.png
+    python demo.py --plot runs/demo       # only redraw curves.png and report.html
 
 The tiny model starts from random weights (the paper's starts from a pretrained Qwen2.5-VL) and
 the whole job must fit in ~15 minutes on a 2-core CPU: 600 SFT steps (--sft_steps) take ~4 min and
@@ -22,18 +24,18 @@ each stage, the seeds, and how the GRPO setting was chosen (on the val split).
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
 import sys
 import time
+from html import escape
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
 parser.add_argument("--out", default="runs/demo", help="folder for every stage's output and report.json")
 parser.add_argument("--fresh", action="store_true", help="start over instead of reusing finished stages")
 parser.add_argument("--ablation", action="store_true", help="run the ablation table instead of the main job")
-parser.add_argument("--plot", default=None, help="only draw curves.png for this demo folder")
+parser.add_argument("--plot", default=None, help="only draw curves.png and write report.html for this demo folder")
 parser.add_argument("--main", default="runs/demo", help="ablation: the main job's folder (reused when finished)")
 parser.add_argument("--sft_steps", type=int, default=600, help="SFT steps of 32 pseudo-labels (~4 min on 2 cores)")
 parser.add_argument("--grpo_steps", type=int, default=60, help="GRPO steps of 96 prompts x 6 samples (~3.5 min)")
@@ -80,47 +82,176 @@ def table(results, title):
                                             for k in KEYS))
 
 
-def paired(before_dir, after_dir):
-    """Same questions, two models: how many answers the second fixed and broke, and the exact two-sided
-    McNemar p-value (a sign test on the flips): is the change bigger than chance?"""
-    # matched by row id, not by line: the two files need not list the rows in the same order
-    read = lambda d: {r["id"]: r["exact"] for r in map(json.loads, open(os.path.join(d, "predictions.jsonl")))}
-    a, b = read(before_dir), read(after_dir)
-    fixed = sum(1 for k in a if not a[k] and b.get(k))
-    broke = sum(1 for k in a if a[k] and not b.get(k))
-    n = fixed + broke
-    # under "no change", each flip is a fixed or a broken answer with probability 1/2: a binomial tail, doubled
-    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(fixed, broke) + 1)) / 2 ** n) if n else 1.0
-    return {"fixed": fixed, "broke": broke, "p_value": round(p, 4)}
-
-
 def pval(p):
     return "< 0.001" if p < 0.001 else f"= {p:.3f}"
 
 
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def plot(folder):
-    """curves.png from grpo/metrics.jsonl: the reward parts per step, and the held-out accuracy."""
-    metrics = os.path.join(folder, "grpo", "metrics.jsonl")
+    """curves.png from sft/ and grpo/metrics.jsonl: SFT loss, GRPO reward parts, KL and held-out accuracy.
+    Returns its path, or None when there is nothing to draw or nothing to draw with."""
+    sft, grpo = (read_jsonl(os.path.join(folder, stage, "metrics.jsonl")) for stage in ("sft", "grpo"))
+    if not sft and not grpo:
+        return None
     try:
         import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"curves.png needs matplotlib: pip install matplotlib && {PY} demo.py --plot {folder}")
-        return
-    recs = [json.loads(line) for line in open(metrics)]
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    steps = [r["step"] for r in recs]
+    except ImportError:  # in requirements.txt; a .venv made before it may lack it: the report goes on without
+        print(f"curves.png needs matplotlib: {PY} -m pip install -r requirements.txt, then {PY} demo.py --plot {folder}")
+        return None
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(2, 2, figsize=(12, 7.5))
+    ax = ax.ravel()
+    if sft:
+        ax[0].plot([r["step"] for r in sft], [r["loss"] for r in sft], lw=0.8, label="train")
+        val = [(r["step"], r["val_loss"]) for r in sft if "val_loss" in r]
+        if val:
+            ax[0].plot(*zip(*val), "o-", label="val")
+        ax[0].set(yscale="log")
+        ax[0].legend()
+    ax[0].set(title="SFT loss (pseudo-labels)", xlabel="SFT step")
+    steps = [r["step"] for r in grpo]
     for k in ("reward_accuracy", "reward_format", "reward_fact", "reward_consistency"):
-        ax[0].plot(steps, [r[k] for r in recs], label=k.replace("reward_", ""))
-    ax[0].set(title="GRPO rewards (training rollouts)", xlabel="step", ylim=(0, 1.05))
-    ax[0].legend()
-    val = [(r["step"], r["val_accuracy"]) for r in recs if "val_accuracy" in r]
-    ax[1].plot(*zip(*val), marker="o") if val else None
-    ax[1].set(title="held-out accuracy (greedy, val split)", xlabel="step")
+        ax[1].plot(steps, [r.get(k) for r in grpo], lw=1, label=k.replace("reward_", ""))
+    ax[1].set(title="GRPO rewards (training rollouts, mean per step)", xlabel="GRPO step")
+    ax[1].set_ylim(top=1.005)  # rewards are at most 1; the bottom follows the data
+    ax[1].legend(loc="best", fontsize=8)
+    ax[2].plot(steps, [r.get("kl") for r in grpo], lw=1, color="tab:purple")
+    ax[2].set(title="GRPO KL to the SFT model", xlabel="GRPO step")
+    val = [(r["step"], r["val_accuracy"]) for r in grpo if "val_accuracy" in r]
+    if val:
+        ax[3].plot(*zip(*val), "o-", color="tab:green")
+    ax[3].set(title="held-out accuracy (greedy, val split)", xlabel="GRPO step")
+    for a in ax:
+        a.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(folder, "curves.png"), dpi=100)
-    print(f"wrote {os.path.join(folder, 'curves.png')}")
+    path = os.path.join(folder, "curves.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# report.html: one self-contained page
+
+
+def data_uri(png_bytes):
+    import base64
+    return "data:image/png;base64," + base64.b64encode(png_bytes).decode()
+
+
+def pick_rollouts(sft_preds, grpo_preds, n_fixed=3, n_broke=2, n_same=1):
+    """Test questions both models answered, as (kind, sft, grpo): some GRPO fixed, some it broke, one unchanged."""
+    after = {r["id"]: r for r in grpo_preds}
+    kinds = {"fixed by GRPO": [], "broken by GRPO": [], "unchanged": []}
+    for r in sft_preds:
+        g = after.get(r["id"])
+        if g is not None:
+            kind = "unchanged" if r["exact"] == g["exact"] else "fixed by GRPO" if g["exact"] else "broken by GRPO"
+            kinds[kind].append((kind, r, g))
+    return kinds["fixed by GRPO"][:n_fixed] + kinds["broken by GRPO"][:n_broke] + kinds["unchanged"][:n_same]
+
+
+def question_images(dataset, split, ids):
+    """PNG bytes of the demo test images, by row id (the demo is drawn in a second); {} for other datasets."""
+    if dataset != "demo":
+        return {}
+    import io
+    import data
+    out = {}
+    for r in data.load("demo", split):
+        if r["id"] in ids:
+            buf = io.BytesIO()
+            data.load_image(r).save(buf, format="PNG")
+            out[r["id"]] = buf.getvalue()
+    return out
+
+
+REPORT_STYLE = (
+    "body{font-family:sans-serif;max-width:1150px;margin:1em auto;color:#222}table{border-collapse:collapse}"
+    "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
+    "tr.base{color:#777}.note{color:#666;font-size:90%}img.curves{width:100%}"
+    "img.xray{width:168px;height:168px;image-rendering:pixelated;margin-right:14px}"
+    ".case{display:flex;border-top:1px solid #ddd;padding:10px 0}.q{font-size:110%}.gold{color:#666}"
+    ".ok{color:#1a7f37;font-weight:bold}.bad{color:#c62828;font-weight:bold}.who{margin:6px 0 2px}"
+    "pre{white-space:pre-wrap;background:#f6f6f6;padding:6px;margin:0}")
+
+
+def results_html(report):
+    """report.json as a table (one row per model, then the baselines), the paired comparison and the times."""
+    models = [(name, report[key]) for name, key in (("base (untrained)", "base"), ("after SFT", "sft"),
+                                                     ("after SFT + GRPO", "grpo")) if key in report]
+    if not models:
+        return ""
+    res = models[-1][1]
+    cell = lambda v: f"<td>{v:.3f}</td>" if v is not None else "<td>-</td>"  # noqa: E731
+    html = [f"<h2>Held-out {escape(str(res.get('dataset')))} {escape(str(res.get('split')))} split "
+            f"(n = {res.get('n')})</h2><table><tr><th>model</th>"
+            + "".join(f"<th>{k.replace('_', ' ')}</th>" for k in KEYS) + "</tr>"]
+    html += [f"<tr><td>{name}</td>{''.join(cell(r.get(k)) for k in KEYS)}</tr>" for name, r in models]
+    html += [f"<tr class=base><td>{escape(name.replace('_', '-'))} baseline</td>{cell(v)}"
+             f"{'<td></td>' * (len(KEYS) - 1)}</tr>" for name, v in res.get("baselines", {}).items()]
+    html.append("</table>")
+    if report.get("grpo_vs_sft"):
+        c = report["grpo_vs_sft"]
+        html.append(f"<p>GRPO against SFT on the same questions: {c['fixed']} answers fixed, {c['broken']} broken "
+                    f"(exact McNemar p {pval(c['p'])}).</p>")
+    if report.get("seconds"):
+        times = ", ".join(f"{escape(k)} {v}" for k, v in report["seconds"].items())
+        html.append(f"<p class=note>seconds per stage: {times}; total {report.get('total_seconds')}</p>")
+    return "".join(html)
+
+
+def rollouts_html(folder, report):
+    """A few test questions with both models' completions and rewards (the model's text escaped: never markup)."""
+    sft, grpo = (read_jsonl(os.path.join(folder, d, "predictions.jsonl")) for d in ("eval_sft", "eval_grpo"))
+    picked = pick_rollouts(sft, grpo)
+    if not picked:
+        return ""
+    res = report.get("grpo", {})
+    images = question_images(res.get("dataset", "demo"), res.get("split", "test"), {g["id"] for _, _, g in picked})
+    html = ["<h2>Before and after GRPO: the same test questions</h2><p class=note>greedy completions of the SFT "
+            "model and of the SFT + GRPO model; exact = normalised answer match (evaluate.py), then the format, "
+            "fact and consistency rewards (rewards.py)</p>"]
+    for kind, before, after in picked:
+        img = f"<img class=xray alt='the question image' src='{data_uri(images[after['id']])}'>" \
+            if after["id"] in images else ""
+        html.append(f"<div class=case>{img}<div><p><b>{kind}</b> &middot; {escape(after['id'])}</p><p class=q>"
+                    f"{escape(after['question'])} <span class=gold>gold: {escape(str(after['gold']))}</span></p>")
+        for name, r in (("SFT", before), ("SFT + GRPO", after)):
+            scores = " ".join(f"{k} {r[k]:.2f}" for k in ("exact", "format", "fact", "consistency")
+                              if r.get(k) is not None)
+            html.append(f"<p class=who>{name}: <span class={'ok' if r['exact'] else 'bad'}>answer "
+                        f"{escape(str(r['pred']))}</span> <span class=note>{scores}</span></p>"
+                        f"<pre>{escape(r['completion'])}</pre>")
+        html.append("</div></div>")
+    return "".join(html)
+
+
+def write_report(folder):
+    """report.html: the results table, curves.png and a few rollouts before and after GRPO, all inline (images
+    as data: URIs), so the one file opens offline anywhere. Each part is left out when its inputs are missing."""
+    path = os.path.join(folder, "report.json")
+    report = json.load(open(path)) if os.path.exists(path) else {}
+    curves = os.path.join(folder, "curves.png")
+    body = [f"<h1>medfact demo: SFT on pseudo-labels, then GRPO</h1><p class=note>{escape(os.path.abspath(folder))}"
+            "</p>", results_html(report)]
+    if os.path.exists(curves):
+        with open(curves, "rb") as f:
+            body.append(f"<h2>Training curves</h2><img class=curves alt='training curves' src='{data_uri(f.read())}'>")
+    body.append(rollouts_html(folder, report))
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>medfact demo report</title>"
+            f"<style>{REPORT_STYLE}</style></head><body>{''.join(body)}</body></html>")
+    out = os.path.join(folder, "report.html")
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(page)
+    return out
 
 
 def main(args):
@@ -134,7 +265,7 @@ def main(args):
 
     # data: drawn in memory from a seed; print what a model that ignores the image would score
     import data
-    from evaluate import baselines  # the same baselines evaluate.py reports beside the model
+    from evaluate import baselines, paired  # the same baselines and paired test as the real benchmarks
     train, test = data.load("demo", "train"), data.load("demo", "test")
     print(f"demo data: {len(train)} train / {len(test)} test questions; question-only baseline on test: "
           f"{baselines(train, test)['question_only']:.3f}")
@@ -156,15 +287,16 @@ def main(args):
     report = {**results, "grpo_vs_sft": change, "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1)}
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
-    plot(out)
+    curves, page = plot(out), write_report(out)  # seconds
     b = results["grpo"].get("baselines", {})
     table({"base (untrained)": results["base"], "after SFT": results["sft"], "after SFT + GRPO": results["grpo"]},
           f"held-out demo test split (n={results['grpo']['n']}); baselines: question-only "
           f"{b.get('question_only', float('nan')):.3f}, majority {b.get('majority', float('nan')):.3f}")
     print(f"GRPO vs SFT on the same {results['grpo']['n']} questions: fixed {change['fixed']}, broke "
-          f"{change['broke']} (McNemar p {pval(change['p_value'])}; below 0.05: more than chance)")
+          f"{change['broken']} (McNemar p {pval(change['p'])}; below 0.05: more than chance)")
     print("seconds per stage: " + ", ".join(f"{k} {v}" for k, v in seconds.items()) +
           f"; total {report['total_seconds']} (stage times; this run took {time.time() - t0:.0f}s)")
+    print(f"wrote {' and '.join(p for p in (curves, page) if p)} (open the page in a browser)")
 
 
 def ablation(args):
@@ -191,19 +323,22 @@ def ablation(args):
     # each GRPO run against SFT alone on the same questions: answers fixed / broken, McNemar p
     dirs = {"SFT + GRPO": os.path.join(main_out, "eval_grpo")}
     dirs.update({name: os.path.join(folder(name), "eval") for name in variants})
+    from evaluate import paired
     vs_sft = {name: paired(os.path.join(main_out, "eval_sft"), d) for name, d in dirs.items()}
     with open(os.path.join(out, "ablation.json"), "w") as f:
         json.dump({**results, "vs_sft": vs_sft, "seconds": seconds}, f, indent=1)
     table(results, "ablation on the held-out demo test split")
     for name, c in vs_sft.items():
-        print(f"{name:>32} vs SFT only: fixed {c['fixed']:3d}, broke {c['broke']:3d}, McNemar p {pval(c['p_value'])}")
+        print(f"{name:>32} vs SFT only: fixed {c['fixed']:3d}, broke {c['broken']:3d}, McNemar p {pval(c['p'])}")
     print("seconds per run: " + ", ".join(f"{k} {v}" for k, v in seconds.items()))
 
 
 if __name__ == "__main__":
     a = parser.parse_args()
     if a.plot:
-        plot(a.plot)
+        if not any(os.path.exists(os.path.join(a.plot, stage, "metrics.jsonl")) for stage in ("sft", "grpo")):
+            sys.exit(f"{a.plot}: no sft/metrics.jsonl or grpo/metrics.jsonl to draw; run {PY} demo.py --out {a.plot}")
+        print(f"wrote {' and '.join(p for p in (plot(a.plot), write_report(a.plot)) if p)}")
     elif a.ablation:
         ablation(a)
     else:

@@ -36,6 +36,7 @@ questions on the same images: 1,137 and 1,187 MB at peak, bench/eval_memory.py).
 import argparse
 import collections
 import json
+import math
 import os
 import time
 
@@ -107,8 +108,9 @@ def baselines(train_rows, rows):
     """Accuracy on `rows` of two models that never look at the image, learnt from `train_rows` and scored
     like the model (normalised exact match): "majority", the most frequent training answer of the row's
     answer type; "question_only", the most frequent training answer of the same (normalised) question
-    string, else the majority answer. The project's one baseline function (demo.py and synthetic_cxr.py
-    print it too)."""
+    string, else the majority answer; "closed_majority", the majority answer's accuracy on the closed
+    questions alone (what closed_accuracy must beat). The project's one baseline function (demo.py and
+    synthetic_cxr.py print it too)."""
     norm = rewards.normalize_answer
     by_type, by_question = collections.defaultdict(collections.Counter), collections.defaultdict(collections.Counter)
     for r in train_rows:
@@ -123,8 +125,23 @@ def baselines(train_rows, rows):
         c = by_question.get(norm(r["question"]))
         return c.most_common(1)[0][0] if c else majority(r)
 
-    return {name: mean(float(f(r) == norm(r["answer"])) for r in rows)
-            for name, f in (("majority", majority), ("question_only", prior))}
+    out = {name: mean(float(f(r) == norm(r["answer"])) for r in rows)
+           for name, f in (("majority", majority), ("question_only", prior))}
+    out["closed_majority"] = mean(float(majority(r) == norm(r["answer"])) for r in rows if r["answer_type"] == "closed")
+    return out
+
+
+def paired(before_dir, after_dir):
+    """Two models on the same questions (their predictions.jsonl, matched by row id): how many answers
+    the second fixed and broke, and the exact two-sided McNemar p-value: is the change more than chance?"""
+    read = lambda d: {r["id"]: r["exact"] for r in map(json.loads, open(os.path.join(d, "predictions.jsonl")))}
+    a, b = read(before_dir), read(after_dir)
+    fixed = sum(1 for k in a if not a[k] and b.get(k))
+    broken = sum(1 for k in a if a[k] and not b.get(k))
+    n = fixed + broken
+    # under "no change" each flip is a fix or a break with probability 1/2: a binomial tail, doubled
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(fixed, broken) + 1)) / 2 ** n) if n else 1.0
+    return {"fixed": fixed, "broken": broken, "p": round(p, 6)}
 
 
 def fmt(x):

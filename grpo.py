@@ -48,6 +48,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
 
 import torch
@@ -66,6 +67,8 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter
 # data
 parser.add_argument("--data", default="demo", help="demo | vqa-rad | slake | folder | pseudo-label JSONL")
 parser.add_argument("--split", default="train", help="the split whose questions are the prompts")
+parser.add_argument("--val_data", default=None,
+                    help="where the held-out rows come from (default: --data; a pseudo-label JSONL has no val split)")
 parser.add_argument("--val_split", default="val", help="held-out split for the periodic greedy accuracy")
 parser.add_argument("--val_limit", type=int, default=200, help="held-out rows scored (the first N)")
 parser.add_argument("--skip_bad_rows", action="store_true",
@@ -119,6 +122,9 @@ parser.add_argument("--seed", type=int, default=0, help="the prompt order and ev
 # logging and checkpoints
 parser.add_argument("--out", default="runs/grpo", help="the final model, metrics.jsonl, rollouts.jsonl, checkpoints/")
 parser.add_argument("--eval_every", type=int, default=20, help="greedy held-out accuracy every N steps (0: off)")
+parser.add_argument("--keep_last", action="store_true",
+                    help="the final model is the last step's (default: the evaluated step, the start included, "
+                         "with the best held-out accuracy)")
 parser.add_argument("--save_every", type=int, default=0, help="resumable checkpoint every N steps (0: never)")
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
 parser.add_argument("--rollouts_per_step", type=int, default=2, help="completions written to rollouts.jsonl")
@@ -342,18 +348,29 @@ def record(vlm, rollouts, advantages, stats_sum, world, device):
 
 
 def held_out_accuracy(vlm, val_rows, args, rank, world, device):
-    """Greedy accuracy (the accuracy reward) on the held-out rows, shared over ranks."""
+    """Greedy exact-match accuracy on the held-out rows (evaluate.py's metric), shared over ranks."""
     vlm.model.eval()
     mine, n = val_rows[rank::world], math.ceil(len(val_rows) / world)
     padded = (mine + val_rows[:1] * n)[:n]  # as many forwards on every rank (FSDP), the repeats not scored
     texts = M.generate(vlm, [data.load_image(r) for r in padded], [r["question"] for r in padded],
                        args.max_new_tokens, batch_size=64)[:len(mine)]
-    acc = torch.tensor([sum(rewards.score(t, r)["accuracy"] for t, r in zip(texts, mine)), len(mine)],
-                       dtype=torch.float64, device=device)
+    exact = sum(rewards.normalize_answer(rewards.parse_answer_lenient(t)) == rewards.normalize_answer(r["answer"])
+                for t, r in zip(texts, mine))
+    acc = torch.tensor([exact, len(mine)], dtype=torch.float64, device=device)
     if world > 1:
         torch.distributed.all_reduce(acc)
     vlm.model.train()
     return (acc[0] / acc[1]).item()
+
+
+def keep_if_best(vlm, best, step, val_accuracy, args):
+    """Held-out model selection: OUT/best holds the evaluated model (the starting one included) with the
+    best held-out accuracy so far, the earlier one on a tie. Returns the best's {"step", "val_accuracy"}."""
+    if best is not None and val_accuracy <= best["val_accuracy"]:
+        return best
+    best = {"step": step, "val_accuracy": val_accuracy}
+    M.save_checkpoint(os.path.join(args.out, "best"), vlm, best)  # every rank (FSDP gathers)
+    return best
 
 
 def seconds_per_part(clock):
@@ -397,7 +414,8 @@ def load_rows(args):
     val_rows = []
     if args.eval_every:
         try:  # a bad held-out row is an error like any other (or skipped and counted); a missing split is not
-            val_rows = data.load(args.data, args.val_split, limit=args.val_limit, skip_bad_rows=args.skip_bad_rows)
+            val_rows = data.load(args.val_data or args.data, args.val_split, limit=args.val_limit,
+                                 skip_bad_rows=args.skip_bad_rows)
         except data.SplitNotFound as e:
             M.print0(f"no held-out split for periodic eval ({e}); set --val_split or --eval_every 0")
     return rows, val_rows
@@ -476,6 +494,16 @@ def main(args):
     M.print0(f"grpo: {len(rows)} prompts, {args.prompts_per_step} x {G} completions per step, "
              f"{args.max_steps} steps, {world} rank(s), device {device}, kl_coef {args.kl_coef}")
 
+    # held-out model selection (not --keep_last): the starting model is a candidate too, so GRPO can
+    # never hand back a model that does worse on the held-out split than the one it started from
+    best = None
+    if val_rows and args.eval_every and not args.keep_last:
+        if start and os.path.exists(os.path.join(args.out, "best", "state.json")):
+            best = M.load_state(os.path.join(args.out, "best"))
+        elif not start:
+            best = keep_if_best(vlm, None, 0, held_out_accuracy(vlm, val_rows, args, rank, world, device), args)
+            M.print0(f"held-out accuracy at the start: {best['val_accuracy']:.3f} ({len(val_rows)} rows)")
+
     def now():  # CUDA runs asynchronously: wait for queued kernels so the step's timings are honest
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -522,6 +550,8 @@ def main(args):
             rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         if args.eval_every and val_rows and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             rec["val_accuracy"] = held_out_accuracy(vlm, val_rows, args, rank, world, device)
+            if best is not None:
+                best = keep_if_best(vlm, best, step + 1, rec["val_accuracy"], args)
         append_jsonl(args, "metrics.jsonl", [rec], rank)
         append_jsonl(args, "rollouts.jsonl", readable_rollouts(rollouts, step, args), rank)
         bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=f"{rec['reward_accuracy']:.2f}")
@@ -535,7 +565,16 @@ def main(args):
             M.save_step_checkpoint(args.out, step + 1, vlm, {"step": step + 1, "args": vars(args),
                                                              "guard": guard.state()}, optimizer)
 
-    M.save_checkpoint(args.out, vlm, {"step": args.max_steps, "args": vars(args)})  # every rank (FSDP gathers)
+    state = {"step": args.max_steps, "args": vars(args)}
+    if best is None or best["step"] == args.max_steps:
+        M.save_checkpoint(args.out, vlm, {**state, "selected": best})  # every rank (FSDP gathers)
+    else:  # an earlier step held out better: it becomes the final model
+        M.print0(f"final model: step {best['step']}, the best held-out accuracy ({best['val_accuracy']:.3f})")
+        if rank == 0:
+            M.save_checkpoint(args.out, M.load(os.path.join(args.out, "best"), dtype=policy.dtype,
+                                               max_pixels=args.max_pixels), {**state, "selected": best})
+    if rank == 0 and best is not None:
+        shutil.rmtree(os.path.join(args.out, "best"), ignore_errors=True)
     M.print0(f"saved {args.out} ({time.time() - t_start:.0f}s)")
     if world > 1:
         torch.distributed.barrier()

@@ -9,7 +9,8 @@ model.py: the core every stage shares.
   number of tokens the vision tower produces (built from the image processor and the tokenizer
   directly, so torchvision, which the transformers video processor needs, is not required)
 - batched group sampling with a KV cache, and per-token log-probabilities of completions
-- checkpoints: Hugging Face folders through safetensors, written to a temporary folder and renamed
+- checkpoints: Hugging Face folders through safetensors, written to a temporary folder and renamed, that
+  stock transformers runs as trained (hf_processor: left padding, the training prompt as the chat template)
 - FSDP2 (fsdp_shard) for models that do not fit on one GPU
 
 Everything here works on CPU; on CUDA the same code runs in bf16.
@@ -25,6 +26,7 @@ Usage from Python:
     logps = completion_logps(vlm, batch, out["tokens"], group_size=6)   # (N, T)
 """
 
+import copy
 import functools
 import json
 import math
@@ -103,12 +105,18 @@ INSTRUCTION = ("First output the thinking process in <think> </think> tags "
                "and then output the final answer in <answer> </answer> tags.")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-# Qwen2.5-VL's chat template, reduced to what we use (one optional image, system + user turn).
+# Qwen2.5-VL's chat template, reduced to what we use (system + user turns, images), rebuilding chat_prompt's
+# text: the default system turn when none is given, and the instruction after each user turn's content
+# (apply_chat_template(..., instruction="") leaves it out). Every checkpoint carries it, so a user of plain
+# transformers gets the prompt the model was trained on.
 CHAT_TEMPLATE = (
+    "{% if instruction is not defined %}{% set instruction = " + json.dumps(INSTRUCTION) + " %}{% endif %}"
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + SYSTEM + "<|im_end|>\n{% endif %}"
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'user' and instruction %} {{ instruction }}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
@@ -631,9 +639,30 @@ def completion_logps(vlm, batch, tokens, group_size=1, temperature=1.0, model=No
 # checkpoints: a Hugging Face folder (+ run state), written to a temporary folder then renamed
 
 
+def hf_processor(vlm):
+    """A stock transformers processor for vlm's tokenizer and image processor, without torchvision.
+
+    processor(text=..., images=..., return_tensors="pt", padding=True) gives input_ids (one <|image_pad|> per
+    merged patch, left-padded), attention_mask, mm_token_type_ids (1 on image tokens: generate's 3D positions
+    need them), pixel_values and image_grid_thw, as Qwen2.5-VL's generate expects; its chat template rebuilds
+    chat_prompt. The class is transformers' PaddleOCRVLProcessor: for images it does what Qwen2_5_VLProcessor
+    does (the same token expansion and type ids), without the video processor that needs torchvision.
+    save_checkpoint saves it, so AutoProcessor.from_pretrained(ckpt) loads it back.
+    """
+    from transformers import PaddleOCRVLProcessor
+    tokenizer = copy.deepcopy(vlm.tokenizer)  # the in-memory tokenizer stays as training uses it
+    # left padding: every prompt ends where generation starts (right padding makes batched generate wrong)
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
+    # named special tokens, saved in tokenizer_config.json: the processor finds the image token by its name
+    names = {"image_token": vlm.image_token_id, "video_token": vlm.model.config.video_token_id}
+    tokenizer._set_model_specific_special_tokens({k: tokenizer.convert_ids_to_tokens(i) for k, i in names.items()})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return PaddleOCRVLProcessor(vlm.image_processor, tokenizer, chat_template=CHAT_TEMPLATE)
+
+
 def save_checkpoint(path, vlm, state=None, optimizer=None, model=None):
-    """Write `path` atomically: config, model.safetensors, tokenizer, image processor, state.json,
-    and optimizer.pt (tensors only; loaded back with weights_only=True).
+    """Write `path` atomically: config, model.safetensors, the processor (hf_processor: tokenizer, image
+    processor, chat template), state.json, and optimizer.pt (tensors only; loaded back with weights_only=True).
 
     Every rank calls it; rank 0 writes. Under FSDP the full weights and optimizer state are first
     gathered (a collective), so optimizer.pt is keyed by parameter name, not by position.
@@ -653,8 +682,8 @@ def save_checkpoint(path, vlm, state=None, optimizer=None, model=None):
     tmp = path.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
-    vlm.tokenizer.save_pretrained(tmp)
-    vlm.image_processor.save_pretrained(tmp)
+    hf_processor(vlm).save_pretrained(tmp)  # tokenizer (left padding, CHAT_TEMPLATE), processor_config.json
+    vlm.image_processor.save_pretrained(tmp)  # preprocessor_config.json, which load() reads
     if optim is not None:
         torch.save(optim, os.path.join(tmp, "optimizer.pt"))
     if state is not None:

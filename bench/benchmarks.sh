@@ -1,122 +1,117 @@
 #!/usr/bin/env bash
-# bench/benchmarks.sh: the real-benchmark results table.
+# bench/benchmarks.sh: the whole pipeline on one real medical VQA benchmark, for several seeds.
 #
-# For VQA-RAD (official test, n = 451) and SLAKE (English test, n = 1,061), the full pipeline
-# with the tiny from-scratch model on each benchmark's own training split:
-#   retrieve.py (BM25 over SLAKE's KG + the demo glossary -> template pseudo-labels)
-#   -> sft.py (stage 1) -> grpo.py (stage 2, short) -> evaluate.py (after SFT and after GRPO,
-#   with the majority and question-only baselines beside).
-# Every hyperparameter is on the command line (the scripts' defaults are tuned for the demo).
-# CPU, ~25 min on 2 shared cores. Each command and its wall time go to runs/bench/log.jsonl; the
-# table is printed, and written to PREFIX.json and PREFIX.md only with --out PREFIX.
+#   retrieve.py (pseudo-labels for the training split, once)
+#   then per seed: sft.py -> evaluate.py (test) -> grpo.py (held-out model selection on val)
+#   -> evaluate.py (test), the baselines beside, and GRPO against SFT on the same questions.
 #
-#   bash bench/benchmarks.sh                         # DATA=$MEDFACT_DATA_DIR, else ../shared/data
-#   bash bench/benchmarks.sh --out bench/results/benchmarks   # the committed table
-#   DATA=path/to/data SFT_STEPS=150 GRPO_STEPS=35 bash bench/benchmarks.sh
-#   DATASETS= bash bench/benchmarks.sh --out ...     # no runs: the table from runs/bench only
-# DATA holds vqa_rad/ (the OSF release: "VQA_RAD Dataset Public.json" + images) and
-# slake/Slake1.0/ (train/validate/test.json, imgs/, KG/); see ../shared/data/*/SOURCE.txt.
+#   bash bench/benchmarks.sh --data ../shared/data/slake/Slake1.0 --name slake
+#   bash bench/benchmarks.sh --data ../shared/data/vqa_rad --name vqa_rad --seeds 0
+#   bash bench/benchmarks.sh --data path/to/pathvqa --name pathvqa          # a parquet folder
+#   make bench-real                                  # VQA-RAD and SLAKE from ../shared/data
+#
+# --data is any folder data.load reads that has train, val and test splits: VQA-RAD's OSF or MEVF
+# layout (its val split is held out of train by image, see data.py), SLAKE's Slake1.0/ (English
+# rows), a Hugging Face parquet folder (data/<split>-*.parquet, e.g. PathVQA's), <split>.jsonl.
+# Every hyperparameter is below, the same for every dataset: nothing is tuned per dataset (they
+# were chosen on VQA-RAD's and SLAKE's val splits, never on test; see the README). Writes
+# bench/results/real_<name>.json (--results FILE to put it elsewhere): the command, the seconds,
+# and per seed evaluate.py's metrics after SFT and after SFT + GRPO (baselines included) and the
+# paired comparison; runs go to runs/real/<name>/ (--out DIR). `python bench/real_table.py`
+# prints the README's table from the results files (--readme README.md rewrites it there).
+#
+# SFT_STEPS=N and GRPO_STEPS=N (environment) shorten a run for a smoke test; the results file says so
+# through its command and metrics, so keep them unset for results you report.
+#
+# Time, on this project's 2-core CPU (idle, 2 torch threads): ~25 min per seed on SLAKE or
+# VQA-RAD (retrieval, both stages, the evaluations); on a PathVQA-sized split (20k train / 7k test
+# questions) the evaluations of the large test split add ~10 min.
 set -euo pipefail
 usage() {
-  echo "usage: bash bench/benchmarks.sh [-h] [--out PREFIX]   (settings: DATA OUT SFT_STEPS GRPO_STEPS DATASETS PY)"
+  echo "usage: bash bench/benchmarks.sh --data FOLDER --name NAME [--seeds 0 1 2] [--out DIR] [--results FILE] [--corpus C]"
   sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
 }
-TABLE=
+COMMAND="bash bench/benchmarks.sh $*"
+DATA= NAME= SEEDS="0 1 2" OUT=runs/real RESULTS= CORPUS=()
 while [ $# -gt 0 ]; do
   case $1 in
     -h|--help) usage; exit 0 ;;
-    --out) [ $# -ge 2 ] || { echo "--out needs a PREFIX" >&2; exit 2; }; TABLE=$2; shift 2 ;;
+    --data) DATA=$2; shift 2 ;;
+    --name) NAME=$2; shift 2 ;;
+    --seeds) shift; SEEDS=; while [ $# -gt 0 ] && [[ $1 != --* ]]; do SEEDS="$SEEDS $1"; shift; done ;;
+    --out) OUT=$2; shift 2 ;;
+    --results) RESULTS=$2; shift 2 ;;
+    --corpus) CORPUS+=("--corpus" "$2"); shift 2 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+[ -n "$DATA" ] && [ -n "$NAME" ] || { echo "usage: bash bench/benchmarks.sh --data FOLDER --name NAME [--seeds 0 1 2]" >&2; exit 2; }
+[ -e "$DATA" ] || { echo "error: $DATA: no such dataset folder" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-DATA=${DATA:-${MEDFACT_DATA_DIR:-../shared/data}}
-OUT=${OUT:-runs/bench}
-SFT_STEPS=${SFT_STEPS:-150}
-GRPO_STEPS=${GRPO_STEPS:-35}
-DATASETS=${DATASETS-"vqa_rad slake"}   # a subset reruns only those; DATASETS= (empty): the table only
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # torch threads thrash on a small shared CPU
-mkdir -p "$OUT"
-
-run() {  # run NAME CMD...: run one command, log it and its wall time
-  local name=$1; shift
-  echo "+ $*" >&2
-  local t0; t0=$(date +%s.%N)
-  "$@"
-  local t1; t1=$(date +%s.%N)
-  "$PY" - "$OUT/log.jsonl" "$name" "$t0" "$t1" "$@" <<'EOF'
-import json, shlex, sys
-log, name, t0, t1, *cmd = sys.argv[1:]
-with open(log, "a") as f:
-    f.write(json.dumps({"name": name, "command": shlex.join(cmd), "seconds": round(float(t1) - float(t0), 1)}) + "\n")
-EOF
-}
-
-for ds in $DATASETS; do
-  if [ "$ds" = vqa_rad ]; then SRC=$DATA/vqa_rad; else SRC=$DATA/slake/Slake1.0; fi
-  D=$OUT/$ds
-  rm -rf "$D"; mkdir -p "$D"
-  # 1. pseudo-labels for the training split: BM25 top-3 over SLAKE's KG and the glossary
-  run "$ds/retrieve" "$PY" retrieve.py --data "$SRC" --split train --lang en \
-    --corpus "$DATA/slake/Slake1.0/KG" --corpus demo --retriever bm25 --k 3 --coverage 1.0 --seed 0 \
-    --writer template --chunk 64 --out "$D/pseudo.jsonl"
-  # 2. stage 1: SFT of the tiny model (its tokenizer is trained on these pseudo-labels)
-  run "$ds/sft" "$PY" sft.py --data "$D/pseudo.jsonl" --model tiny --out "$D/sft" \
-    --max_steps "$SFT_STEPS" --batch_size 32 --grad_accum 1 --lr 2e-3 --min_lr_frac 0.1 --warmup 15 \
-    --weight_decay 0.01 --grad_clip 1.0 --val_frac 0.05 --seed 0 --log_every 10 --eval_every 50 \
-    --save_every 0 --max_bad_steps 3
-  # 3. stage 2: a short GRPO run from the SFT model, the four rewards with equal weights
-  run "$ds/grpo" "$PY" grpo.py --ckpt "$D/sft" --data "$D/pseudo.jsonl" --split train --val_split test \
-    --eval_every 0 --max_steps "$GRPO_STEPS" --out "$D/grpo" --prompts_per_step 16 --group_size 6 \
-    --temperature 1.0 --max_new_tokens 96 --dynamic_sampling 0 --w_accuracy 1 --w_format 1 --w_fact 1 \
-    --w_consistency 1 --lr 1e-4 --warmup 5 --weight_decay 0.0 --kl_coef 0.04 --clip_eps 0.2 \
-    --inner_epochs 1 --micro_batch 48 --grad_clip 1.0 --seed 0 --save_every 0 --rollouts_per_step 2 \
-    --max_bad_steps 3
-  # 4. greedy evaluation on the official test split, after each stage, baselines beside
-  for stage in sft grpo; do
-    run "$ds/eval_$stage" "$PY" evaluate.py --ckpt "$D/$stage" --data "$SRC" --split test --lang en \
-      --max_new_tokens 128 --batch_size 64 --out "$D/eval_$stage/metrics.json"
+DATA=$(realpath "$DATA")
+RESULTS=${RESULTS:-bench/results/real_$NAME.json}
+D=$OUT/$NAME
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# knowledge: SLAKE's knowledge graph when there is a copy (the dataset's own, $MEDFACT_DATA_DIR or
+# ../shared/data), and the glossary; --corpus replaces them
+if [ ${#CORPUS[@]} -eq 0 ]; then
+  for kg in "$DATA/KG" "${MEDFACT_DATA_DIR:-/nonexistent}/slake/Slake1.0/KG" ../shared/data/slake/Slake1.0/KG; do
+    if [ -f "$kg/en_disease.csv" ]; then CORPUS=(--corpus "$(realpath "$kg")"); break; fi
   done
+  CORPUS+=(--corpus cxr-glossary)
+fi
+
+# ---------------------------------------------------------------------------------------------
+# the settings (all datasets)
+RETRIEVE=(--split train --lang en --retriever bm25 --k 3 --coverage 1.0 --writer template)
+SFT=(--model tiny --max_steps ${SFT_STEPS:-2000} --batch_size 32 --lr 2e-3 --min_lr_frac 0.1 --warmup 30 --weight_decay 0.01
+     --grad_clip 1.0 --val_frac 0.05 --eval_every 500 --log_every 100)
+GRPO=(--split train --val_split val --val_limit 300 --eval_every 20 --max_steps ${GRPO_STEPS:-60} --prompts_per_step 96
+      --group_size 6 --temperature 0.5 --max_new_tokens 96 --lr 5e-5 --warmup 5 --kl_coef 0.04 --clip_eps 0.2
+      --inner_epochs 1 --micro_batch 48 --grad_clip 1.0)
+EVAL=(--split test --lang en --max_new_tokens 128 --batch_size 64 --quiet)
+
+mkdir -p "$D"
+T0=$(date +%s)
+log() { echo "[$(date +%T)] $*" >&2; }
+# 1. pseudo-labels for the training split (seed-independent; a rerun appends only missing rows)
+log "retrieve: $NAME"
+"$PY" retrieve.py --data "$DATA" "${RETRIEVE[@]}" "${CORPUS[@]}" --out "$D/pseudo.jsonl"
+T_RETRIEVE=$(( $(date +%s) - T0 ))
+for seed in $SEEDS; do
+  S=$D/seed$seed; rm -rf "$S"; mkdir -p "$S"
+  t=$(date +%s)
+  log "seed $seed: sft"
+  "$PY" sft.py --data "$D/pseudo.jsonl" --out "$S/sft" --seed "$seed" "${SFT[@]}"
+  "$PY" evaluate.py --ckpt "$S/sft" --data "$DATA" "${EVAL[@]}" --out "$S/eval_sft/metrics.json"
+  log "seed $seed: grpo"
+  "$PY" grpo.py --ckpt "$S/sft" --data "$D/pseudo.jsonl" --val_data "$DATA" --out "$S/grpo" --seed "$seed" \
+    "${GRPO[@]}"
+  "$PY" evaluate.py --ckpt "$S/grpo" --data "$DATA" "${EVAL[@]}" --out "$S/eval_grpo/metrics.json"
+  echo $(( $(date +%s) - t )) > "$S/seconds"
 done
 
-# the table
-"$PY" - "$OUT" "$TABLE" <<'EOF'
+# ---------------------------------------------------------------------------------------------
+# the results file: evaluate.py's metrics per seed and stage, and GRPO against SFT
+"$PY" - "$D" "$RESULTS" "$T_RETRIEVE" "$(( $(date +%s) - T0 ))" "$COMMAND" $SEEDS <<'EOF'
 import json, os, sys
-out, table = sys.argv[1], sys.argv[2]
-log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
-last = {r["name"]: r for r in log}  # the latest run of each command
-names = {"vqa_rad": "VQA-RAD (official test)", "slake": "SLAKE (English test)"}
-import platform, torch
-res = {"model": "tiny (~2M params, from scratch, its BPE tokenizer trained on the pseudo-labels)",
-       "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-                  f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
-       "commands": list(last.values()), "results": []}
-for ds in ("vqa_rad", "slake"):
-    for stage in ("sft", "grpo"):
-        m = json.load(open(os.path.join(out, ds, f"eval_{stage}", "metrics.json")))
-        res["results"].append({**m, "dataset": ds, "stage": stage,
-                               "train_seconds": last[f"{ds}/{stage}"]["seconds"]})
-f = lambda x: "-" if x is None else f"{x:.3f}"
-lines = ["| dataset | stage | n | accuracy | closed | open | open recall | format | fact | consistency "
-         "| majority | question-only |", "|" + " --- |" * 12]
-for r in res["results"]:
-    b = r.get("baselines") or {}
-    lines.append(f"| {names[r['dataset']]} | {r['stage']} | {r['n']} | " + " | ".join(f(r[k]) for k in (
-        "accuracy", "closed_accuracy", "open_accuracy", "open_recall", "format", "fact", "consistency"))
-        + f" | {f(b.get('majority'))} | {f(b.get('question_only'))} |")
-lines += ["", "n: VQA-RAD's official test (test_freeform + test_para), SLAKE's English test. Baselines from the "
-          "same dataset's training split (VQA-RAD: the 1,797 rows of the public JSON; SLAKE: 4,918 English rows): "
-          "majority = the most frequent training answer per answer type; question-only = the most frequent "
-          "training answer for the same question string. fact is '-': the test rows carry no keywords (only "
-          "retrieve.py's training pseudo-labels do). The model is the ~2M-parameter tiny model trained from "
-          f"scratch on a CPU ({res['machine']}), 112x112 images; not comparable with the paper's pretrained "
-          "Qwen2.5-VL-3B.", "", "| step | seconds | command |", "| --- | --- | --- |"]
-lines += [f"| {r['name']} | {r['seconds']:.0f} | `{r['command']}` |" for r in res["commands"]]
-print("\n".join(lines))
-if table:
-    os.makedirs(os.path.dirname(os.path.abspath(table)), exist_ok=True)
-    json.dump(res, open(table + ".json", "w"), indent=1)
-    open(table + ".md", "w").write("\n".join(lines) + "\n")
-    print(f"wrote {table}.json and .md")
+import evaluate
+d, results, t_retrieve, total, command, *seeds = sys.argv[1:]
+read = lambda path: json.load(open(path))
+out = {"command": command, "seconds": int(total), "retrieve_seconds": int(t_retrieve), "seeds": []}
+for s in seeds:
+    sd = os.path.join(d, f"seed{s}")
+    out["seeds"].append({"seed": int(s), "seconds": int(open(os.path.join(sd, "seconds")).read()),
+                         "sft": read(os.path.join(sd, "eval_sft", "metrics.json")),
+                         "grpo": read(os.path.join(sd, "eval_grpo", "metrics.json")),
+                         "grpo_selected": read(os.path.join(sd, "grpo", "state.json")).get("selected"),
+                         "paired": evaluate.paired(os.path.join(sd, "eval_sft"), os.path.join(sd, "eval_grpo"))})
+os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)
+json.dump(out, open(results, "w"), indent=1)
+for r in out["seeds"]:
+    p = r["paired"]
+    print(f"seed {r['seed']}: SFT {r['sft']['accuracy']:.3f} -> SFT + GRPO {r['grpo']['accuracy']:.3f} "
+          f"(fixed {p['fixed']}, broken {p['broken']}, p {p['p']:.3g}); {r['seconds']} s")
+print(f"wrote {results}")
 EOF

@@ -22,7 +22,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from demo import paired  # noqa: E402
+from evaluate import paired  # noqa: E402
 
 SETTINGS = {"32 prompts x 60 steps": (32, 60), "32 prompts x 180 steps": (32, 180),
             "96 prompts x 60 steps": (96, 60), "96 prompts x 100 steps": (96, 100)}
@@ -74,7 +74,7 @@ def main(args):
         print(f"\n{s} split")
         for name, rows in table.items():
             accs = [r[s]["accuracy"] for r in rows.values() if s in r]
-            cells = [f"s{seed} {r[s]['accuracy']:.3f} ({r[s]['fixed']}/{r[s]['broke']}, p {r[s]['p_value']:.3f})"
+            cells = [f"s{seed} {r[s]['accuracy']:.3f} ({r[s]['fixed']}/{r[s]['broken']}, p {r[s]['p']:.3f})"
                      for seed, r in rows.items() if s in r]
             mean = f"mean {statistics.mean(accs):.3f}" if accs else "no runs"
             print(f"{name:>24} | {mean} | " + " | ".join(cells))

@@ -15,9 +15,9 @@ on CUDA gradient checkpointing and, by default (--bf16), bf16 weights on both si
 AdamW); --no-bf16 gives fp32 weights under bf16 autocast on both (reference in bf16).
 - ours: grpo.py itself, as a subprocess (rollouts on engine.py on CUDA: --engine auto); its
   metrics.jsonl gives the step split.
-- TRL: this script again as a subprocess (--worker trl): GRPOTrainer with an image-only Qwen2.5-VL
-  processor (the stock one needs torchvision for video) and rewards.score as its reward
-  function; a callback times each step (on_step_begin -> on_step_end), and wrappers time its
+- TRL: this script again as a subprocess (--worker trl): GRPOTrainer with the checkpoint's own
+  processor (AutoProcessor; model.hf_processor: no torchvision, the training prompt as its chat
+  template) and rewards.score as its reward function; a callback times each step (on_step_begin -> on_step_end), and wrappers time its
   generation, reward and reference passes; training = the rest of the step.
 Runs alternate ours / TRL (--repeats times per setting, the first step of each run dropped as
 warm-up); reported are the medians and the best of all timed steps and, on CPU, the CPU seconds
@@ -147,40 +147,27 @@ def trl_worker(args, work, run_dir, P, grad_ckpt, bf16):
     import torch
     from datasets import Dataset
     from PIL import Image
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, TrainerCallback
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    from transformers.processing_utils import ProcessorMixin
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
     import model as M
     import rewards
 
-    class ImageOnlyProcessor(Qwen2_5_VLProcessor):
-        """Qwen2.5-VL's processor without the video processor (which needs torchvision)."""
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
     cuda = torch.cuda.is_available()
     ckpt = str(work / "ckpt")
-    tokenizer = AutoTokenizer.from_pretrained(ckpt, padding_side="left")
-    processor = ImageOnlyProcessor(Qwen2VLImageProcessorPil.from_pretrained(ckpt), tokenizer,
-                                   chat_template=tokenizer.chat_template)
+    processor = AutoProcessor.from_pretrained(ckpt, backend="pil")  # the checkpoint's (model.hf_processor)
+    tokenizer = processor.tokenizer
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.bfloat16 if bf16 else torch.float32,
                                                                attn_implementation="sdpa")
     rows = [json.loads(line) for line in open(work / "rows.jsonl")]
-    prompt = lambda r: [{"role": "system", "content": M.SYSTEM},  # noqa: E731
-                        {"role": "user", "content": f"{r['question']} {M.INSTRUCTION}"}]
+    # the checkpoint's chat template adds the system turn and model.INSTRUCTION
+    prompt = lambda r: [{"role": "user", "content": r["question"]}]  # noqa: E731
     dataset = Dataset.from_list([{"prompt": prompt(r), "image": Image.open(r["image"]).convert("RGB"),
                                   "answer": r["answer"], "answer_type": r["answer_type"], "keywords": r["keywords"]}
                                  for r in rows])
     # the prompt TRL builds must be the one grpo.py builds, token for token
     trl_ids = processor.apply_chat_template(
-        [[{"role": "system", "content": [{"type": "text", "text": M.SYSTEM}]},
-          {"role": "user", "content": [{"type": "image", "image": dataset[0]["image"]},
-                                       {"type": "text", "text": prompt(rows[0])[1]["content"]}]}]],
+        [[{"role": "user", "content": [{"type": "image", "image": dataset[0]["image"]},
+                                       {"type": "text", "text": rows[0]["question"]}]}]],
         add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"][0]
     n_img = sum(1 for t in trl_ids if t == processor.image_token_id)
     ours_ids = tokenizer(M.chat_prompt(rows[0]["question"], n_img), add_special_tokens=False).input_ids

@@ -24,25 +24,27 @@ from evaluate import baselines
 
 def test_vqa_rad_official_split(shared_data):
     root = os.path.join(shared_data, "vqa_rad")
-    test, train = data.load(root, "test"), data.load(root, "train")
-    assert len(test) == 451 and len(train) == 1797
+    test, train, val = data.load(root, "test"), data.load(root, "train"), data.load(root, "val")
+    # the 1,797 official training rows: val is the questions on a fixed tenth of their images, train the rest
+    assert len(test) == 451 and (len(train), len(val)) == (1601, 196)
+    assert not {r["image"] for r in train} & {r["image"] for r in val} and len({r["image"] for r in val}) == 35
     assert Counter(r["answer_type"] for r in test) == {"closed": 272, "open": 179}
-    rows = test + train
+    rows = test + train + val
     assert all(isinstance(r["answer"], str) and r["answer"] for r in rows)  # 5 int answers became str
     assert {r["answer_type"] for r in rows} == {"closed", "open"}  # "CLOSED " lost its space
     assert len({r["id"] for r in rows}) == 2248
     assert {"PRES", "POS", "ABN", "SIZE"} <= {r["category"] for r in rows}
     assert all(os.path.exists(r["image"]) for r in rows[::50])
     assert data.load_image(test[0]).mode == "RGB"
-    with pytest.raises(DataError, match="no validation split"):
-        data.load(root, "val")
 
 
 def test_vqa_rad_mevf_split(shared_data):
     root = os.path.join(shared_data, "vqa_rad", "data_RAD")  # images come from the sibling OSF folder
     test = data.load(root, "test")
     assert len(test) == 451 and Counter(r["answer_type"] for r in test) == {"closed": 272, "open": 179}
-    assert len(data.load(root, "train")) == 3064  # 1,797 official + 1,267 "frame" questions
+    train, val = data.load(root, "train"), data.load(root, "val")
+    assert len(train) + len(val) == 3064  # 1,797 official + 1,267 "frame" questions
+    assert {r["image"] for r in val} == {r["image"] for r in data.load(os.path.dirname(root), "val")}
     assert all(os.path.exists(r["image"]) for r in test[::25])
 
 
@@ -291,13 +293,15 @@ def test_demo_question_alone_cannot_answer(demo_splits):
         assert max(tally.values()) / sum(tally.values()) <= 0.6, (q, tally)
     # the baseline itself: the majority answer per question, else per answer type
     rows = [{"question": "Q?", "answer": a, "answer_type": "closed"} for a in ("yes", "yes", "no")]
-    assert baselines(rows, rows) == {"majority": pytest.approx(2 / 3), "question_only": pytest.approx(2 / 3)}
+    assert baselines(rows, rows) == {"majority": pytest.approx(2 / 3), "question_only": pytest.approx(2 / 3),
+                                     "closed_majority": pytest.approx(2 / 3)}
     unseen = [{"question": "New?", "answer": "Yes.", "answer_type": "closed"}]
     assert baselines(rows, unseen)["question_only"] == 1
     # the question is matched after normalisation (case, punctuation, articles), the answer too
     rows += [{"question": "Which side?", "answer": "Left", "answer_type": "open"}] * 2
     assert baselines(rows, [{"question": "which SIDE", "answer": "left.", "answer_type": "open"}]) == \
-        {"majority": 1.0, "question_only": 1.0}
+        {"majority": 1.0, "question_only": 1.0, "closed_majority": None}  # no closed question to score
+    assert baselines(rows, rows)["closed_majority"] == pytest.approx(2 / 3)  # "yes" on the three closed rows
 
 
 def test_demo_categories_and_answer_types(demo_splits):

@@ -52,7 +52,7 @@ def grpo_args(tmp, out, *extra):
     # upstream rewards: their substring accuracy gives a random tiny model some reward spread, so it learns
     return ["--ckpt", tmp["ckpt"], "--data", "demo", "--out", out, "--prompts_per_step", 4, "--group_size", 2,
             "--max_new_tokens", 12, "--micro_batch", 4, "--max_steps", 6, "--save_every", 2, "--eval_every", 3,
-            "--val_limit", 4, "--upstream_rewards", *extra]
+            "--val_limit", 4, "--upstream_rewards", "--keep_last", *extra]
 
 
 def eval_args(ckpt, out):

@@ -128,3 +128,35 @@ def test_bf16_mode_trains_grpo_and_sft_in_bf16(tmp_path):
         assert sum(moved) > len(moved) / 2, out  # most tensors changed after 3 steps at lr 1e-4
     opt = torch.load(tmp_path / "sft" / "checkpoints" / "step_0000002" / "optimizer.pt", weights_only=True)
     assert {v["exp_avg_sq"].dtype for v in opt["state"].values()} == {torch.bfloat16}
+
+
+def test_grpo_final_model_is_the_evaluated_step_with_the_best_held_out_accuracy(tmp_path, monkeypatch):
+    """Held-out model selection: the final model is the evaluated step (the start included) with the best
+    held-out accuracy; --keep_last keeps the last step's. Scores are scripted: start 0.1, then 0.5 at step 1,
+    0.3, 0.2: step 1 wins, so the final weights equal a 1-step run's; with all equal the start wins."""
+    import json
+    import grpo
+    args = lambda out, *extra: _grpo_args(out, "--val_data", "demo", "--eval_every", 1, "--val_limit", 4,
+                                          "--lr", 1e-2, "--upstream_rewards", *extra)
+
+    def scripted(scores):
+        it = iter(scores)
+        monkeypatch.setattr(grpo, "held_out_accuracy", lambda *a, **k: next(it))
+
+    scripted([0.1, 0.5, 0.3, 0.2])
+    _run(grpo, args(tmp_path / "best"))
+    scripted([0.0])
+    _run(grpo, args(tmp_path / "one", "--max_steps", 1, "--keep_last"))
+    scripted([0.0] * 4)
+    _run(grpo, args(tmp_path / "tie"))
+    scripted([0.0] * 3)
+    _run(grpo, args(tmp_path / "last", "--keep_last"))
+    w = {name: M.load(str(tmp_path / name)).model.state_dict() for name in ("best", "one", "tie", "last")}
+    start = M.load("tiny").model.state_dict()
+    assert all(torch.equal(w["best"][k], w["one"][k]) for k in w["one"])
+    assert all(torch.equal(w["tie"][k], start[k]) for k in w["tie"])
+    assert any(not torch.equal(w["last"][k], start[k]) for k in w["last"])   # training did move the weights
+    assert any(not torch.equal(w["best"][k], w["last"][k]) for k in w["last"])
+    selected = lambda name: json.load(open(tmp_path / name / "state.json"))["selected"]
+    assert selected("best") == {"step": 1, "val_accuracy": 0.5} and selected("tie") == {"step": 0, "val_accuracy": 0.0}
+    assert selected("last") is None and not (tmp_path / "best" / "best").exists()
