@@ -185,7 +185,11 @@ def _detect(path, split, lang, dataset=None):
     if os.path.exists(os.path.join(path, "dataset_dict.json")) or all(
             os.path.exists(os.path.join(path, f)) for f in ("dataset_info.json", "state.json")):
         import datasets  # a Dataset.save_to_disk / DatasetDict.save_to_disk folder
-        return path, _load_datasets(datasets.load_from_disk(path), split, lang, path, dataset or _folder_name(path))
+        try:
+            ds = datasets.load_from_disk(path)
+        except Exception as e:  # a broken save_to_disk folder
+            raise DataError(f"{path}: not a readable save_to_disk folder ({type(e).__name__}: {e})") from None
+        return path, _load_datasets(ds, split, lang, path, dataset or _folder_name(path))
     parquets = sorted(glob.glob(os.path.join(path, "data", "*.parquet")) + glob.glob(os.path.join(path, "*.parquet")))
     if parquets:
         return path, _load_parquet(parquets, split, lang, dataset or _folder_name(path))
@@ -732,7 +736,11 @@ def _load_parquet(files, split, lang, dataset, by_file_name=True):
         files = [f for f in files if os.path.basename(f).split("-")[0].split(".")[0] in names]
     shared, counter = {}, itertools.count()  # across the split's files: one bytes object per image, unique ids
     for file in files:
-        batches = (b.to_pylist() for b in pq.ParquetFile(file).iter_batches(batch_size=512))
+        try:  # the footer: a file that is not parquet, or was cut short, fails here
+            table = pq.ParquetFile(file)
+        except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
+            raise DataError(f"{file}: not a readable parquet file ({type(e).__name__}: {e})") from None
+        batches = (b.to_pylist() for b in table.iter_batches(batch_size=512))
         yield from _table_rows(file, batches, split, lang, dataset, os.path.dirname(file), shared, counter,
                                own_split=not by_file_name)
 
@@ -773,15 +781,14 @@ def _table_rows(name, batches, split, lang, dataset, folder, shared, counter, ow
         for r in batch:
             i += 1
             n = next(counter)
-            if own_split and r.get("split") is not None and SPLITS.get(r["split"]) != split:  # another split's
-                if r["split"] not in SPLITS:
-                    yield name, f"row {i}", f"unknown split {r['split']!r}"
-                continue
-            if lang != "all" and (r.get("lang") or "en") != lang:
+            row_lang, problem = _belongs(r, split, lang, own_split)  # another split's or language's: skipped
+            if problem:
+                yield name, f"row {i}", problem
+            if not row_lang:
                 continue
             image, problem = r.get("image"), None
             if isinstance(image, dict):  # the datasets Image feature: {"bytes": ..., "path": ...}
-                if image.get("bytes"):
+                if isinstance(image.get("bytes"), bytes) and image["bytes"]:
                     data = shared.setdefault(image["bytes"], image["bytes"])
                     image, problem = _image_from_bytes(data, f"{name} row {i}")
                 else:
@@ -793,10 +800,26 @@ def _table_rows(name, batches, split, lang, dataset, folder, shared, counter, ow
             if problem:
                 yield name, f"row {i}", problem
                 continue
-            row = _row(r.get("id", f"{dataset}-{split}-{n}"), image, r.get("question"), r.get("answer"),
-                       r.get("answer_type"), r.get("dataset") or dataset, split, r.get("lang") or "en",
-                       r.get("keywords"), r.get("report"), r.get("category"))
+            row = _row(_or(r.get("id"), f"{dataset}-{split}-{n}"), image, r.get("question"), r.get("answer"),
+                       r.get("answer_type"), r.get("dataset") or dataset, split, row_lang,
+                       _or(r.get("keywords"), []), r.get("report"), r.get("category"))
             yield name, f"row {i}", {**r, **row}  # extra fields travel with the row: target, evidence, ...
+
+
+def _belongs(r, split, lang, own_split=True):
+    """(its lang, None) when record r belongs to the split and language asked for, (None, None) when it does
+    not, (None, what is wrong) when its split or lang is not text or not a split name. A record without a
+    split belongs to every split (own_split=False: the file's name said it); without a lang it is English."""
+    row_split, row_lang = r.get("split") if own_split else None, _or(r.get("lang"), "en")
+    problem = _text_problem("split", row_split, optional=True) or _text_problem("lang", row_lang)
+    if problem:
+        return None, problem
+    row_lang = row_lang.strip().lower() or "en"  # "EN" is English too, not a language no one asked for
+    if row_split is not None and row_split not in SPLITS:
+        return None, f"unknown split {_short(row_split)}"
+    if (row_split is not None and SPLITS[row_split] != split) or (lang != "all" and row_lang != lang):
+        return None, None
+    return row_lang, None
 
 
 def _load_rows_file(file, split, lang, dataset=None):
@@ -821,19 +844,10 @@ def _load_rows_file(file, split, lang, dataset=None):
         if not isinstance(r, dict):
             yield file, where, f"not a JSON object but {type(r).__name__}"
             continue
-        row_split, row_lang = r.get("split"), _or(r.get("lang"), "en")
-        problem = _text_problem("split", row_split, optional=True) or _text_problem("lang", row_lang)
+        row_lang, problem = _belongs(r, split, lang)
         if problem:
             yield file, where, problem
-            continue
-        row_lang = row_lang.strip().lower() or "en"  # "EN" is English too, not a language no one asked for
-        if row_split is not None:
-            if row_split not in SPLITS:
-                yield file, where, f"unknown split {_short(row_split)}"
-                continue
-            if SPLITS[row_split] != split:
-                continue
-        if lang != "all" and row_lang != lang:
+        if not row_lang:
             continue
         image = r.get("image")
         if isinstance(image, str) and image:

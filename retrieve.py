@@ -163,11 +163,12 @@ def _image_ref(image, out, stored):
     folder). A path stays where it is (made absolute: the run folder and the dataset may be anywhere). An
     in-memory image is written once under OUT_images/, named by the hash of its bytes: the bytes it came
     embedded as (parquet, the hub), unchanged, or for one that exists only as pixels (the demo's) a PNG.
-    `stored` maps each image object already seen to its path: an image shared by many questions costs
-    one hash. The file is written under a temporary name and renamed, so one that exists is whole."""
+    `stored` maps each image (its bytes object, or the image object) already seen to its path: an image
+    shared by many questions costs one hash. The file is written under a temporary name and renamed, so one that exists is whole."""
     if isinstance(image, str):
         return os.path.abspath(image)
-    if id(image) not in stored:
+    key = id(image.info.get("medfact_bytes", image))  # data.py holds each embedded image's bytes once
+    if key not in stored:
         encoded = image.info.get("medfact_bytes")
         ext = {"JPEG": "jpg"}.get(image.format, (image.format or "img").lower())
         if encoded is None:
@@ -181,8 +182,8 @@ def _image_ref(image, out, stored):
             with open(os.path.join(folder, name + ".tmp"), "wb") as f:
                 f.write(encoded)
             os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
-        stored[id(image)] = os.path.join(os.path.basename(folder), name)
-    return stored[id(image)]
+        stored[key] = os.path.join(os.path.basename(folder), name)
+    return stored[key]
 
 
 def main(args):

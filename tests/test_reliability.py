@@ -560,6 +560,23 @@ def test_a_field_of_the_wrong_type_is_one_line_or_skipped(tmp, field, value, pro
     assert "skipped 1 bad rows" in capsys.readouterr().err
 
 
+def test_parquet_rows_are_checked_as_jsonl_rows_are(tmp, capsys):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    image = {"bytes": open(tmp["root"] / "images" / "0.png", "rb").read(), "path": None}
+    base = {"image": [image] * 4, "question": ["Is there a nodule?"] * 4, "answer": ["yes"] * 4}
+    path = str(tmp["root"] / "hostile.parquet")
+    pq.write_table(pa.table({**base, "split": [["train"]] * 4}), path)  # a list where the split is text
+    with pytest.raises(data.DataError) as e:
+        data.load(path, "train")
+    one_line(e, path, "row 0", "split must be text, not list")
+    pq.write_table(pa.table({**base, "id": [None, "a", "a", None], "lang": ["EN", "en", None, "en"]}), path)
+    assert [r["id"] for r in data.load(path, "train")] == ["hostile-train-0", "a", "a#2", "hostile-train-3"]
+    (tmp["root"] / "not.parquet").write_bytes(b"PAR1 but nothing else")
+    with pytest.raises(data.DataError) as e:
+        data.load(str(tmp["root"] / "not.parquet"), "train")
+    one_line(e, "not.parquet", "not a readable parquet file")
+
+
 def test_a_bad_target_is_skipped_before_step_one_not_met_at_step_four(tmp, capfd):
     # 12 rows, batches of 4, 3 steps: every row is trained on, so a row that got through would crash the run
     path = write_rows(tmp, "number_target.jsonl", [good_row(i) for i in range(11)] + [good_row(11, target=42)])
