@@ -851,20 +851,31 @@ def last_good_checkpoint(out, trouble):
 
 
 def load_state(path):
-    with open(os.path.join(path, "state.json")) as f:
-        return json.load(f)
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise SetupError(f"{path}/state.json: cannot read ({type(e).__name__}: {e})") from None
+
+
+def _read_optimizer(path):
+    """optimizer.pt, tensors only: weights_only=True never unpickles code; anything else is one line."""
+    try:
+        return torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle with code (UnpicklingError), a torn file (RuntimeError), ...
+        raise SetupError(f"{path}/optimizer.pt: cannot load it as tensors ({type(e).__name__}: "
+                         f"{str(e).strip()[:200]}); delete that checkpoint to resume from an older one") from e
 
 
 def load_optimizer(path, optimizer, model=None):
-    """Restore optimizer.pt (tensors only: weights_only=True never unpickles code). Collective under FSDP."""
+    """Restore optimizer.pt (_read_optimizer). Collective under FSDP."""
     if model is not None and is_sharded(model):  # rank 0 reads the full state, FSDP scatters each rank's shard
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        sd = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True) if is_main() else {}
+        sd = _read_optimizer(path) if is_main() else {}
         set_optimizer_state_dict(model, optimizer, sd,
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         return
-    sd = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(sd)
+    optimizer.load_state_dict(_read_optimizer(path))
 
 
 def count_params(model):

@@ -494,7 +494,7 @@ def test_nothing_unsafe_is_loaded(tmp):
     # optimizer state: weights_only=True refuses anything but tensors and containers
     with open(folder / "optimizer.pt", "wb") as f:
         pickle.dump(Boom(str(marker)), f, protocol=2)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match="optimizer.pt: cannot load it as tensors .UnpicklingError"):
         M.load_optimizer(str(folder), torch.optim.AdamW(tmp["vlm"].model.parameters()))
     # remote code: a config that asks for its own Python is refused unless --trust_remote_code
     custom = tmp["root"] / "custom"
@@ -751,6 +751,24 @@ def test_resume_with_nothing_to_resume_refuses_and_touches_nothing(tmp, sft_ref)
         run(sft, sft_args(tmp, str(tmp["root"] / "never_ran"), "--resume"))
     one_line(e, "nothing to resume")
     assert not os.path.exists(tmp["root"] / "never_ran")
+
+
+def test_resume_from_a_damaged_checkpoint_is_one_line(tmp, sft_ref):
+    # written by hand, not by a save (which renames a whole folder): a torn optimizer.pt, a broken state.json
+    out = str(tmp["root"] / "damaged")
+    shutil.copytree(sft_ref, out)
+    newest = M.latest_checkpoint(out)
+    with open(os.path.join(newest, "optimizer.pt"), "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ValueError) as e:
+        run(sft, sft_args(tmp, out, "--resume"))
+    one_line(e, "optimizer.pt: cannot load it as tensors", "delete that checkpoint")
+    shutil.copy(os.path.join(M.latest_checkpoint(sft_ref), "optimizer.pt"), newest)
+    with open(os.path.join(newest, "state.json"), "w") as f:
+        f.write('{"step": 4, "ar')
+    with pytest.raises(ValueError) as e:
+        run(sft, sft_args(tmp, out, "--resume"))
+    one_line(e, "state.json: cannot read")
 
 
 @pytest.mark.parametrize("stage", ["sft", "grpo"])
