@@ -134,7 +134,7 @@ def baselines(train_rows, rows):
 def paired(before_dir, after_dir):
     """Two models on the same questions (their predictions.jsonl, matched by row id): how many answers
     the second fixed and broke, and the exact two-sided McNemar p-value: is the change more than chance?"""
-    read = lambda d: {r["id"]: r["exact"] for r in map(json.loads, open(os.path.join(d, "predictions.jsonl")))}
+    read = lambda d: {r["id"]: r["exact"] for _, r, _ in data.read_jsonl(os.path.join(d, "predictions.jsonl"))}
     a, b = read(before_dir), read(after_dir)
     fixed = sum(1 for k in a if not a[k] and b.get(k))
     broken = sum(1 for k in a if a[k] and not b.get(k))
