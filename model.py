@@ -267,9 +267,13 @@ class VLM:
         """Image tokens of a width x height image: the processor's own resize rule (sides multiples of patch x
         merge, pixels in range). ValueError for a size it refuses (an aspect ratio over 200)."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-        ip = self.image_processor
-        h, w = smart_resize(height, width, ip.patch_size * ip.merge_size, ip.size["shortest_edge"],
-                            ip.size["longest_edge"])
+        ip, factor = self.image_processor, self.image_processor.patch_size * self.image_processor.merge_size
+        if getattr(ip, "do_resize", True):
+            h, w = smart_resize(height, width, factor, ip.size["shortest_edge"], ip.size["longest_edge"])
+        elif height % factor or width % factor:  # a processor told not to resize cuts the image into patches as is
+            raise ValueError(f"its sides must be multiples of {factor}: this image processor does not resize")
+        else:
+            h, w = height, width
         return (h // ip.patch_size) * (w // ip.patch_size) // self.merge ** 2
 
     def prompt_length(self, image, question, instruction=INSTRUCTION):
