@@ -285,6 +285,32 @@ def test_evidence_and_report_finding_are_cited():
     assert "The image shows" not in label["target"] and "So, there is no pleural effusion." in label["target"]
 
 
+def test_images_are_described_by_their_attribute_answers():
+    """Without a report, an image's finding is its answers to the attribute questions: open questions
+    asked about >= 3 images (and 2% of them) with few answers, the most asked first; yes/no questions
+    and one-off questions do not describe an image."""
+    def row(i, image, question, answer, kind="open"):
+        return {"id": f"q{i}", "image": image, "question": question, "answer": answer, "answer_type": kind,
+                "keywords": [], "report": None}
+    rows, n = [], 0
+    for image, modality, part in [("a.png", "CT", "Chest"), ("b.png", "MRI", "Brain"), ("c.png", "CT", None),
+                                  ("d.png", "X-Ray", "Chest")]:
+        rows.append(row(n := n + 1, image, "What modality is used to take this image?", modality))
+        rows.append(row(n := n + 1, image, "Is there a nodule?", "yes", "closed"))
+        if part:
+            rows.append(row(n := n + 1, image, "Which part of the body is this?", part))
+    rows.append(row(n := n + 1, "a.png", "Where is the lesion?", "left lower lobe"))  # asked of one image
+    assert retrieve.image_descriptions(rows) == {"a.png": "CT, chest", "b.png": "MRI, brain", "c.png": "CT",
+                                                 "d.png": "X-Ray, chest"}
+    labels = build_pseudo_labels(rows, synthetic_cxr.glossary(), k=1)
+    assert all("The image shows CT, chest." in r["target"] for r in labels if r["image"] == "a.png")
+    assert all(rewards.score(r["target"], r)["consistency"] == 1 for r in labels)
+    # a report, where there is one, is what the trace states
+    reported = dict(rows[0], report="Impression: small left pleural effusion.")
+    assert "The image shows small left pleural effusion." in build_pseudo_labels([reported] + rows[1:],
+                                                                                synthetic_cxr.glossary())[0]["target"]
+
+
 @pytest.mark.parametrize("question, answer, expected", [
     ("Is there a pleural effusion?", "yes", "So, there is a pleural effusion."),
     ("Is there a pleural effusion?", "No", "So, there is no pleural effusion."),
