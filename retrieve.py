@@ -269,7 +269,7 @@ def build_pseudo_labels(rows, passages, k=3, coverage=1.0, seed=0, writer=None, 
     items = []
     for row, hit in zip(rows, hits):
         evidence = [passages[i] for i, _ in hit]
-        finding = image_finding(row, descriptions.get(image_key(row["image"])))
+        finding = image_finding(row, descriptions.get(image_key(row.get("image"))))
         keywords = pick_keywords(row, evidence, terms, finding)
         parts = trace_parts(row, evidence, keywords, finding, cite=_covered(row, seed, coverage))
         items.append(dict(parts, row=row, evidence=evidence, keywords=keywords))
@@ -334,7 +334,7 @@ def image_descriptions(rows, min_share=ATTRIBUTE_SHARE, max_values=ATTRIBUTE_VAL
     training rows only; at test time the model describes the image itself."""
     images, asked, values = set(), collections.defaultdict(set), collections.defaultdict(set)
     for r in rows:
-        q, key = rewards.normalize_answer(r["question"]), image_key(r["image"])
+        q, key = rewards.normalize_answer(r["question"]), image_key(r.get("image"))
         images.add(key)
         asked[q].add(key)
         values[q].add(rewards.normalize_answer(r["answer"]))
@@ -345,7 +345,7 @@ def image_descriptions(rows, min_share=ATTRIBUTE_SHARE, max_values=ATTRIBUTE_VAL
     for r in rows:
         q = rewards.normalize_answer(r["question"])
         if q in attributes and r["answer_type"] == "open":
-            facts[image_key(r["image"])].setdefault(q, " ".join(str(r["answer"]).strip().rstrip(".").split()[:6]))
+            facts[image_key(r.get("image"))].setdefault(q, " ".join(str(r["answer"]).strip().rstrip(".").split()[:6]))
     out = {}
     for key, answers in facts.items():
         ranked = [a if a[:2].isupper() else a.lower()  # "CT", "T2" stay; "Abdomen" -> "abdomen"
