@@ -56,18 +56,35 @@ a user's JSONL) raises DataError, unless skip_bad_rows=True, which skips it and
 prints one summary line. For PathVQA (and any source without an answer type)
 a row is closed when its normalised answer is yes or no.
 
-Image paths are checked for existence at load time (cheap); decoding waits for
-load_image(), which also turns a corrupt file into a DataError naming it. A split that does
+Every field a stage reads is checked at load time, for type and content: text is a str
+(an integer or finite number answer becomes one; a list, a dict, a bool, NaN or a lone
+surrogate is a bad row), keywords a list of str, split and lang text, a pseudo-label's target
+text and its evidence a list of passages. Every row leaves with a unique id: one without an
+id (missing, null, blank) gets FILE-N from its line or row number, a repeated one a suffix
+(id#2); both depend on the data alone, so a rerun sees the same ids. Image paths must be
+regular files (cheap); decoding waits for load_image(), which turns a corrupt file into a
+DataError naming it and converts every mode to RGB as the model should see it (16-bit and
+float images scaled by their bit depth, not clipped to white; see _rgb). A split that does
 not exist, or holds no rows, raises SplitNotFound (a DataError), so a caller can tell "no
 validation split" (carry on without it) from a bad row (stop).
+
+One pair of functions writes and reads every JSONL file of the project (pseudo-labels,
+metrics, rollouts, predictions, users' rows): jsonl_line / append_jsonl / write_jsonl and
+read_jsonl. Lines end at "\n" only (never at U+2028, which JSON allows inside a string, and
+which str.splitlines() breaks at); cut_torn_line and truncate_jsonl let a resumed run
+tolerate a last line a crash or a full disk left half written. writable_file and
+writable_folder check an --out before any work.
 
 The demo (`load("demo", split)`) is the synthetic chest-radiograph set that synthetic_cxr.py
 draws: a stand-in for MIMIC-CXR-VQA that a tiny model learns on a laptop CPU in minutes. Its
 rows are in the schema above (with a report, keywords and a category); see that file.
 
-check_rows(vlm, rows) is the second check, once a stage has its model: every image decodes and
-every prompt fits the model's context. Bad rows raise DataError (one line naming the row) or,
-with skip_bad_rows, are skipped and counted.
+check_rows(vlm, rows) is the second check, once a stage has its model: every image decodes,
+the image processor's resize rule takes its size (it refuses an aspect ratio over 200), and
+every prompt fits the model's context (with target=True, prompt and target). Each distinct
+image is decoded once. Bad rows raise DataError (one line naming the row) or, with
+skip_bad_rows, are skipped and counted. retrieve.py, which has no model, calls it with
+vlm=None: the images decode.
 
 Departures from the paper: MEDFACT-R1 trains on real data only and never released
 its data code; the demo, the known-bad-row policy, the validation split names and
@@ -78,20 +95,31 @@ _load_slake) and a branch in _detect().
 import glob
 import hashlib
 import io
+import itertools
 import json
+import math
 import os
+import re
 import sys
+import tempfile
 
+import numpy as np
 from PIL import Image
 
 import synthetic_cxr
 from rewards import normalize_answer  # ONE answer normalisation, shared with rewards and evaluation
 
-__all__ = ["DataError", "SplitNotFound", "load", "load_image", "check_rows", "to_dataset", "normalize_answer"]
+__all__ = ["DataError", "SplitNotFound", "load", "load_image", "check_rows", "to_dataset", "normalize_answer",
+           "jsonl_line", "append_jsonl", "write_jsonl", "read_jsonl", "cut_torn_line", "truncate_jsonl",
+           "writable_file", "writable_folder"]
 
 
 class DataError(ValueError):
-    """Bad input data. The message is one line naming the file, the row and the problem."""
+    """Bad input: a row, a file or a path the user gave. The message is one line naming the file, the row and
+    the problem (any line break in it, U+2028 included, becomes a space)."""
+
+    def __init__(self, message):
+        super().__init__(" ".join(str(message).splitlines()))
 
 
 class SplitNotFound(DataError):
@@ -157,7 +185,11 @@ def _detect(path, split, lang, dataset=None):
     if os.path.exists(os.path.join(path, "dataset_dict.json")) or all(
             os.path.exists(os.path.join(path, f)) for f in ("dataset_info.json", "state.json")):
         import datasets  # a Dataset.save_to_disk / DatasetDict.save_to_disk folder
-        return path, _load_datasets(datasets.load_from_disk(path), split, lang, path, dataset or _folder_name(path))
+        try:
+            ds = datasets.load_from_disk(path)
+        except Exception as e:  # a broken save_to_disk folder
+            raise DataError(f"{path}: not a readable save_to_disk folder ({type(e).__name__}: {e})") from None
+        return path, _load_datasets(ds, split, lang, path, dataset or _folder_name(path))
     parquets = sorted(glob.glob(os.path.join(path, "data", "*.parquet")) + glob.glob(os.path.join(path, "*.parquet")))
     if parquets:
         return path, _load_parquet(parquets, split, lang, dataset or _folder_name(path))
@@ -174,41 +206,101 @@ def _folder_name(path):
     return os.path.basename(os.path.normpath(path)).lower()
 
 
+def _in(folder, name):
+    # an image file name from a dataset's JSON, in its image folder; anything else stays as it is, for _problem
+    return os.path.join(folder, name) if isinstance(name, str) and name else name or None
+
+
+def _or(value, default):
+    # a field that is missing or null: the default (r.get(key, default) keeps an explicit null)
+    return default if value is None else value
+
+
 # -----------------------------------------------------------------------------
 # rows: building, checking, and the one place bad rows are reported
 
 def _row(id, image, question, answer, answer_type, dataset, split, lang="en", keywords=None,
          report=None, category=None):
-    answer = None if answer is None else str(answer).strip()  # VQA-RAD has int answers
-    if answer_type is None and answer is not None:  # no type given: closed means a yes/no answer
+    """A row in our schema from a source's fields. Values of the wrong type are kept as they are, for _problem
+    to name; only what is unambiguous is converted: an integer or a finite number answer (VQA-RAD has int
+    answers) or id becomes text; a missing or blank id is None (_finish makes one up)."""
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool) and math.isfinite(answer):
+        answer = str(answer)
+    answer = answer.strip() if isinstance(answer, str) else answer
+    if isinstance(answer_type, str):
+        answer_type = answer_type.strip().lower()
+    elif answer_type is None and isinstance(answer, str) and answer:  # no type given: closed means a yes/no answer
         answer_type = "closed" if normalize_answer(answer) in ("yes", "no") else "open"
-    return {"id": str(id), "image": image, "question": question.strip() if isinstance(question, str) else question,
-            "answer": answer, "answer_type": str(answer_type).strip().lower() if answer_type is not None else None,
-            "dataset": dataset, "split": split, "lang": lang, "keywords": list(keywords or []),
-            "report": report, "category": category}
+    if isinstance(id, int) and not isinstance(id, bool):
+        id = str(id)
+    if isinstance(id, str):
+        id = id.strip() or None
+    return {"id": id, "image": image, "question": question.strip() if isinstance(question, str) else question,
+            "answer": answer, "answer_type": answer_type, "dataset": dataset, "split": split, "lang": lang,
+            "keywords": keywords if keywords is not None else [], "report": report, "category": category}
+
+
+def _short(value, n=60):
+    """A value as it reads in a one-line error: repr, cut to about n characters."""
+    text = repr(value)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _text_problem(field, value, optional=False):
+    """What is wrong with a text field (a str), or None. Text must be a str that UTF-8 can write: JSON's
+    "\\ud800" escape makes a lone surrogate, which no tokenizer and no file write accepts."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        return f"{field} must be text, not {type(value).__name__} {_short(value)}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{field} is not valid Unicode (a lone surrogate, as JSON's \\ud800 escape makes)"
+    return None
 
 
 def _problem(row, exists):
-    """What is wrong with a row (a str), or None. `exists` caches os.path.exists per image path."""
-    for field in ("image", "question", "answer", "answer_type"):
+    """What is wrong with a row (a str), or None: every field a stage reads, its type and its content.
+    `exists` caches os.path.isfile per image path."""
+    for field in ("image", "question", "answer"):
         if row.get(field) is None:
             return f"missing field {field!r}"
-    if not isinstance(row["question"], str) or not row["question"]:
+    if not isinstance(row["id"], str):
+        return f"id must be text or an integer, not {type(row['id']).__name__} {_short(row['id'])}"
+    for field, optional in (("id", False), ("question", False), ("answer", False), ("dataset", False),
+                            ("split", False), ("lang", False), ("report", True), ("category", True)):
+        problem = _text_problem(field, row.get(field), optional)
+        if problem:
+            return problem
+    if not row["question"]:
         return "empty question"
     if not row["answer"]:
         return "empty answer"
+    if row.get("answer_type") is None:
+        return "missing field 'answer_type'"
     if row["answer_type"] not in ("closed", "open"):
-        return f"answer_type {row['answer_type']!r} is neither closed nor open"
-    if not all(isinstance(k, str) for k in row["keywords"]):
-        return "keywords must be a list of strings"
+        return f"answer_type {_short(row['answer_type'])} is neither closed nor open"
+    if not isinstance(row["keywords"], list) or any(_text_problem("k", k) for k in row["keywords"]):
+        return f"keywords must be a list of strings, not {_short(row['keywords'])}"
+    # a pseudo-label's fields (retrieve.py writes them, sft.py reads them)
+    if row.get("target") is not None:
+        problem = _text_problem("target", row["target"])
+        if problem or not row["target"].strip():
+            return problem or "empty target"
+    evidence = row.get("evidence")
+    if evidence is not None and (not isinstance(evidence, list) or not all(
+            isinstance(p, dict) and not _text_problem("text", p.get("text")) for p in evidence)):
+        return f"evidence must be a list of passages {{\"text\": ...}}, not {_short(evidence)}"
     image = row["image"]
     if isinstance(image, str):
-        if image not in exists:
-            exists[image] = os.path.exists(image)
+        if image not in exists:  # a regular file: a folder, a FIFO or /dev/stdin would not decode (or would hang)
+            exists[image] = bool(image) and os.path.isfile(image)
         if not exists[image]:
-            return f"image file does not exist: {image}"
+            return f"image file does not exist: {image}" if not os.path.exists(image) else \
+                f"image is not a regular file: {image}"
     elif not isinstance(image, Image.Image):
-        return f"image must be a path or a PIL image, not {type(image).__name__}"
+        return f"image must be a path or a PIL image, not {type(image).__name__} {_short(image)}"
     return None
 
 
@@ -217,17 +309,30 @@ KNOWN_BAD = {"slake-1622": "a known quirk of the official SLAKE 1.0 train.json"}
 
 
 def _finish(raw, name, split, lang, skip_bad_rows, limit):
-    """Check the rows a loader yields as (file, where, row-or-problem); raise, skip or drop the bad ones."""
-    rows, skipped, dropped, exists = [], [], [], {}
+    """Check the rows a loader yields as (file, where, row-or-problem); raise, skip or drop the bad ones.
+
+    Every row leaves with an id, and no two with the same one: a row without one gets FILE-N (its line or
+    row number), a repeated id gets a suffix (id#2, id#3, ...). Both depend only on the source, so a rerun
+    (retrieve.py resuming) sees the same ids.
+    """
+    rows, skipped, dropped, renamed, exists, ids = [], [], [], [], {}, set()
     for file, where, row in raw:
+        if isinstance(row, dict) and row.get("id") is None:
+            row["id"] = f"{os.path.splitext(os.path.basename(file))[0]}-{where.split()[-1]}"
         problem = row if isinstance(row, str) else _problem(row, exists)
         if problem is None:
+            if row["id"] in ids:
+                new = next(f"{row['id']}#{k}" for k in itertools.count(2) if f"{row['id']}#{k}" not in ids)
+                renamed.append(f"{file}: {where}: id {row['id']} -> {new}")
+                row["id"] = new
+            ids.add(row["id"])
             rows.append(row)
             if limit and len(rows) >= limit:
                 break
             continue
         rid = row.get("id") if isinstance(row, dict) else None
-        msg = f"{file}: {where}{f' (id {rid})' if rid else ''}: {problem}".replace("\n", " ")
+        rid = rid if isinstance(rid, str) and len(rid) <= 80 else _short(rid) if rid is not None else None
+        msg = " ".join(f"{file}: {where}{f' (id {rid})' if rid else ''}: {problem}".splitlines())
         if rid in KNOWN_BAD:
             dropped.append(f"{msg} ({KNOWN_BAD[rid]})")
         elif skip_bad_rows:
@@ -236,6 +341,8 @@ def _finish(raw, name, split, lang, skip_bad_rows, limit):
             raise DataError(msg)
     if dropped:
         print(f"dropped {len(dropped)} known-bad rows: {dropped[0]}", file=sys.stderr)
+    if renamed:
+        print(f"{len(renamed)} repeated ids made unique: first: {renamed[0]}", file=sys.stderr)
     if skipped:
         print(f"skipped {len(skipped)} bad rows of {name}: first problem: {skipped[0]}", file=sys.stderr)
     if not rows:  # all rows bad (and skipped) is bad data; no rows at all is a missing split
@@ -245,8 +352,11 @@ def _finish(raw, name, split, lang, skip_bad_rows, limit):
 
 
 def _read_text(path):
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
         return data.decode("utf-8-sig")  # tolerate a byte-order mark
     except UnicodeDecodeError as e:
@@ -254,18 +364,166 @@ def _read_text(path):
         raise DataError(f"{path}: line {line}: not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
-def _read_json(path):
+def _parse_json(text):
+    """(the value, None) or (None, what is wrong). Python's json also raises ValueError for an integer of over
+    4,300 digits and RecursionError for brackets nested thousands deep: both are bad input, not a crash."""
     try:
-        return json.loads(_read_text(path))
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON ({e.msg})"
+    except (ValueError, RecursionError) as e:
+        return None, f"invalid JSON ({type(e).__name__}: {str(e)[:80]})"
+
+
+def _read_json(path):
+    text = _read_text(path)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    except (ValueError, RecursionError) as e:  # see _parse_json
+        raise DataError(f"{path}: invalid JSON ({type(e).__name__}: {str(e)[:80]})") from None
+
+
+# -----------------------------------------------------------------------------
+# JSONL: the one writer and the one reader, so that whatever one stage writes the next reads
+# (pseudo-labels, metrics.jsonl, rollouts.jsonl, predictions.jsonl, users' rows)
+
+# line breaks to str.splitlines() (and to some editors) that JSON allows raw inside a string; json.dumps
+# escapes those below U+0020 itself
+_RAW_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def jsonl_line(record):
+    """One record as one line: JSON with text kept readable (not \\u-escaped), no line break inside, then "\\n"."""
+    text = json.dumps(record, ensure_ascii=False).translate(_RAW_BREAKS)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate cannot be written as UTF-8: escaped, it reads back the same
+        text = json.dumps(record)
+    return text + "\n"
+
+
+def append_jsonl(path, records):
+    """Append records to a JSONL file, one line each (one write per call: a kill tears at most the last line)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(jsonl_line(r) for r in records))
+
+
+def write_jsonl(path, records):
+    """A JSONL file of records, written to PATH.tmp and renamed: a kill never leaves half of it."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(jsonl_line(r) for r in records)
+    os.replace(path + ".tmp", path)
+
+
+def read_jsonl(path):
+    """[(line number, the record, None) or (line number, None, what is wrong with the line)] of a JSONL file.
+
+    Lines end at "\\n", "\\r\\n" or "\\r" (JSON escapes both inside a string), never at U+2028, U+2029 or
+    U+0085, where str.splitlines() also breaks: JSON allows them raw inside a string. A byte-order mark and
+    blank lines are fine; a file that is not UTF-8 is a DataError.
+    """
+    items = []
+    for n, line in enumerate(re.split(r"\r\n|\r|\n", _read_text(path)), 1):
+        if line.strip():
+            value, problem = _parse_json(line)
+            items.append((n, value, problem))
+    return items
+
+
+def cut_torn_line(path):
+    """A JSONL file this project appends to (pseudo-labels, metrics, rollouts), after a crash or a full disk
+    mid-write: a last line without its "\\n" is cut, or, if it is whole JSON, given its "\\n". Returns the
+    bytes cut (b"" when none)."""
+    if not os.path.isfile(path):
+        return b""
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return b""
+        start = data.rfind(b"\n") + 1
+        try:
+            _, problem = _parse_json(data[start:].decode("utf-8"))
+        except UnicodeDecodeError:  # torn inside a multi-byte character
+            problem = "not UTF-8"
+        if problem is None:
+            f.write(b"\n")
+            return b""
+        f.truncate(start)
+        return data[start:]
+
+
+def truncate_jsonl(path, step):
+    """Resume: keep the records of steps up to `step` of a metrics or rollouts file (all of a fresh run's go:
+    step 0). A torn last line, or any line that is not a record, is dropped with a note. Rewritten atomically."""
+    keep, bad = [], []
+    if step and os.path.exists(path):
+        cut = cut_torn_line(path)
+        bad += [f"a torn last line ({len(cut)} bytes)"] if cut else []
+        for n, rec, _ in read_jsonl(path):
+            if isinstance(rec, dict) and isinstance(rec.get("step", 0), int):
+                if rec.get("step", 0) <= step:
+                    keep.append(rec)
+            else:
+                bad.append(f"line {n}")
+    if bad:
+        print(f"{path}: dropped {len(bad)} broken lines ({', '.join(bad[:3])})", file=sys.stderr)
+    write_jsonl(path, keep)
+
+
+# -----------------------------------------------------------------------------
+# output paths, checked before any work (a bad --out must not lose a run's results)
+
+def _probe(folder, flag, path):
+    """Create and delete a file in `folder` (created if needed), or a one-line DataError saying why not."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        above = os.path.abspath(folder)
+        while not os.path.exists(above):
+            above = os.path.dirname(above)
+        why = f"{above} is a file, not a folder" if not os.path.isdir(above) else e.strerror or str(e)
+        raise DataError(f"{flag} {path}: cannot write there ({why})") from None
+
+
+def writable_file(path, flag="--out"):
+    """`path` as a file this process can write (its folder made if needed), or a one-line DataError. An
+    existing file must be a regular one: the results are written beside it and renamed over it, which
+    would replace a device such as /dev/null."""
+    if not path:
+        raise DataError(f"{flag}: an empty path")
+    if os.path.isdir(path):
+        raise DataError(f"{flag} {path}: is a folder; give a file name")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise DataError(f"{flag} {path}: exists and is not a regular file")
+    _probe(os.path.dirname(os.path.abspath(path)), flag, path)
+    try:
+        if os.path.exists(path):
+            open(path, "ab").close()  # opened for appending: nothing written, nothing truncated
+    except OSError as e:
+        raise DataError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+    return path
+
+
+def writable_folder(path, flag="--out"):
+    """`path` as a folder this process can write (made if needed), or a one-line DataError."""
+    if not path:
+        raise DataError(f"{flag}: an empty path")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DataError(f"{flag} {path}: exists and is not a folder")
+    _probe(path, flag, path)
+    return path
 
 
 # -----------------------------------------------------------------------------
 # images
 
 def load_image(row_or_image):
-    """An RGB PIL image from a row, a path or a PIL image; DataError names the file if it is missing or corrupt."""
+    """An RGB PIL image from a row, a path or a PIL image, as the model sees it (_rgb); DataError names the
+    file if it is missing or corrupt. A multi-frame image (GIF, TIFF) gives its first frame."""
     where = ""
     if isinstance(row_or_image, dict):
         where = f" (row {row_or_image.get('id')})"
@@ -276,21 +534,46 @@ def load_image(row_or_image):
         try:
             if "medfact_bytes" in info:  # embedded: decode a fresh copy, so rows never hold decoded pixels
                 with Image.open(io.BytesIO(info["medfact_bytes"])) as im:
-                    return im.convert("RGB")
-            return row_or_image.convert("RGB")
-        except (OSError, ValueError, SyntaxError) as e:
-            problem = f"cannot decode image ({type(e).__name__}: {e})".replace("\n", " ")
-            raise DataError(f"{name}{where}: {problem}") from None
+                    return _rgb(im)
+            return _rgb(row_or_image)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise DataError(f"{name}{where}: cannot decode image ({type(e).__name__}: {e})") from None
     if not isinstance(row_or_image, (str, os.PathLike)):
         raise DataError(f"<{type(row_or_image).__name__}>{where}: an image must be a path or a PIL image")
     path = os.fspath(row_or_image)
     if not os.path.exists(path):
         raise DataError(f"{path}{where}: image file does not exist")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}{where}: image is not a regular file")
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return _rgb(im)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}{where}: cannot decode image ({type(e).__name__}: {e})".replace("\n", " ")) from None
+        raise DataError(f"{path}{where}: cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def _rgb(im):
+    """RGB pixels, whatever the mode. PIL's convert("RGB") alone would clip every value of a 16-bit, 32-bit
+    or float image over 255 to white (a 16-bit radiograph: 99% white), so those are scaled to 8 bits first,
+    by their bit depth: values within 0..255 stay; non-negative values of N bits (10, 12, 16, ...) are
+    multiplied by 255 / (2^N - 1); a float image within 0..1 by 255; one with negative values (CT units)
+    is stretched from its lowest value to its highest; NaN and inf become 0. Transparency is laid over
+    white, as transformers' convert_rgb does."""
+    if im.mode.startswith("I") or im.mode == "F":  # I, I;16, I;16B, I;16L, I;16N, F
+        a = np.asarray(im, dtype=np.float32)
+        a = np.where(np.isfinite(a), a, 0)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if lo < 0:
+            a = (a - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        elif im.mode == "F" and hi <= 1:
+            a = a * 255
+        else:
+            a = a * (255 / (2 ** max(8, math.ceil(math.log2(hi + 1))) - 1))
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return im.convert("RGB")
 
 
 def _image_from_bytes(data, source):
@@ -310,22 +593,48 @@ def _image_from_bytes(data, source):
 # -----------------------------------------------------------------------------
 # the second check, once a stage has its model: each image decodes and each prompt fits
 
-def check_rows(vlm, rows, skip_bad_rows=False):
+def _image_key(image):
+    """What tells images apart, to decode each once: a path, the hash of embedded bytes, or the object."""
+    if isinstance(image, Image.Image):
+        data = image.info.get("medfact_bytes")
+        return hashlib.sha1(data).hexdigest() if data is not None else id(image)
+    return image
+
+
+def check_rows(vlm, rows, skip_bad_rows=False, target=False):
     """The rows whose image decodes and whose prompt fits the model (vlm: a model.VLM), before step 1.
 
-    A bad row raises a one-line DataError naming the source, the row and the problem (so a corrupt
-    image or an over-long prompt never stops a run midway); with skip_bad_rows it is skipped and
-    counted instead. Image tokens are never truncated. Decoding every image costs a pass over the
-    data, paid once, and it is what makes "fails before step 1" true.
+    Each image goes through what the model will do with it: load_image (decode, mode), then the image
+    processor's resize rule (vlm.image_tokens), which refuses some shapes (an aspect ratio over 200).
+    With target=True (sft.py) the prompt and its target together must fit. vlm=None (retrieve.py, which
+    has no model) checks that each image decodes. A bad row raises a one-line DataError naming the
+    source, the row and the problem (so no bad row stops a run midway); with skip_bad_rows it is skipped
+    and counted instead. Image tokens are never truncated. Each distinct image is decoded once.
     """
-    good, bad = [], []
+    good, bad, sizes = [], [], {}
     for r in rows:
         try:
-            n, n_img = vlm.prompt_length(load_image(r), r["question"])
-            if n > vlm.max_len:
-                raise DataError(f"{r.get('dataset')}: row {r.get('id')}: prompt is {n} tokens ({n_img} image "
-                                f"tokens), over the model's limit of {vlm.max_len}; image tokens are never "
-                                f"truncated: lower --max_pixels or shorten the question")
+            key = _image_key(r["image"])
+            if key not in sizes:  # only good images are remembered: a bad one names each of its rows
+                sizes[key] = load_image(r).size
+            if vlm is not None:
+                source = r["image"] if isinstance(r["image"], str) else r.get("dataset")
+                try:
+                    n, n_img = vlm.prompt_length(sizes[key], r["question"])
+                except ValueError as e:  # transformers' smart_resize
+                    w, h = sizes[key]
+                    raise DataError(f"{source} (row {r.get('id')}): the image processor refuses a {w}x{h} "
+                                    f"image ({e})") from None
+                what = "prompt"
+                if target:
+                    if not isinstance(r.get("target"), str):
+                        raise DataError(f"{r.get('dataset')}: row {r.get('id')}: no 'target' text")
+                    n += len(vlm.tokenizer(r["target"], add_special_tokens=False).input_ids) + 1
+                    what = "prompt and target"
+                if n > vlm.max_len:
+                    raise DataError(f"{r.get('dataset')}: row {r.get('id')}: {what} is {n} tokens ({n_img} image "
+                                    f"tokens), over the model's limit of {vlm.max_len}; image tokens are never "
+                                    f"truncated: lower --max_pixels or shorten the question")
             good.append(r)
         except DataError as e:
             if not skip_bad_rows:
@@ -368,8 +677,8 @@ def _vqa_rad_rows(file, records, image_dir, split, id_prefix):
             continue
         if split in ("train", "val") and r.get("image_name") and _held_out(str(r["image_name"])) != (split == "val"):
             continue
-        image = os.path.join(image_dir, r["image_name"]) if r.get("image_name") else None
-        yield file, f"row {i}", _row(f"{id_prefix}{r.get('qid', i)}", image, r.get("question"), r.get("answer"),
+        image = _in(image_dir, r.get("image_name"))
+        yield file, f"row {i}", _row(f"{id_prefix}{_or(r.get('qid'), i)}", image, r.get("question"), r.get("answer"),
                                      r.get("answer_type"), "vqa-rad", split,
                                      category=_vqa_rad_category(r.get("question_type")))
 
@@ -408,8 +717,8 @@ def _load_slake(root, split, lang):
             continue
         if lang != "all" and r.get("q_lang") != lang:
             continue
-        image = os.path.join(root, "imgs", r["img_name"]) if r.get("img_name") else None
-        yield file, f"row {i}", _row(f"slake-{r.get('qid', i)}", image, r.get("question"), r.get("answer"),
+        image = _in(os.path.join(root, "imgs"), r.get("img_name"))
+        yield file, f"row {i}", _row(f"slake-{_or(r.get('qid'), i)}", image, r.get("question"), r.get("answer"),
                                      r.get("answer_type"), "slake", split, lang=r.get("q_lang", "en"),
                                      category=r.get("content_type"))
 
@@ -427,7 +736,11 @@ def _load_parquet(files, split, lang, dataset, by_file_name=True):
         files = [f for f in files if os.path.basename(f).split("-")[0].split(".")[0] in names]
     shared, counter = {}, itertools.count()  # across the split's files: one bytes object per image, unique ids
     for file in files:
-        batches = (b.to_pylist() for b in pq.ParquetFile(file).iter_batches(batch_size=512))
+        try:  # the footer: a file that is not parquet, or was cut short, fails here
+            table = pq.ParquetFile(file)
+        except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
+            raise DataError(f"{file}: not a readable parquet file ({type(e).__name__}: {e})") from None
+        batches = (b.to_pylist() for b in table.iter_batches(batch_size=512))
         yield from _table_rows(file, batches, split, lang, dataset, os.path.dirname(file), shared, counter,
                                own_split=not by_file_name)
 
@@ -468,15 +781,14 @@ def _table_rows(name, batches, split, lang, dataset, folder, shared, counter, ow
         for r in batch:
             i += 1
             n = next(counter)
-            if own_split and r.get("split") is not None and SPLITS.get(r["split"]) != split:  # another split's
-                if r["split"] not in SPLITS:
-                    yield name, f"row {i}", f"unknown split {r['split']!r}"
-                continue
-            if lang != "all" and (r.get("lang") or "en") != lang:
+            row_lang, problem = _belongs(r, split, lang, own_split)  # another split's or language's: skipped
+            if problem:
+                yield name, f"row {i}", problem
+            if not row_lang:
                 continue
             image, problem = r.get("image"), None
             if isinstance(image, dict):  # the datasets Image feature: {"bytes": ..., "path": ...}
-                if image.get("bytes"):
+                if isinstance(image.get("bytes"), bytes) and image["bytes"]:
                     data = shared.setdefault(image["bytes"], image["bytes"])
                     image, problem = _image_from_bytes(data, f"{name} row {i}")
                 else:
@@ -488,56 +800,61 @@ def _table_rows(name, batches, split, lang, dataset, folder, shared, counter, ow
             if problem:
                 yield name, f"row {i}", problem
                 continue
-            row = _row(r.get("id", f"{dataset}-{split}-{n}"), image, r.get("question"), r.get("answer"),
-                       r.get("answer_type"), r.get("dataset") or dataset, split, r.get("lang") or "en",
-                       r.get("keywords"), r.get("report"), r.get("category"))
+            row = _row(_or(r.get("id"), f"{dataset}-{split}-{n}"), image, r.get("question"), r.get("answer"),
+                       r.get("answer_type"), r.get("dataset") or dataset, split, row_lang,
+                       _or(r.get("keywords"), []), r.get("report"), r.get("category"))
             yield name, f"row {i}", {**r, **row}  # extra fields travel with the row: target, evidence, ...
 
 
-def _load_rows_file(file, split, lang, dataset=None):
-    """Rows in our schema, from a .jsonl (one object a line) or a .json list. Image paths are relative to the file.
+def _belongs(r, split, lang, own_split=True):
+    """(its lang, None) when record r belongs to the split and language asked for, (None, None) when it does
+    not, (None, what is wrong) when its split or lang is not text or not a split name. A record without a
+    split belongs to every split (own_split=False: the file's name said it); without a lang it is English."""
+    row_split, row_lang = r.get("split") if own_split else None, _or(r.get("lang"), "en")
+    problem = _text_problem("split", row_split, optional=True) or _text_problem("lang", row_lang)
+    if problem:
+        return None, problem
+    row_lang = row_lang.strip().lower() or "en"  # "EN" is English too, not a language no one asked for
+    if row_split is not None and row_split not in SPLITS:
+        return None, f"unknown split {_short(row_split)}"
+    if (row_split is not None and SPLITS[row_split] != split) or (lang != "all" and row_lang != lang):
+        return None, None
+    return row_lang, None
 
-    A row with a "split" field is kept only for that split; a row without one belongs to every split.
+
+def _load_rows_file(file, split, lang, dataset=None):
+    """Rows in our schema, from a .jsonl (one object a line, read_jsonl) or a .json list. Image paths are
+    relative to the file.
+
+    A row with a "split" field is kept only for that split; a row without one belongs to every split. A row
+    without "lang" is English.
     """
-    text, stem = _read_text(file), os.path.splitext(os.path.basename(file))[0]
+    stem = os.path.splitext(os.path.basename(file))[0]
     if file.endswith(".jsonl"):
-        items = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    items.append((f"line {n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    items.append((f"line {n}", f"invalid JSON ({e.msg})"))
+        items = [(f"line {n}", r, problem) for n, r, problem in read_jsonl(file)]
     else:
         records = _read_json(file)
         if not isinstance(records, list):
             raise DataError(f"{file}: row 0: expected a JSON list of rows, got {type(records).__name__}")
-        items = [(f"row {i}", r) for i, r in enumerate(records)]
-    for where, r in items:
-        if isinstance(r, str):
-            yield file, where, r
+        items = [(f"row {i}", r, None) for i, r in enumerate(records)]
+    for where, r, problem in items:
+        if problem:
+            yield file, where, problem
             continue
         if not isinstance(r, dict):
             yield file, where, f"not a JSON object but {type(r).__name__}"
             continue
-        if r.get("split") is not None:
-            if r["split"] not in SPLITS:
-                yield file, where, f"unknown split {r['split']!r}"
-                continue
-            if SPLITS[r["split"]] != split:
-                continue
-        if lang != "all" and r.get("lang", "en") != lang:
+        row_lang, problem = _belongs(r, split, lang)
+        if problem:
+            yield file, where, problem
+        if not row_lang:
             continue
         image = r.get("image")
         if isinstance(image, str) and image:
             image = os.path.join(os.path.dirname(os.path.abspath(file)), image)  # unchanged if absolute
-        keywords = r.get("keywords") or []
-        if not isinstance(keywords, list):
-            yield file, where, "keywords must be a list of strings"
-            continue
-        row = _row(r.get("id", f"{stem}-{where.split()[-1]}"), image, r.get("question"),
-                   r.get("answer"), r.get("answer_type"), r.get("dataset", dataset or stem), split,
-                   r.get("lang", "en"), keywords, r.get("report"), r.get("category"))
+        row = _row(r.get("id"), image, r.get("question"), r.get("answer"), r.get("answer_type"),
+                   _or(r.get("dataset"), dataset or stem), split, row_lang, _or(r.get("keywords"), []),
+                   r.get("report"), r.get("category"))
         # extra fields travel with the row: a pseudo-label's target, evidence, writer
         yield file, where, {**r, **row}
 

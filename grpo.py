@@ -129,7 +129,8 @@ parser.add_argument("--save_every", type=int, default=0, help="resumable checkpo
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
 parser.add_argument("--rollouts_per_step", type=int, default=2, help="completions written to rollouts.jsonl")
 parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) or a torch device")
-parser.add_argument("--max_bad_steps", type=int, default=3, help="stop after this many non-finite steps in a row")
+parser.add_argument("--max_bad_steps", type=int, default=3,
+                    help="stop after this many flagged steps (non-finite or spike) in a row")
 parser.add_argument("--debug_nan_steps", type=int, nargs="*", default=[],
                     help="testing: make the loss NaN at these steps (1-based) to exercise the non-finite guard")
 
@@ -400,8 +401,7 @@ def print_step(bar, rec, step, start, t_start, args):
 
 def append_jsonl(args, name, records, rank):
     if rank == 0:
-        with open(os.path.join(args.out, name), "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
+        data.append_jsonl(os.path.join(args.out, name), records)
 
 
 # -----------------------------------------------------------------------------
@@ -426,7 +426,7 @@ def load_models(args, device, ckpt):
     frozen reference."""
     load_on = "cpu" if args.fsdp else device  # FSDP moves each rank's shard to `device`
     if args.fsdp and (args.bf16 or args.engine == "static"):
-        raise ValueError("--fsdp shards the weights: it takes neither --bf16 nor --engine static")
+        raise M.SetupError("--fsdp shards the weights: it takes neither --bf16 nor --engine static")
     dtype = torch.bfloat16 if args.bf16 else torch.float32  # --bf16: the reference is bf16 too
     vlm = M.load(ckpt or args.ckpt, device=load_on, dtype=dtype, max_pixels=args.max_pixels,
                  trust_remote_code=args.trust_remote_code)
@@ -449,12 +449,13 @@ def load_models(args, device, ckpt):
 def main(args):
     rank, world, device = M.init_dist(args.device)
     torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
+    ckpt = M.resume_from(args.out) if args.resume else None  # nothing to resume: one line, nothing touched
+    data.writable_folder(args.out)
     if args.group_size < 2:
-        raise ValueError("--group_size must be >= 2: GRPO's advantage compares completions within a group")
+        raise M.SetupError("--group_size must be >= 2: GRPO's advantage compares completions within a group")
     P, G, K = args.prompts_per_step // world, args.group_size, max(1, args.dynamic_sampling)  # P: this rank's
     if P * world != args.prompts_per_step:
-        raise ValueError(f"--prompts_per_step {args.prompts_per_step} must be divisible by world size {world}")
+        raise M.SetupError(f"--prompts_per_step {args.prompts_per_step} must be divisible by world size {world}")
     weights = {"accuracy": args.w_accuracy, "format": args.w_format, "fact": args.w_fact,
                "consistency": args.w_consistency}
     judge = rewards.make_openai_judge(args.judge_url, args.judge_model) if args.judge_url else None
@@ -462,28 +463,30 @@ def main(args):
     # -------------------------------------------------------------------------
     # data, policy, frozen reference, optimizer
     rows, val_rows = load_rows(args)
-    ckpt = M.latest_checkpoint(args.out) if args.resume else None
     vlm, ref = load_models(args, device, ckpt)
     policy = vlm.model
     # every image decodes and every prompt fits, or a one-line error (--skip_bad_rows: skipped and counted)
     rows, val_rows = data.check_rows(vlm, rows, args.skip_bad_rows), data.check_rows(vlm, val_rows, args.skip_bad_rows)
     if len(rows) < args.prompts_per_step * K:  # a step samples K x prompts_per_step distinct rows
         need = f"--prompts_per_step {args.prompts_per_step}" + (f" x --dynamic_sampling {K}" if K > 1 else "")
-        raise ValueError(f"{args.data}: {len(rows)} rows, fewer than {need}")
+        raise M.SetupError(f"{args.data}: {len(rows)} rows, fewer than {need}")
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = (optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay, seed=args.seed)
                  if args.bf16 else torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99),
                                                      weight_decay=args.weight_decay, fused=device.type == "cuda"))
     static = args.engine == "static" or (args.engine == "auto" and device.type == "cuda" and not args.fsdp)
     sample = engine.sample if static else M.sample  # the same seeds give the same completions
-    start = 0
+    start, guard = 0, M.StepGuard(args.max_bad_steps)
     if ckpt:
         M.load_optimizer(ckpt, optimizer, policy)
-        start = M.load_state(ckpt)["step"]
+        state = M.load_state(ckpt)
+        start, guard = state["step"], M.StepGuard(args.max_bad_steps, state.get("guard"))
         M.print0(f"resumed from {ckpt} at step {start}")
-    if rank == 0:
-        M.truncate_metrics(os.path.join(args.out, "metrics.jsonl"), start)
-        M.truncate_metrics(os.path.join(args.out, "rollouts.jsonl"), start)
+    if rank == 0:  # the logs hold exactly the steps up to the restart point; a fresh run owns --out
+        data.truncate_jsonl(os.path.join(args.out, "metrics.jsonl"), start)
+        data.truncate_jsonl(os.path.join(args.out, "rollouts.jsonl"), start)
+        if not ckpt:
+            M.remove_checkpoints(args.out)
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
@@ -509,7 +512,7 @@ def main(args):
     # -------------------------------------------------------------------------
     # the loop: one step is the six parts above
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=rank != 0, desc="grpo")
-    bad_in_a_row, t_start = 0, time.time()
+    t_start = time.time()
     for step in bar:
         clock = {"start": now()}  # the time at which each part ended
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))  # linear warmup, then constant
@@ -538,10 +541,11 @@ def main(args):
                                               step, args, world, autocast)
         clock["train"] = now()
         # 6. record: metrics.jsonl, a few rollouts to read, one printed line
+        flag = guard.check(step + 1, grad_norm=grad_norm.item())  # non-finite (train skipped it) or spike
         rec = {"step": step + 1, **record(vlm, rollouts, advantages, stats_sum, world, device), "lr": lr,
                "grad_norm": grad_norm.item(), **seconds_per_part(clock),
                "tokens_per_s": rollouts["mask"].sum().item() * world / (clock["generate"] - clock["start"]),
-               "skipped": skipped}
+               "skipped": skipped, **({"spike": True} if flag == "spike" else {})}
         if device.type == "cuda":
             rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         if args.eval_every and val_rows and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
@@ -553,16 +557,13 @@ def main(args):
         bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=f"{rec['reward_accuracy']:.2f}")
         if rank == 0:
             print_step(bar, rec, step, start, t_start, args)
-        if skipped:
-            bad_in_a_row += 1
-            M.print0(f"step {step + 1}: non-finite gradient, update skipped ({bad_in_a_row}/{args.max_bad_steps})")
-            if bad_in_a_row >= args.max_bad_steps:
-                raise RuntimeError(f"{bad_in_a_row} non-finite steps in a row; stopping. Last good checkpoint: "
-                                   f"{M.latest_checkpoint(args.out)}")
-        else:
-            bad_in_a_row = 0
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.max_steps:
-            M.save_step_checkpoint(args.out, step + 1, vlm, {"step": step + 1, "args": vars(args)}, optimizer)
+        if flag:
+            M.print0(f"step {step + 1}: {flag} gradient norm {grad_norm.item()}{', update skipped' if skipped else ''} "
+                     f"({len(guard.streak)}/{args.max_bad_steps} in a row)")
+        guard.stop(args.out)  # max_bad flagged steps in a row: stop, naming the last good checkpoint
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.max_steps and guard.clean:
+            M.save_step_checkpoint(args.out, step + 1, vlm, {"step": step + 1, "args": vars(args),
+                                                             "guard": guard.state()}, optimizer)
 
     state = {"step": args.max_steps, "args": vars(args)}
     if best is None or best["step"] == args.max_steps:
@@ -583,5 +584,5 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parser.parse_args())
-    except data.DataError as e:  # bad input: the one line that names file, row and problem, no traceback
+    except (data.DataError, M.SetupError, M.TrainingStopped) as e:  # bad input, setup, a stop: one line, no traceback
         raise SystemExit(f"error: {e}")

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import warnings
 
@@ -262,15 +263,23 @@ class VLM:
         batch["attention_mask"] = attention_mask.to(self.device)
         return batch
 
-    def prompt_length(self, image, question, instruction=INSTRUCTION):
-        """(tokens in the prompt encode() would build, of which image tokens), without the image processor."""
+    def image_tokens(self, width, height):
+        """Image tokens of a width x height image: the processor's own resize rule (sides multiples of patch x
+        merge, pixels in range). ValueError for a size it refuses (an aspect ratio over 200)."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-        n_img = 0
-        if image is not None:  # the processor's own resize rule: sides multiples of patch x merge, pixels in range
-            ip = self.image_processor
-            h, w = smart_resize(image.height, image.width, ip.patch_size * ip.merge_size, ip.size["shortest_edge"],
-                                ip.size["longest_edge"])
-            n_img = (h // ip.patch_size) * (w // ip.patch_size) // self.merge ** 2
+        ip, factor = self.image_processor, self.image_processor.patch_size * self.image_processor.merge_size
+        if getattr(ip, "do_resize", True):
+            h, w = smart_resize(height, width, factor, ip.size["shortest_edge"], ip.size["longest_edge"])
+        elif height % factor or width % factor:  # a processor told not to resize cuts the image into patches as is
+            raise ValueError(f"its sides must be multiples of {factor}: this image processor does not resize")
+        else:
+            h, w = height, width
+        return (h // ip.patch_size) * (w // ip.patch_size) // self.merge ** 2
+
+    def prompt_length(self, image, question, instruction=INSTRUCTION):
+        """(tokens in the prompt encode() would build, of which image tokens), without the image processor.
+        `image`: a PIL image, its (width, height), or None."""
+        n_img = 0 if image is None else self.image_tokens(*(image if isinstance(image, tuple) else image.size))
         ids = self.tokenizer(chat_prompt(question, n_img, instruction), add_special_tokens=False).input_ids
         return len(ids), n_img
 
@@ -292,6 +301,55 @@ def _default_texts():
     return synthetic_cxr.tokenizer_texts()
 
 
+class SetupError(ValueError):
+    """A bad model folder, --out or setting. The message is one line (any line break becomes a space): the
+    stages print it without a traceback."""
+
+    def __init__(self, message):
+        super().__init__(" ".join(str(message).splitlines()))
+
+
+class CheckpointNotFound(SetupError, FileNotFoundError):
+    """No checkpoint where one was named: no folder, no config.json, no safetensors weights."""
+
+
+def _check_checkpoint(name):
+    """A checkpoint folder's problems as one line, before transformers reads it: not a folder, no config.json,
+    no safetensors weights, or a *.safetensors.index.json naming anything but a .safetensors file beside it
+    (transformers would load a pytorch_model.bin it names with torch.load). A hub name: its index, when it
+    has one and the hub answers; a model without one has a single model.safetensors."""
+    indexes = []
+    if os.path.isdir(name):
+        files = os.listdir(name)
+        if "config.json" not in files:
+            raise CheckpointNotFound(f"{name}: not a model folder (no config.json)")
+        if not any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files):
+            raise CheckpointNotFound(f"{name}: no *.safetensors weights in the checkpoint folder "
+                                     f"(only safetensors are loaded, never pickle)")
+        indexes = [os.path.join(name, f) for f in files if f.endswith(".safetensors.index.json")]
+    elif os.path.exists(name):
+        raise CheckpointNotFound(f"{name}: is a file, not a checkpoint folder")
+    elif name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise CheckpointNotFound(f"{name}: no such checkpoint folder")
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+            indexes = [hf_hub_download(name, "model.safetensors.index.json")]
+        except Exception:  # no index (one model.safetensors), or no hub: from_pretrained says which
+            pass
+    for index in indexes:
+        try:
+            with open(index) as f:
+                shards = set(json.load(f)["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SetupError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        bad = sorted(repr(f) for f in shards if not isinstance(f, str) or not f.endswith(".safetensors")
+                     or os.path.basename(f) != f)
+        if bad:
+            raise SetupError(f"{index}: names {bad[0]}, not a .safetensors file beside it; only safetensors "
+                             f"weights are loaded, never pickle")
+
+
 def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remote_code=False):
     """Load a model by name: 'tiny', 'random:qwen2.5-vl-3b', 'random:qwen2-vl-2b', a folder or a hub name.
 
@@ -302,6 +360,8 @@ def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remo
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     classes = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration}
     dtype = dtype or default_dtype(device)
+    if max_pixels is not None and max_pixels < 0:
+        raise SetupError(f"--max_pixels {max_pixels}: must be positive")
     if name == "tiny" or name.startswith("random:"):
         if name == "tiny":
             tokenizer = build_tokenizer(texts if texts is not None else _default_texts())
@@ -310,7 +370,7 @@ def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remo
         else:
             key = name.split(":", 1)[1]
             if key not in CONFIGS:
-                raise ValueError(f"unknown random model {name!r}; choose from random:{', random:'.join(CONFIGS)}")
+                raise SetupError(f"unknown random model {name!r}; choose from random:{', random:'.join(CONFIGS)}")
             tokenizer = build_tokenizer(texts if texts is not None else _default_texts(), vocab_size=8192)
             spec, image_processor = CONFIGS[key], Qwen2VLImageProcessorPil()
         config = build_config(spec, tokenizer)
@@ -318,23 +378,27 @@ def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remo
         with torch.device(device):
             model = classes[config.model_type]._from_config(config, dtype=dtype, attn_implementation="sdpa")
     else:
-        if os.path.isdir(name):
-            if not os.path.exists(os.path.join(name, "config.json")):
-                raise FileNotFoundError(f"{name}: not a model folder (no config.json)")
-            if not any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(name)):
-                raise FileNotFoundError(f"{name}: no *.safetensors weights in the checkpoint folder "
-                                        f"(only safetensors are loaded, never pickle)")
-        elif os.path.sep in name and not name.count("/") == 1:
-            raise FileNotFoundError(f"{name}: no such checkpoint folder")
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-        if config.model_type not in classes:
-            raise ValueError(f"{name}: unsupported model type {config.model_type!r} "
-                             f"(supported: {', '.join(classes)})")
-        model = classes[config.model_type].from_pretrained(
-            name, dtype=dtype, use_safetensors=True, attn_implementation="sdpa",
-            trust_remote_code=trust_remote_code).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(name)
+        _check_checkpoint(name)  # one line, before transformers reads anything
+        try:
+            config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+            if config.model_type not in classes:
+                raise SetupError(f"{name}: unsupported model type {config.model_type!r} "
+                                 f"(supported: {', '.join(classes)})")
+            model = classes[config.model_type].from_pretrained(
+                name, dtype=dtype, use_safetensors=True, attn_implementation="sdpa",
+                trust_remote_code=trust_remote_code).to(device)
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+            image_processor = Qwen2VLImageProcessorPil.from_pretrained(name)
+        except SetupError:
+            raise
+        except Exception as e:  # transformers, safetensors and tokenizers raise many types, with long messages
+            where = "" if os.path.exists(name) else " (no such folder, nor a model on the Hugging Face hub)"
+            raise SetupError(f"{name}: cannot load the checkpoint{where} ({type(e).__name__}: "
+                             f"{str(e).strip()[:300]})") from e
+        # a folder without tokenizer files still loads one, empty; another model's has other special ids
+        if tokenizer.convert_tokens_to_ids("<|image_pad|>") != model.config.image_token_id:
+            raise SetupError(f"{name}: the tokenizer does not match the model (no tokenizer files, or another "
+                             f"model's): its <|image_pad|> is not the config's image_token_id")
     if max_pixels:
         image_processor.size = {"shortest_edge": min(image_processor.size["shortest_edge"], max_pixels),
                                 "longest_edge": max_pixels}
@@ -629,21 +693,62 @@ def save_checkpoint(path, vlm, state=None, optimizer=None, model=None):
     if state is not None:
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(state, f, indent=1)
+    _commit(tmp, path)
+
+
+def _is_weights(name):
+    return name.endswith(".safetensors") or name.endswith(".safetensors.index.json")
+
+
+def _commit(tmp, path):
+    """Move a finished save from `tmp` to `path`. A new folder: one rename, the commit point. A folder that
+    holds other things (a run's --out: metrics, checkpoints/): the old model is first made unloadable (its
+    state.json, then its weights, removed), then the new files move in, the weights after the rest (shards
+    before their index) and state.json last. A kill at any point leaves the old model, the new one, or a
+    folder load() refuses in one line ("no *.safetensors weights"): never a mix of two runs' files."""
     if not os.path.exists(path):
-        os.replace(tmp, path)  # the rename is the commit point: a kill before it leaves nothing half-written
-    else:  # a folder that holds other things (metrics, checkpoints/): replace our files one by one
-        names = sorted(os.listdir(tmp), key=lambda n: n == "state.json")  # state.json last marks it complete
-        for name in names:
-            os.replace(os.path.join(tmp, name), os.path.join(path, name))
-        os.rmdir(tmp)
+        os.replace(tmp, path)
+        return
+    old = sorted((n for n in os.listdir(path) if n == "state.json" or _is_weights(n)),
+                 key=lambda n: n != "state.json")  # state.json first: the old model is no longer complete
+    for name in old:
+        os.remove(os.path.join(path, name))
+    new = sorted(os.listdir(tmp), key=lambda n: (n == "state.json", _is_weights(n), n.endswith(".index.json")))
+    for name in new:
+        os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    os.rmdir(tmp)
 
 
-def latest_checkpoint(out):
-    """The newest complete `out/checkpoints/step_N` (ignores *.tmp), or None."""
+def checkpoints(out):
+    """The complete `out/checkpoints/step_N` folders, newest first (ignores *.tmp and *.bad)."""
     root = os.path.join(out, "checkpoints")
     steps = [d for d in os.listdir(root) if d.startswith("step_") and d[5:].isdigit()] if os.path.isdir(root) else []
     steps = [d for d in steps if os.path.exists(os.path.join(root, d, "state.json"))]
-    return os.path.join(root, max(steps, key=lambda d: int(d[5:]))) if steps else None
+    return [os.path.join(root, d) for d in sorted(steps, key=lambda d: -int(d[5:]))]
+
+
+def latest_checkpoint(out):
+    """The newest complete `out/checkpoints/step_N`, or None."""
+    return (checkpoints(out) or [None])[0]
+
+
+def resume_from(out):
+    """--resume: the checkpoint to continue from. Nothing to resume is a one-line SetupError, raised before
+    anything in `out` is touched (a run that went on from step 0 would overwrite a finished run's model)."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise CheckpointNotFound(f"--resume: nothing to resume in {out} (no complete checkpoints/step_N; "
+                                 f"--save_every writes them); run without --resume to start afresh")
+    return ckpt
+
+
+def remove_checkpoints(out):
+    """A fresh run (no --resume) in a folder that holds another run's step checkpoints removes them: a later
+    --resume must never continue the other run. Rank 0, just before step 1."""
+    root = os.path.join(out, "checkpoints")
+    if os.path.isdir(root) and os.listdir(root):
+        print0(f"fresh run: removing the step checkpoints of an earlier run in {root}")
+        shutil.rmtree(root)
 
 
 def save_step_checkpoint(out, step, vlm, state, optimizer, model=None, keep=2):
@@ -660,31 +765,121 @@ def save_step_checkpoint(out, step, vlm, state, optimizer, model=None, keep=2):
         shutil.rmtree(os.path.join(root, d) + ".tmp", ignore_errors=True)
 
 
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (StepGuard): the message is one line, naming the last good checkpoint."""
+
+
+class StepGuard:
+    """The training loop's guard against numerical trouble; sft.py and grpo.py ask it about every step.
+
+    check(step, loss, grad_norm) flags a step "non-finite" (a NaN or inf loss or gradient norm: the caller
+    skips the update) or "spike" (the loss or the gradient norm over SPIKE times the median of the last
+    WINDOW unflagged steps, once there are MIN_STEPS of them: the update stands, its gradient was clipped),
+    or returns None. `clean` is False while flagged steps run on: no checkpoint is saved then. After
+    max_bad flagged steps in a row, stop() raises, naming the last good checkpoint (last_good_checkpoint);
+    the ones saved after the trouble began become step_N.bad, so --resume starts from the good one.
+    state() goes into each checkpoint's state.json, so a resumed run flags the same steps.
+    """
+    SPIKE, WINDOW, MIN_STEPS = 10.0, 20, 5
+
+    def __init__(self, max_bad, state=None):
+        self.max_bad = max_bad
+        self.recent = {"loss": [], "grad_norm": [], **(state or {})}  # values of the last unflagged steps
+        self.streak = []  # the flagged steps in a row, up to now
+
+    def state(self):
+        return {k: list(v) for k, v in self.recent.items()}
+
+    @property
+    def clean(self):
+        return not self.streak
+
+    def check(self, step, loss=None, grad_norm=None):
+        values = {k: v for k, v in (("loss", loss), ("grad_norm", grad_norm)) if v is not None}
+        flag = None
+        if not all(math.isfinite(v) for v in values.values()):
+            flag = "non-finite"
+        elif any(len(self.recent[k]) >= self.MIN_STEPS and v > self.SPIKE * statistics.median(self.recent[k])
+                 for k, v in values.items()):
+            flag = "spike"
+        if flag:
+            self.streak.append(step)
+        else:
+            self.streak = []
+            for k, v in values.items():
+                if v > 0:  # GRPO's gradient is 0 when no group has reward spread: no signal about its scale
+                    self.recent[k] = (self.recent[k] + [v])[-self.WINDOW:]
+        return flag
+
+    def stop(self, out):
+        """Raise TrainingStopped after max_bad flagged steps in a row; else nothing."""
+        if len(self.streak) < self.max_bad:
+            return
+        good, aside = last_good_checkpoint(out, self.streak[0])
+        raise TrainingStopped(
+            f"{len(self.streak)} bad steps in a row (non-finite or spike, steps {self.streak[0]}-{self.streak[-1]}); "
+            f"stopping. Last good checkpoint: {good}"
+            + (f" (set aside as *.bad, the step after each flagged or its weights not finite: "
+               f"{', '.join(os.path.basename(a) for a in aside)})" if aside else "") + ". Lower --lr and --resume.")
+
+
+def _finite_weights(folder):
+    """Whether every tensor of a checkpoint's safetensors is finite (read one tensor at a time)."""
+    from safetensors import safe_open
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), "pt") as f:
+                if not all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys()):
+                    return False
+    return True
+
+
+def last_good_checkpoint(out, trouble):
+    """(the last good checkpoint or None, the ones set aside) when trouble began at step `trouble` (its
+    first flagged step). A checkpoint of step N holds the weights after update N, first used at step N + 1:
+    it is good if step N + 1 came before the trouble (N <= trouble - 2) and its weights are all finite. The
+    newer ones are renamed step_N.bad on rank 0. A flagged step saves none, so only the checkpoint of step
+    trouble - 1 can be set aside for its step (and any with non-finite weights): keep=2 still holds one
+    from before it."""
+    good, aside = None, []
+    for ckpt in checkpoints(out):
+        if good is None and int(os.path.basename(ckpt)[5:]) <= trouble - 2 and _finite_weights(ckpt):
+            good = ckpt
+        elif good is None:
+            aside.append(ckpt)
+    if is_main():
+        for ckpt in aside:
+            shutil.rmtree(ckpt + ".bad", ignore_errors=True)
+            os.replace(ckpt, ckpt + ".bad")
+    return good, aside
+
+
 def load_state(path):
-    with open(os.path.join(path, "state.json")) as f:
-        return json.load(f)
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise SetupError(f"{path}/state.json: cannot read ({type(e).__name__}: {e})") from None
+
+
+def _read_optimizer(path):
+    """optimizer.pt, tensors only: weights_only=True never unpickles code; anything else is one line."""
+    try:
+        return torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle with code (UnpicklingError), a torn file (RuntimeError), ...
+        raise SetupError(f"{path}/optimizer.pt: cannot load it as tensors ({type(e).__name__}: "
+                         f"{str(e).strip()[:200]}); delete that checkpoint to resume from an older one") from e
 
 
 def load_optimizer(path, optimizer, model=None):
-    """Restore optimizer.pt (tensors only: weights_only=True never unpickles code). Collective under FSDP."""
+    """Restore optimizer.pt (_read_optimizer). Collective under FSDP."""
     if model is not None and is_sharded(model):  # rank 0 reads the full state, FSDP scatters each rank's shard
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        sd = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True) if is_main() else {}
+        sd = _read_optimizer(path) if is_main() else {}
         set_optimizer_state_dict(model, optimizer, sd,
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         return
-    sd = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(sd)
-
-
-def truncate_metrics(path, step):
-    """Keep the metrics.jsonl records up to `step` (all of a fresh run's are dropped: step 0)."""
-    keep = []
-    if step and os.path.exists(path):
-        with open(path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(path, "w") as f:
-        f.writelines(keep)
+    optimizer.load_state_dict(_read_optimizer(path))
 
 
 def count_params(model):

@@ -64,11 +64,18 @@ design here are ours. The image descriptions are too: on SLAKE's validate split 
 (600 steps) from 0.654 to 0.700 (README, "Real medical benchmarks"). --coverage < 1 leaves the evidence sentence out of that share of rows
 (imperfect pseudo-labels, the paper's setting), chosen by --seed and the row id.
 
-Output: one JSON row per question: the input row (image: its path; an in-memory image such
-as the demo's is saved as PNG under OUT_images/ and its relative path stored) plus "source"
-({"data", "split", "lang"} to reload the original rows), "evidence" (the top-k passages),
-"evidence_ids", "keywords", "target" and "writer". vars(args) goes to OUT.args.json. A rerun
-appends the missing rows (resumable); delete OUT to start over.
+Output: one JSON row per question (data.append_jsonl: what data.py reads back): the input row
+plus "source" ({"data", "split", "lang"} to reload the original rows), "evidence" (the top-k
+passages), "evidence_ids", "keywords", "target" and "writer". Its image is a path data.py
+resolves from OUT's folder: a dataset's image file stays where it is (its absolute path); an
+in-memory image is stored once, however many questions share it, under OUT_images/ and named by
+the hash of its bytes: the bytes it came embedded as (parquet, the hub), not re-encoded, or a
+PNG for one that exists only as pixels (the demo's). 20,000 parquet rows over 2,500 images:
+26 s and 228 MB, where one PNG per row took 21 rows/s and 0.43 MB a row
+(bench/retrieve_scale.py). vars(args) goes to OUT.args.json. Every row is checked first
+(data.load, and each distinct image decodes): a bad one is a one-line error, or skipped and
+counted with --skip_bad_rows. A rerun appends the missing rows (resumable; ids are unique and
+depend on the data alone, so none is dropped); delete OUT to start over.
 
     python retrieve.py --data demo --split train --out runs/pseudo.jsonl             # CPU, seconds
     python retrieve.py --data path/to/Slake1.0 --split train --out runs/slake.jsonl  # SLAKE KG + glossary
@@ -92,6 +99,7 @@ import argparse
 import collections
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -110,6 +118,7 @@ def get_args(argv=None):
     parser.add_argument("--split", default="train", help="the split to label (train, val, test)")
     parser.add_argument("--lang", default="en", help="SLAKE language: en | zh | all")
     parser.add_argument("--limit", type=int, default=None, help="first N rows only")
+    parser.add_argument("--skip_bad_rows", action="store_true", help="skip (and count) bad rows instead of failing")
     # knowledge
     parser.add_argument("--corpus", action="append", default=None,
                         help="cxr-glossary (alias: demo) | slake-kg | hpo | icd10 | PATH, repeatable "
@@ -139,68 +148,77 @@ def get_args(argv=None):
 # -----------------------------------------------------------------------------
 # the command line: load, retrieve in chunks, append to OUT (resumable)
 
-def _done_ids(path):
-    """Ids of the complete rows already in OUT; a half-written last line (a crash mid-write) is cut off."""
-    if not os.path.exists(path):
-        return set()
-    with open(path, "rb") as f:
-        content = f.read()
-    done, end = set(), 0
-    for line in content.splitlines(keepends=True):
-        if line.strip():
-            try:
-                row_id = json.loads(line)["id"]
-            except (ValueError, KeyError, TypeError):
-                break
-            if not line.endswith(b"\n"):
-                break
-            done.add(row_id)
-        end += len(line)
-    if end < len(content):
-        print(f"{path}: cutting a broken row at byte {end}; it is written again")
-        with open(path, "rb+") as f:
-            f.truncate(end)
+def _done_ids(path, data):
+    """Ids of the rows already in OUT. A last line half written (a crash or a full disk mid-write) is cut off:
+    that row is written again."""
+    cut = data.cut_torn_line(path)
+    if cut:
+        print(f"{path}: cut a half-written last row ({len(cut)} bytes); it is written again")
+    done = set()
+    for n, row, _ in data.read_jsonl(path) if os.path.exists(path) else []:
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+            raise data.DataError(f"{path}: line {n}: not a pseudo-label row with an id; delete {path} to start over")
+        done.add(row["id"])
     return done
 
 
-def _to_json(row, out_path):
-    """In-memory images become PNG files beside OUT (OUT_images/ID.png, relative path in the row)."""
-    row = dict(row)
-    image = row.get("image")
-    if image is not None and not isinstance(image, str):
-        folder = os.path.splitext(out_path)[0] + "_images"
-        os.makedirs(folder, exist_ok=True)
-        name = re.sub(r"[^\w.-]", "_", str(row["id"])) + ".png"
-        image.save(os.path.join(folder, name))
-        row["image"] = os.path.join(os.path.basename(folder), name)
-    return json.dumps(row, ensure_ascii=False)
+def _image_ref(image, out, stored):
+    """A row's image as the pseudo-labels store it, a path that data.py reads back (relative to OUT's
+    folder). A path stays where it is (made absolute: the run folder and the dataset may be anywhere). An
+    in-memory image is written once under OUT_images/, named by the hash of its bytes: the bytes it came
+    embedded as (parquet, the hub), unchanged, or for one that exists only as pixels (the demo's) a PNG.
+    `stored` maps each image (its bytes object, or the image object) already seen to its path: an image
+    shared by many questions costs one hash. The file is written under a temporary name and renamed, so one that exists is whole."""
+    if isinstance(image, str):
+        return os.path.abspath(image)
+    key = id(image.info.get("medfact_bytes", image))  # data.py holds each embedded image's bytes once
+    if key not in stored:
+        encoded = image.info.get("medfact_bytes")
+        ext = {"JPEG": "jpg"}.get(image.format, (image.format or "img").lower())
+        if encoded is None:
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            encoded, ext = buf.getvalue(), "png"
+        folder = os.path.splitext(out)[0] + "_images"
+        name = f"{hashlib.sha256(encoded).hexdigest()[:32]}.{ext}"
+        if not os.path.exists(os.path.join(folder, name)):
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, name + ".tmp"), "wb") as f:
+                f.write(encoded)
+            os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+        stored[key] = os.path.join(os.path.basename(folder), name)
+    return stored[key]
 
 
 def main(args):
     import data  # here, not at the top: the retrievers and corpora work without the loaders
     from tqdm import tqdm
     t0 = time.time()
-    rows = data.load(args.data, args.split, lang=args.lang, limit=args.limit)
+    data.writable_file(args.out)  # first: a bad --out must not cost the retrieval
+    rows = data.load(args.data, args.split, lang=args.lang, limit=args.limit, skip_bad_rows=args.skip_bad_rows)
+    rows = data.check_rows(None, rows, args.skip_bad_rows)  # each image decodes (each distinct image once)
     descriptions = image_descriptions(rows)
     specs = args.corpus or (["cxr-glossary"] if args.data == "demo" else ["slake-kg", "cxr-glossary"])
-    passages = load_corpus(specs, data_path=args.data)
-    retriever = make_retriever(passages, args.retriever, args.encoder, args.device)
+    try:  # a corpus, retriever or writer that cannot be had says so in one line
+        passages = load_corpus(specs, data_path=args.data)
+        retriever = make_retriever(passages, args.retriever, args.encoder, args.device)
+        writer = make_writer(args.writer, args.max_new_tokens, args.temperature, args.seed, args.api_base,
+                             args.device)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise data.DataError(str(e)) from e
     terms = Terms(passages)
-    writer = make_writer(args.writer, args.max_new_tokens, args.temperature, args.seed, args.api_base, args.device)
     print(f"{len(rows)} rows of {args.data}/{args.split}, {len(passages)} passages from {', '.join(specs)}, "
           f"{args.retriever} index in {time.time() - t0:.1f}s, writer {writer.name}")
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(os.path.splitext(args.out)[0] + ".args.json", "w") as f:
         json.dump(vars(args), f, indent=1)
-    done = _done_ids(args.out)
+    done = _done_ids(args.out, data)
     todo = [r for r in rows if r["id"] not in done]
     if done:
         print(f"resuming: {len(rows) - len(todo)} rows already in {args.out}")
     source = {"data": args.data, "split": args.split, "lang": args.lang}
-    totals = {name: 0.0 for name in rewards.REWARDS}
-    with open(args.out, "a", encoding="utf-8") as f, tqdm(total=len(rows), initial=len(rows) - len(todo),
-                                                           desc="pseudo-labels") as bar:
+    totals, stored = {name: 0.0 for name in rewards.REWARDS}, {}
+    with tqdm(total=len(rows), initial=len(rows) - len(todo), desc="pseudo-labels") as bar:
         for i in range(0, len(todo), args.chunk):
             chunk = todo[i:i + args.chunk]
             out = build_pseudo_labels(chunk, passages, args.k, args.coverage, args.seed, writer, retriever, terms,
@@ -209,8 +227,8 @@ def main(args):
                 scores = rewards.score(row["target"], row)
                 for name in totals:
                     totals[name] += scores[name]
-                f.write(_to_json(dict(row, source=source), args.out) + "\n")
-            f.flush()
+            data.append_jsonl(args.out, [dict(row, image=_image_ref(row["image"], args.out, stored), source=source)
+                                         for row in out])
             bar.update(len(chunk))
     n = max(len(todo), 1)
     print(f"wrote {len(todo)} rows to {args.out} in {time.time() - t0:.1f}s; targets score "
@@ -251,7 +269,7 @@ def build_pseudo_labels(rows, passages, k=3, coverage=1.0, seed=0, writer=None, 
     items = []
     for row, hit in zip(rows, hits):
         evidence = [passages[i] for i, _ in hit]
-        finding = image_finding(row, descriptions.get(image_key(row["image"])))
+        finding = image_finding(row, descriptions.get(image_key(row.get("image"))))
         keywords = pick_keywords(row, evidence, terms, finding)
         parts = trace_parts(row, evidence, keywords, finding, cite=_covered(row, seed, coverage))
         items.append(dict(parts, row=row, evidence=evidence, keywords=keywords))
@@ -316,7 +334,7 @@ def image_descriptions(rows, min_share=ATTRIBUTE_SHARE, max_values=ATTRIBUTE_VAL
     training rows only; at test time the model describes the image itself."""
     images, asked, values = set(), collections.defaultdict(set), collections.defaultdict(set)
     for r in rows:
-        q, key = rewards.normalize_answer(r["question"]), image_key(r["image"])
+        q, key = rewards.normalize_answer(r["question"]), image_key(r.get("image"))
         images.add(key)
         asked[q].add(key)
         values[q].add(rewards.normalize_answer(r["answer"]))
@@ -327,7 +345,7 @@ def image_descriptions(rows, min_share=ATTRIBUTE_SHARE, max_values=ATTRIBUTE_VAL
     for r in rows:
         q = rewards.normalize_answer(r["question"])
         if q in attributes and r["answer_type"] == "open":
-            facts[image_key(r["image"])].setdefault(q, " ".join(str(r["answer"]).strip().rstrip(".").split()[:6]))
+            facts[image_key(r.get("image"))].setdefault(q, " ".join(str(r["answer"]).strip().rstrip(".").split()[:6]))
     out = {}
     for key, answers in facts.items():
         ranked = [a if a[:2].isupper() else a.lower()  # "CT", "T2" stay; "Abdomen" -> "abdomen"
@@ -902,13 +920,13 @@ def file_passages(path):
         content = f.read()
     passages = []
     if path.endswith(".jsonl"):
-        for n, line in enumerate(content.splitlines(), 1):
+        for n, line in enumerate(content.split("\n"), 1):  # not splitlines(): JSON allows U+2028 in a string
             if not line.strip():
                 continue
             try:
                 r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ValueError(f"{path}: line {n}: invalid JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
             if not isinstance(r, dict) or not isinstance(r.get("text"), str) or not r["text"].strip():
                 raise ValueError(f"{path}: line {n}: expected an object with a non-empty \"text\"")
             passages.append({"id": str(r.get("id", f"{stem}:{n}")), "title": str(r.get("title") or ""),
@@ -962,4 +980,9 @@ def load_corpus(specs, data_path=None):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    args = get_args()
+    import data
+    try:
+        main(args)
+    except data.DataError as e:  # bad input, corpus or --out: the one line that names it, no traceback
+        raise SystemExit(f"error: {e}")

@@ -23,9 +23,11 @@ Run it:
     ... --resume                     # continue from the newest runs/sft/checkpoints/step_N
     ... --skip_bad_rows              # skip (and count) bad rows instead of stopping with a one-line error
 Resume is exact: a run killed at any point and restarted with --resume (same --out) reaches the
-same weights and metrics as one never interrupted. A non-finite loss or gradient skips the
-update; --max_bad_steps in a row stop the run (--debug_nan_steps forces them, for tests). With
-several nodes, --out must be a folder every node sees (rank 0 writes it, all ranks resume from it).
+same weights and metrics as one never interrupted; with nothing to resume it stops, touching
+nothing. A non-finite loss or gradient skips the update; a spike (model.StepGuard) is flagged;
+--max_bad_steps flagged steps in a row stop the run, naming the last good checkpoint
+(--debug_nan_steps forces non-finite steps, for tests). With several nodes, --out must be a
+folder every node sees (rank 0 writes it, all ranks resume from it).
 
 Outputs in --out: the final model (a Hugging Face folder that grpo.py, evaluate.py and
 transformers load), metrics.jsonl (step, loss, lr, grad_norm, val_loss, ...), args.json, and
@@ -81,7 +83,8 @@ parser.add_argument("--eval_every", type=int, default=100, help="held-out loss e
 parser.add_argument("--save_every", type=int, default=0, help="resumable checkpoint every N steps (0: never)")
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
 parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) or a torch device")
-parser.add_argument("--max_bad_steps", type=int, default=3, help="stop after this many non-finite steps in a row")
+parser.add_argument("--max_bad_steps", type=int, default=3,
+                    help="stop after this many flagged steps (non-finite or spike) in a row")
 parser.add_argument("--debug_nan_steps", type=int, nargs="*", default=[],
                     help="testing: make the loss NaN at these steps (1-based) to exercise the non-finite guard")
 
@@ -184,7 +187,8 @@ def main(args):
     rank, world, device = M.init_dist(args.device)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
+    ckpt = M.resume_from(args.out) if args.resume else None  # nothing to resume: one line, nothing touched
+    data.writable_folder(args.out)
 
     # -------------------------------------------------------------------------
     # data: pseudo-label rows, a fixed held-out slice, a seeded order per epoch
@@ -192,25 +196,24 @@ def main(args):
 
     # -------------------------------------------------------------------------
     # model (the newest checkpoint's with --resume), then every row checked against it before step 1
-    ckpt = M.latest_checkpoint(args.out) if args.resume else None
     # a tiny model's tokenizer learns from the text it will see: questions, targets, some evidence
     texts = [t for r in train_rows for t in (r["question"], r["target"])] + \
         [p["text"] for r in train_rows[:2000] for p in r.get("evidence", [])[:1] if isinstance(p, dict)]
     if args.bf16 and args.fsdp:
-        raise ValueError("--bf16 is for unsharded weights: drop --fsdp (or --bf16)")
+        raise M.SetupError("--bf16 is for unsharded weights: drop --fsdp (or --bf16)")
     vlm = M.load(ckpt or args.model, device="cpu" if args.fsdp else device,
                  dtype=torch.bfloat16 if args.bf16 else torch.float32, texts=texts,
                  max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code)
     # its image decodes and its prompt fits, or a one-line error (--skip_bad_rows: skipped and counted)
-    train_rows = data.check_rows(vlm, train_rows, args.skip_bad_rows)
-    val_rows = data.check_rows(vlm, val_rows, args.skip_bad_rows)
+    train_rows = data.check_rows(vlm, train_rows, args.skip_bad_rows, target=True)
+    val_rows = data.check_rows(vlm, val_rows, args.skip_bad_rows, target=True)
     micro = args.batch_size // (world * args.grad_accum)
     if micro * world * args.grad_accum != args.batch_size:
-        raise ValueError(f"--batch_size {args.batch_size} must be divisible by world_size ({world}) x "
+        raise M.SetupError(f"--batch_size {args.batch_size} must be divisible by world_size ({world}) x "
                          f"--grad_accum ({args.grad_accum})")
     steps_per_epoch = len(train_rows) // args.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{args.data}: {len(train_rows)} training rows, fewer than one batch of {args.batch_size}")
+        raise M.SetupError(f"{args.data}: {len(train_rows)} training rows, fewer than one batch of {args.batch_size}")
     max_steps = args.max_steps or int(args.epochs * steps_per_epoch)
 
     def global_batch(step):  # the same rows for a step whatever the world size, and after a resume
@@ -230,13 +233,16 @@ def main(args):
         M.fsdp_shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, args, device)
-    start = 0
+    start, guard = 0, M.StepGuard(args.max_bad_steps)
     if ckpt:
         M.load_optimizer(ckpt, optimizer, model)
-        start = M.load_state(ckpt)["step"]
+        state = M.load_state(ckpt)
+        start, guard = state["step"], M.StepGuard(args.max_bad_steps, state.get("guard"))
         M.print0(f"resumed from {ckpt} at step {start}")
-    if rank == 0:  # metrics.jsonl holds exactly the steps up to the restart point
-        M.truncate_metrics(os.path.join(args.out, "metrics.jsonl"), start)
+    if rank == 0:  # metrics.jsonl holds exactly the steps up to the restart point; a fresh run owns --out
+        data.truncate_jsonl(os.path.join(args.out, "metrics.jsonl"), start)
+        if not ckpt:
+            M.remove_checkpoints(args.out)
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -245,13 +251,12 @@ def main(args):
 
     def log(rec):
         if rank == 0:
-            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            data.append_jsonl(os.path.join(args.out, "metrics.jsonl"), [rec])
 
     # -------------------------------------------------------------------------
     # training loop
     bar = tqdm(range(start, max_steps), initial=start, total=max_steps, disable=rank != 0, desc="sft")
-    bad_in_a_row, t0 = 0, time.time()
+    t0 = time.time()
     for step in bar:
         rows_g = global_batch(step)
         n_tokens = n_target_tokens(vlm, rows_g)  # the loss is a mean over the global batch's target tokens
@@ -263,22 +268,20 @@ def main(args):
         if not args.fsdp:  # FSDP has already reduce-scattered the gradients
             M.allreduce_grads(params)
         grad_norm = M.clip_grad_norm(params, args.grad_clip)
-        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
-            # a NaN/inf step is skipped; a few in a row stop the run with the last checkpoint intact
-            bad_in_a_row += 1
+        flag = guard.check(step + 1, loss, grad_norm.item())  # non-finite: skip the update; spike: flag it
+        if flag:
+            skip = ", update skipped" if flag == "non-finite" else ""
+            M.print0(f"step {step + 1}: {flag} (loss {loss}, grad norm {grad_norm.item()}){skip} "
+                     f"({len(guard.streak)}/{args.max_bad_steps} in a row)")
+        if flag == "non-finite":
             optimizer.zero_grad(set_to_none=True)
-            M.print0(f"step {step + 1}: non-finite loss {loss} or grad norm {grad_norm.item()}: update skipped "
-                     f"({bad_in_a_row}/{args.max_bad_steps})")
             log({"step": step + 1, "skipped": True, "loss": None, "lr": lr})
-            if bad_in_a_row >= args.max_bad_steps:
-                raise RuntimeError(f"{bad_in_a_row} non-finite steps in a row at step {step + 1}; stopping. "
-                                   f"Last good checkpoint: {M.latest_checkpoint(args.out)}")
+            guard.stop(args.out)  # max_bad in a row: stop, naming the last good checkpoint
             continue
-        bad_in_a_row = 0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
-               "tokens": n_tokens, "time": time.time() - t0}
+               "tokens": n_tokens, "time": time.time() - t0, **({"spike": True} if flag else {})}
         if args.eval_every and (step + 1) % args.eval_every == 0 and val_rows:
             rec["val_loss"] = val_loss(vlm, val_rows, micro * args.grad_accum, rank, world, device, autocast)
         log(rec)
@@ -287,8 +290,10 @@ def main(args):
             vl = f" val_loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""
             bar.write(f"step {step + 1}/{max_steps} loss {loss:.4f}{vl} lr {lr:.2e} "
                       f"grad_norm {grad_norm.item():.2f} {(time.time() - t0) / (step + 1 - start):.2f}s/step")
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < max_steps:
-            M.save_step_checkpoint(args.out, step + 1, vlm, {"step": step + 1, "args": vars(args)}, optimizer)
+        guard.stop(args.out)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < max_steps and guard.clean:
+            M.save_step_checkpoint(args.out, step + 1, vlm, {"step": step + 1, "args": vars(args),
+                                                             "guard": guard.state()}, optimizer)
 
     # -------------------------------------------------------------------------
     # the final model, a plain Hugging Face folder at --out
@@ -306,5 +311,5 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parser.parse_args())
-    except data.DataError as e:  # bad input: the one line that names file, row and problem, no traceback
+    except (data.DataError, M.SetupError, M.TrainingStopped) as e:  # bad input, setup, a stop: one line, no traceback
         raise SystemExit(f"error: {e}")
