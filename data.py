@@ -111,7 +111,7 @@ from rewards import normalize_answer  # ONE answer normalisation, shared with re
 
 __all__ = ["DataError", "SplitNotFound", "load", "load_image", "check_rows", "to_dataset", "normalize_answer",
            "jsonl_line", "append_jsonl", "write_jsonl", "read_jsonl", "cut_torn_line", "truncate_jsonl",
-           "writable_file", "writable_folder"]
+           "writable_file", "writable_folder", "image_key"]
 
 
 class DataError(ValueError):
@@ -593,7 +593,7 @@ def _image_from_bytes(data, source):
 # -----------------------------------------------------------------------------
 # the second check, once a stage has its model: each image decodes and each prompt fits
 
-def _image_key(image):
+def image_key(image):
     """What tells images apart, to decode each once: a path, the hash of embedded bytes, or the object."""
     if isinstance(image, Image.Image):
         data = image.info.get("medfact_bytes")
@@ -614,7 +614,7 @@ def check_rows(vlm, rows, skip_bad_rows=False, target=False):
     good, bad, sizes = [], [], {}
     for r in rows:
         try:
-            key = _image_key(r["image"])
+            key = image_key(r["image"])
             if key not in sizes:  # only good images are remembered: a bad one names each of its rows
                 sizes[key] = load_image(r).size
             if vlm is not None:

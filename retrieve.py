@@ -107,6 +107,7 @@ import time
 
 import numpy as np
 
+import data
 import rewards  # the text rules (words, plurals, negation, answers) and the OpenAI client: one copy, there
 
 
@@ -191,7 +192,6 @@ def _image_ref(image, out, stored):
 
 
 def main(args):
-    import data  # here, not at the top: the retrievers and corpora work without the loaders
     from tqdm import tqdm
     t0 = time.time()
     data.writable_file(args.out)  # first: a bad --out must not cost the retrieval
@@ -269,7 +269,7 @@ def build_pseudo_labels(rows, passages, k=3, coverage=1.0, seed=0, writer=None, 
     items = []
     for row, hit in zip(rows, hits):
         evidence = [passages[i] for i, _ in hit]
-        finding = image_finding(row, descriptions.get(image_key(row.get("image"))))
+        finding = image_finding(row, descriptions.get(data.image_key(row.get("image"))))
         keywords = pick_keywords(row, evidence, terms, finding)
         parts = trace_parts(row, evidence, keywords, finding, cite=_covered(row, seed, coverage))
         items.append(dict(parts, row=row, evidence=evidence, keywords=keywords))
@@ -313,16 +313,8 @@ class Terms:
         return sorted(found, key=found.get)
 
 
-def image_key(image):
-    """What identifies an image across rows: its path, or a hash of its embedded bytes."""
-    if isinstance(image, str):
-        return image
-    raw = getattr(image, "info", {}).get("medfact_bytes")
-    return hashlib.sha1(raw).hexdigest() if raw else id(image)
-
-
 def image_descriptions(rows, min_share=ATTRIBUTE_SHARE, max_values=ATTRIBUTE_VALUES, max_items=MAX_DESCRIPTION_ITEMS):
-    """A description of each image from the training answers about it: {image_key: "ct, abdomen, liver"}.
+    """A description of each image from the training answers about it: {data.image_key: "ct, abdomen, liver"}.
 
     Real datasets ship no report per image, but their training questions describe it: "What modality
     is used?" CT, "Which part of the body?" abdomen. An attribute question is an open question asked
@@ -334,7 +326,7 @@ def image_descriptions(rows, min_share=ATTRIBUTE_SHARE, max_values=ATTRIBUTE_VAL
     training rows only; at test time the model describes the image itself."""
     images, asked, values = set(), collections.defaultdict(set), collections.defaultdict(set)
     for r in rows:
-        q, key = rewards.normalize_answer(r["question"]), image_key(r.get("image"))
+        q, key = rewards.normalize_answer(r["question"]), data.image_key(r.get("image"))
         images.add(key)
         asked[q].add(key)
         values[q].add(rewards.normalize_answer(r["answer"]))
@@ -345,7 +337,8 @@ def image_descriptions(rows, min_share=ATTRIBUTE_SHARE, max_values=ATTRIBUTE_VAL
     for r in rows:
         q = rewards.normalize_answer(r["question"])
         if q in attributes and r["answer_type"] == "open":
-            facts[image_key(r.get("image"))].setdefault(q, " ".join(str(r["answer"]).strip().rstrip(".").split()[:6]))
+            answer = " ".join(str(r["answer"]).strip().rstrip(".").split()[:6])
+            facts[data.image_key(r.get("image"))].setdefault(q, answer)
     out = {}
     for key, answers in facts.items():
         ranked = [a if a[:2].isupper() else a.lower()  # "CT", "T2" stay; "Abdomen" -> "abdomen"
@@ -981,7 +974,6 @@ def load_corpus(specs, data_path=None):
 
 if __name__ == "__main__":
     args = get_args()
-    import data
     try:
         main(args)
     except data.DataError as e:  # bad input, corpus or --out: the one line that names it, no traceback
