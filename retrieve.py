@@ -122,8 +122,8 @@ def get_args(argv=None):
     parser.add_argument("--skip_bad_rows", action="store_true", help="skip (and count) bad rows instead of failing")
     # knowledge
     parser.add_argument("--corpus", action="append", default=None,
-                        help="cxr-glossary (alias: demo) | slake-kg | hpo | icd10 | PATH, repeatable "
-                             "(default: cxr-glossary for the demo data, else slake-kg and cxr-glossary)")
+                        help="cxr-glossary (alias: demo) | slake-kg | hpo | icd10 | PATH, repeatable (default: "
+                             "cxr-glossary, and slake-kg for data other than the demo when a SLAKE KG is found)")
     # retrieval
     parser.add_argument("--retriever", default="bm25", choices=["bm25", "dense", "hybrid"],
                         help="bm25 (numpy, no model), dense (a sentence encoder) or hybrid (rank fusion of both)")
@@ -198,7 +198,9 @@ def main(args):
     rows = data.load(args.data, args.split, lang=args.lang, limit=args.limit, skip_bad_rows=args.skip_bad_rows)
     rows = data.check_rows(None, rows, args.skip_bad_rows)  # each image decodes (each distinct image once)
     descriptions = image_descriptions(rows)
-    specs = args.corpus or (["cxr-glossary"] if args.data == "demo" else ["slake-kg", "cxr-glossary"])
+    specs = args.corpus
+    if not specs:  # the demo's glossary; for other data SLAKE's knowledge graph too, when a copy is found
+        specs = ["cxr-glossary"] if args.data == "demo" or not find_slake_kg(args.data) else ["slake-kg", "cxr-glossary"]
     try:  # a corpus, retriever or writer that cannot be had says so in one line
         passages = load_corpus(specs, data_path=args.data)
         retriever = make_retriever(passages, args.retriever, args.encoder, args.device)
@@ -231,8 +233,8 @@ def main(args):
                                          for row in out])
             bar.update(len(chunk))
     n = max(len(todo), 1)
-    print(f"wrote {len(todo)} rows to {args.out} in {time.time() - t0:.1f}s; targets score "
-          + ", ".join(f"{name} {total / n:.2f}" for name, total in totals.items()))
+    scored = "; targets score " + ", ".join(f"{name} {total / n:.2f}" for name, total in totals.items()) if todo else ""
+    print(f"wrote {len(todo)} rows to {args.out} in {time.time() - t0:.1f}s{scored}")
 
 
 # -----------------------------------------------------------------------------
