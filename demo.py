@@ -283,7 +283,9 @@ def main(args):
                "sft": evaluate_ckpt(sft_dir, os.path.join(out, "eval_sft"), "eval_sft", seconds, fresh),
                "grpo": evaluate_ckpt(grpo_dir, os.path.join(out, "eval_grpo"), "eval_grpo", seconds, fresh)}
     change = paired(os.path.join(out, "eval_sft"), os.path.join(out, "eval_grpo"))
-    report = {**results, "grpo_vs_sft": change, "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1)}
+    selected = json.load(open(os.path.join(grpo_dir, "state.json"))).get("selected")  # held-out model selection
+    report = {**results, "grpo_vs_sft": change, "grpo_selected": selected, "seconds": seconds,
+              "total_seconds": round(sum(seconds.values()), 1)}
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     curves, page = plot(out), write_report(out)  # seconds
