@@ -66,8 +66,8 @@ fi
 # the settings (all datasets)
 RETRIEVE=(--split train --lang en --retriever bm25 --k 3 --coverage 1.0 --writer template)
 SFT=(--model tiny --max_steps ${SFT_STEPS:-2000} --batch_size 32 --lr 2e-3 --min_lr_frac 0.1 --warmup 30 --weight_decay 0.01
-     --grad_clip 1.0 --val_frac 0.05 --eval_every 500 --log_every 100)
-GRPO=(--split train --val_split val --val_limit 300 --eval_every 20 --max_steps ${GRPO_STEPS:-60} --prompts_per_step 96
+     --grad_clip 1.0 --val_frac 0.02 --eval_every 500 --log_every 100)
+GRPO=(--split train --val_split val --val_limit 300 --eval_every 20 --max_steps ${GRPO_STEPS:-80} --prompts_per_step 96
       --group_size 6 --temperature 0.5 --max_new_tokens 96 --lr 5e-5 --warmup 5 --kl_coef 0.04 --clip_eps 0.2
       --inner_epochs 1 --micro_batch 48 --grad_clip 1.0)
 EVAL=(--split test --lang en --max_new_tokens 128 --batch_size 64 --quiet)
