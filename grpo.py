@@ -210,13 +210,13 @@ def prompts_for(step, n_rows, args, rank, world):
     return perm[i:i + n][rank * per_rank:(rank + 1) * per_rank]
 
 
-def rollout(vlm, rows, idx, step, args, autocast, sample=M.sample):
+def rollout(vlm, rows, idx, step, args, autocast, sample=M.sample, images=data.load_image):
     """1. G completions for each prompt rows[i], i in idx, seeded by (seed, step, prompt i, sample).
     `sample` is model.sample or engine.sample: the same seeds give the same completions."""
     batch_rows = [rows[i] for i in idx]
     vlm.model.eval()
     with torch.no_grad(), autocast:
-        batch = vlm.encode([data.load_image(r) for r in batch_rows], [r["question"] for r in batch_rows],
+        batch = vlm.encode([images(r) for r in batch_rows], [r["question"] for r in batch_rows],
                            names=[str(r.get("id")) for r in batch_rows])
         out = sample(vlm, batch, args.group_size, args.max_new_tokens, args.temperature,
                      M.rollout_seeds(args.seed, step, idx, args.group_size), ignore_eos=args.ignore_eos)
@@ -357,12 +357,12 @@ def record(vlm, rollouts, advantages, stats_sum, world, device):
     return {**rec, "trained": trained}
 
 
-def held_out_accuracy(vlm, val_rows, args, rank, world, device):
+def held_out_accuracy(vlm, val_rows, args, rank, world, device, images=data.load_image):
     """Greedy exact-match accuracy on the held-out rows (evaluate.py's metric), shared over ranks."""
     vlm.model.eval()
     mine, n = val_rows[rank::world], math.ceil(len(val_rows) / world)
     padded = (mine + val_rows[:1] * n)[:n]  # as many forwards on every rank (FSDP), the repeats not scored
-    texts = M.generate(vlm, [data.load_image(r) for r in padded], [r["question"] for r in padded],
+    texts = M.generate(vlm, [images(r) for r in padded], [r["question"] for r in padded],
                        args.max_new_tokens, batch_size=64)[:len(mine)]
     exact = sum(rewards.normalize_answer(rewards.parse_answer_lenient(t)) == rewards.normalize_answer(r["answer"])
                 for t, r in zip(texts, mine))
@@ -477,6 +477,7 @@ def main(args):
     policy = vlm.model
     # every image decodes and every prompt fits, or a one-line error (--skip_bad_rows: skipped and counted)
     rows, val_rows = data.check_rows(vlm, rows, args.skip_bad_rows), data.check_rows(vlm, val_rows, args.skip_bad_rows)
+    images = data.ImageCache(vlm.fit_image)  # each image decoded and resized once, not at every use
     if len(rows) < args.prompts_per_step * K:  # a step samples K x prompts_per_step distinct rows
         need = f"--prompts_per_step {args.prompts_per_step}" + (f" x --dynamic_sampling {K}" if K > 1 else "")
         raise M.SetupError(f"{args.data}: {len(rows)} rows, fewer than {need}")
@@ -511,7 +512,8 @@ def main(args):
         if start and os.path.exists(os.path.join(args.out, "best", "state.json")):
             best = M.load_state(os.path.join(args.out, "best"))
         elif not start:
-            best = keep_if_best(vlm, None, 0, held_out_accuracy(vlm, val_rows, args, rank, world, device), args)
+            start_accuracy = held_out_accuracy(vlm, val_rows, args, rank, world, device, images)
+            best = keep_if_best(vlm, None, 0, start_accuracy, args)
             M.print0(f"held-out accuracy at the start: {best['val_accuracy']:.3f} ({len(val_rows)} rows)")
 
     def now():  # CUDA runs asynchronously: wait for queued kernels so the step's timings are honest
@@ -530,7 +532,7 @@ def main(args):
             param_group["lr"] = lr
         # 1. rollout: P (x K) prompts, G completions each
         idx = prompts_for(step, len(rows), args, rank, world)
-        rollouts = rollout(vlm, rows, idx, step, args, autocast, sample)
+        rollouts = rollout(vlm, rows, idx, step, args, autocast, sample, images)
         clock["generate"] = now()
         # 2. score, and advantages within each group; dynamic sampling keeps P groups, those with spread first
         score_rollouts(rollouts, weights, judge, args)
@@ -559,7 +561,7 @@ def main(args):
         if device.type == "cuda":
             rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         if args.eval_every and val_rows and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
-            rec["val_accuracy"] = held_out_accuracy(vlm, val_rows, args, rank, world, device)
+            rec["val_accuracy"] = held_out_accuracy(vlm, val_rows, args, rank, world, device, images)
             if best is not None:
                 best = keep_if_best(vlm, best, step + 1, rec["val_accuracy"], args)
         append_jsonl(args, "metrics.jsonl", [rec], rank)

@@ -100,9 +100,10 @@ def target_batch(vlm, rows):
     return tokens.to(vlm.device), mask.to(vlm.device)
 
 
-def sft_loss(vlm, rows, n_tokens, autocast):
-    """Sum of target-token NLL / n_tokens (the global batch's target-token count)."""
-    batch = vlm.encode([data.load_image(r) for r in rows], [r["question"] for r in rows],
+def sft_loss(vlm, rows, n_tokens, autocast, images=data.load_image):
+    """Sum of target-token NLL / n_tokens (the global batch's target-token count). images: row -> PIL image
+    (a data.ImageCache in training)."""
+    batch = vlm.encode([images(r) for r in rows], [r["question"] for r in rows],
                        names=[f"{r.get('id')}" for r in rows])
     tokens, mask = target_batch(vlm, rows)
     with autocast:
@@ -148,13 +149,13 @@ def lr_at(step, args, max_steps):
     return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def accumulate_gradients(vlm, mine, n_tokens, micro, args, step, world, device, autocast):
+def accumulate_gradients(vlm, mine, n_tokens, micro, args, step, world, device, autocast, images):
     """Forward and backward over this rank's rows of the step, grad_accum micro-batches of `micro` rows;
     returns the global batch's loss (the same number on every rank)."""
     loss_sum = 0.0
     for k in range(args.grad_accum):
         # x world: allreduce_grads averages, and we want the gradient of the global token mean
-        loss, _ = sft_loss(vlm, mine[k * micro:(k + 1) * micro], n_tokens / world, autocast)
+        loss, _ = sft_loss(vlm, mine[k * micro:(k + 1) * micro], n_tokens / world, autocast, images)
         if step + 1 in args.debug_nan_steps:
             loss = loss * float("nan")
         loss.backward()
@@ -167,14 +168,14 @@ def accumulate_gradients(vlm, mine, n_tokens, micro, args, step, world, device, 
 
 
 @torch.no_grad()
-def val_loss(vlm, val_rows, chunk, rank, world, device, autocast):
+def val_loss(vlm, val_rows, chunk, rank, world, device, autocast, images=data.load_image):
     """Mean target-token NLL over the held-out rows, in chunks of `chunk` rows per rank."""
     vlm.model.eval()
     mine = val_rows[rank::world]
     total = torch.zeros(2, device=device)
     for i in range(math.ceil(math.ceil(len(val_rows) / world) / chunk)):  # as many forwards on every rank (FSDP)
         part = mine[i * chunk:(i + 1) * chunk]
-        loss, n = sft_loss(vlm, part or val_rows[:1], 1.0, autocast)  # an empty share still runs, unscored
+        loss, n = sft_loss(vlm, part or val_rows[:1], 1.0, autocast, images)  # an empty share still runs, unscored
         if part:
             total += torch.tensor([loss.item(), n], device=device)
     if world > 1:
@@ -207,6 +208,7 @@ def main(args):
     # its image decodes and its prompt fits, or a one-line error (--skip_bad_rows: skipped and counted)
     train_rows = data.check_rows(vlm, train_rows, args.skip_bad_rows, target=True)
     val_rows = data.check_rows(vlm, val_rows, args.skip_bad_rows, target=True)
+    images = data.ImageCache(vlm.fit_image)  # each image decoded and resized once, not at every step
     micro = args.batch_size // (world * args.grad_accum)
     if micro * world * args.grad_accum != args.batch_size:
         raise M.SetupError(f"--batch_size {args.batch_size} must be divisible by world_size ({world}) x "
@@ -264,7 +266,7 @@ def main(args):
         lr = lr_at(step, args, max_steps)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
-        loss = accumulate_gradients(vlm, mine, n_tokens, micro, args, step, world, device, autocast)
+        loss = accumulate_gradients(vlm, mine, n_tokens, micro, args, step, world, device, autocast, images)
         if not args.fsdp:  # FSDP has already reduce-scattered the gradients
             M.allreduce_grads(params)
         grad_norm = M.clip_grad_norm(params, args.grad_clip)
@@ -283,7 +285,7 @@ def main(args):
         rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
                "tokens": n_tokens, "time": time.time() - t0, **({"spike": True} if flag else {})}
         if args.eval_every and (step + 1) % args.eval_every == 0 and val_rows:
-            rec["val_loss"] = val_loss(vlm, val_rows, micro * args.grad_accum, rank, world, device, autocast)
+            rec["val_loss"] = val_loss(vlm, val_rows, micro * args.grad_accum, rank, world, device, autocast, images)
         log(rec)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         if rank == 0 and (step + 1) % args.log_every == 0:
@@ -299,7 +301,7 @@ def main(args):
     # the final model, a plain Hugging Face folder at --out
     final = {"step": max_steps, "args": vars(args)}
     if val_rows:
-        final["val_loss"] = val_loss(vlm, val_rows, micro * args.grad_accum, rank, world, device, autocast)
+        final["val_loss"] = val_loss(vlm, val_rows, micro * args.grad_accum, rank, world, device, autocast, images)
         M.print0(f"final val_loss {final['val_loss']:.4f}")
     M.save_checkpoint(args.out, vlm, final)  # every rank: under FSDP the weights are gathered first
     M.print0(f"saved {args.out} ({time.time() - t0:.0f}s)")

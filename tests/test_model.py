@@ -241,3 +241,34 @@ def test_published_3b_architecture_on_meta_device():
     assert vlm.model.config.text_config.num_hidden_layers == 36
     vlm2 = M.load("random:qwen2-vl-2b", device="meta", texts=TEXTS)
     assert abs(M.count_params(vlm2.model) - 2.209e9) < 0.01e9, M.count_params(vlm2.model)
+
+
+def test_fitted_images_encode_to_the_same_pixels(tmp_path):
+    """VLM.fit_image resizes as the image processor does, so encoding the fitted image gives the same pixel
+    values and grid as encoding the original (what lets data.ImageCache keep fitted images), for the tiny
+    model's processor and a 3B-sized one; and the cache decodes each image once, within its byte budget."""
+    import data
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    ims = [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")) for h, w in ((512, 512), (300, 700), (60, 90))]
+    for max_pixels in (None, 448 * 448):
+        vlm = M.load("tiny", texts=["a b c"] * 10, max_pixels=max_pixels)
+        if max_pixels:
+            vlm.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": max_pixels}
+        fitted = [vlm.fit_image(im) for im in ims]
+        assert any(f.size != im.size for f, im in zip(fitted, ims))  # not vacuous: most were resized
+        a, b = vlm.encode(ims, ["q"] * 3), vlm.encode(fitted, ["q"] * 3)
+        assert torch.equal(a["image_grid_thw"], b["image_grid_thw"])
+        assert torch.equal(a["pixel_values"], b["pixel_values"])
+    paths = []
+    for i, im in enumerate(ims):
+        paths.append(str(tmp_path / f"{i}.png"))
+        im.save(paths[-1])
+    calls = []
+    cache = data.ImageCache(lambda im: calls.append(im.size) or vlm.fit_image(im), max_bytes=10 ** 9)
+    rows = [{"id": str(i), "image": p} for i, p in enumerate(paths * 3)]
+    out = [cache(r) for r in rows]
+    assert len(calls) == 3 and out[0] is out[3] is out[6]   # three images, each fitted once
+    small = data.ImageCache(vlm.fit_image, max_bytes=1)       # over budget: only the latest one kept
+    [small(r) for r in rows[:3]]
+    assert len(small.items) == 1
