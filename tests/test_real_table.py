@@ -1,0 +1,51 @@
+"""bench/real_table.py: the README's real-benchmark table is read from the results files, hand-worked."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import real_table  # noqa: E402
+
+
+def metrics(acc, closed, open_, recall):
+    return {"n": 10, "accuracy": acc, "closed_accuracy": closed, "open_accuracy": open_, "open_recall": recall,
+            "baselines": {"majority": 0.2, "closed_majority": 0.5, "question_only": 0.3}}
+
+
+def results(tmp_path):
+    res = {"command": "bash bench/benchmarks.sh --data X --name toy", "seconds": 100, "retrieve_seconds": 60,
+           "seeds": [{"seed": 0, "seconds": 600, "sft": metrics(0.5, 0.6, 0.4, 0.45),
+                      "grpo": metrics(0.7, 0.8, 0.6, 0.65), "paired": {"fixed": 3, "broken": 1, "p": 0.625}},
+                     {"seed": 1, "seconds": 1200, "sft": metrics(0.6, 0.7, 0.5, 0.55),
+                      "grpo": metrics(0.6, 0.7, 0.5, 0.55), "paired": {"fixed": 0, "broken": 0, "p": 1.0}}]}
+    (tmp_path / "real_toy.json").write_text(json.dumps(res))
+    return tmp_path
+
+
+def test_rows_per_seed_and_the_mean(tmp_path):
+    text, commands = real_table.table([str(results(tmp_path) / "real_toy.json")])
+    lines = text.splitlines()
+    assert commands == ["bash bench/benchmarks.sh --data X --name toy"] and len(lines) == 2 + 2 + 1
+    seed0 = [c.strip() for c in lines[2].split("|")[1:-1]]
+    assert seed0[:5] == ["toy", "0", "10", "0.500", "**0.700**"]
+    assert seed0[5:] == ["0.600 / 0.800", "0.400 / 0.600", "0.450 / 0.650", "3 / 1 (0.625)", "0.200 (0.500)",
+                         "0.300", "11"]  # (600 + 60) s = 11 minutes
+    mean = [c.strip() for c in lines[4].split("|")[1:-1]]
+    assert mean[1:5] == ["mean", "", "0.550", "**0.650**"] and mean[8] == "3 / 1 (all seeds)"
+
+
+def test_the_readme_is_rewritten_between_its_markers_only(tmp_path):
+    folder = results(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{real_table.START}\nold table\n{real_table.END}\nafter\n")
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "real_table.py"), "--results", str(folder), "--readme", str(readme)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    text = readme.read_text()
+    assert text.startswith(f"before\n{real_table.START}\n```\nbash bench/benchmarks.sh") and text.endswith(
+        f"{real_table.END}\nafter\n") and "old table" not in text and "**0.700**" in text
+    readme.write_text("no markers\n")
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode != 0 and "no table markers" in out.stderr and readme.read_text() == "no markers\n"
