@@ -19,7 +19,7 @@ demo: $(STAMP)
 ablation: $(STAMP)
 	$(PY) demo.py --ablation --out runs/ablation
 
-# the pipeline on VQA-RAD and SLAKE, 3 seeds each (~2.5 h on 2 cores); README table: bench/real_table.py
+# the pipeline on VQA-RAD and SLAKE, 3 seeds each (~2 h on 2 cores); README table: bench/real_table.py
 bench-real: $(STAMP)
 	bash bench/benchmarks.sh --data $(DATA)/vqa_rad --name vqa_rad
 	bash bench/benchmarks.sh --data $(DATA)/slake/Slake1.0 --name slake
