@@ -26,6 +26,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from eval_memory import commit  # noqa: E402  (the measured checkout's commit)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
 parser.add_argument("--out", required=True, help="results JSON")
@@ -79,14 +81,6 @@ def folder_mb(paths):
         for d, _, names in os.walk(p) if os.path.isdir(p) else []:
             total += sum(os.path.getsize(os.path.join(d, n)) for n in names)
     return total / 2 ** 20
-
-
-def commit(repo):
-    """The measured checkout's commit, "+" when its tracked files differ from it."""
-    git = ["git", "-C", repo]
-    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(git + ["diff", "--quiet", "HEAD"]).returncode != 0
-    return head + ("+" if dirty else "")
 
 
 def main(args):
