@@ -81,7 +81,7 @@ def grade(completion, row):
     pred = rewards.parse_answer_lenient(completion)
     gold = row["answer"]
     s = rewards.score(completion, row)
-    return {"pred": pred, "exact": float(rewards.normalize_answer(pred) == rewards.normalize_answer(gold)),
+    return {"pred": pred, "exact": float(rewards.exact_match(completion, gold)),
             "recall": rewards.open_recall(pred, gold) if row["answer_type"].strip().lower() == "open" else None,
             "format": s["format"], "fact": s["fact"] if row.get("keywords") else None,  # no keywords: not scored
             "consistency": s["consistency"]}

@@ -364,8 +364,7 @@ def held_out_accuracy(vlm, val_rows, args, rank, world, device, images=data.load
     padded = (mine + val_rows[:1] * n)[:n]  # as many forwards on every rank (FSDP), the repeats not scored
     texts = M.generate(vlm, [images(r) for r in padded], [r["question"] for r in padded],
                        args.max_new_tokens, batch_size=64)[:len(mine)]
-    exact = sum(rewards.normalize_answer(rewards.parse_answer_lenient(t)) == rewards.normalize_answer(r["answer"])
-                for t, r in zip(texts, mine))
+    exact = sum(rewards.exact_match(t, r["answer"]) for t, r in zip(texts, mine))
     acc = torch.tensor([exact, len(mine)], dtype=torch.float64, device=device)
     if world > 1:
         torch.distributed.all_reduce(acc)

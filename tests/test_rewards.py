@@ -481,3 +481,10 @@ def test_reward_tests_need_only_pytest():
         top = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
         top |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom)}
         assert top <= set(sys.stdlib_module_names) | {"pytest", "rewards"}, (name, top)
+
+
+def test_exact_match_is_evaluations_lenient_normalised_answer():
+    assert rewards.exact_match("<think>x</think><answer>The Liver.</answer>", "liver")
+    assert rewards.exact_match("<think>x</think> two", "2")  # no answer tags: the text after </think>
+    assert not rewards.exact_match("<think>the liver</think><answer>spleen</answer>", "liver")
+    assert not rewards.exact_match("<think>x</think>", "liver")  # stopped after thinking: no answer
