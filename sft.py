@@ -56,9 +56,6 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter
 parser.add_argument("--data", default="runs/pseudo.jsonl", help="pseudo-label JSONL from retrieve.py")
 parser.add_argument("--val_frac", type=float, default=0.05, help="share of rows held out for the val loss")
 parser.add_argument("--skip_bad_rows", action="store_true", help="skip (and count) bad rows instead of failing")
-parser.add_argument("--augment", action="store_true",
-                    help="a random view of each training image at each use: zoom, shift, small rotation, brightness\n"
-                         "and contrast (no flips: answers say left and right); against memorising few images")
 # model
 parser.add_argument("--model", default="tiny", help="tiny | random:qwen2.5-vl-3b | checkpoint folder | hub name")
 parser.add_argument("--max_pixels", type=int, default=None, help="cap image resolution (pixels)")
@@ -112,21 +109,6 @@ def sft_loss(vlm, rows, n_tokens, autocast, images=data.load_image):
     with autocast:
         logps = M.completion_logps(vlm, batch, tokens)  # (B, T): prompt positions are never scored
     return -(logps * mask).sum() / n_tokens, int(mask.sum())
-
-
-def augment(image, rng):
-    """A random view of a (fitted) training image, the same size: zoom 1-1.25x at a random place, rotation
-    within 8 degrees, brightness and contrast x0.8-1.2. No flips: a flipped image answers left for right."""
-    from PIL import Image, ImageEnhance
-    w, h = image.size
-    out = image.rotate(rng.uniform(-8, 8), resample=Image.BILINEAR)
-    zoom = rng.uniform(1.0, 1.25)
-    cw, ch = w / zoom, h / zoom
-    x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
-    out = out.resize((w, h), resample=Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
-    out = ImageEnhance.Contrast(ImageEnhance.Brightness(out).enhance(rng.uniform(0.8, 1.2))).enhance(rng.uniform(0.8, 1.2))
-    out.info.update(image.info)  # still fitted: encode() does not resize it again
-    return out
 
 
 def n_target_tokens(vlm, rows):
@@ -284,10 +266,7 @@ def main(args):
         lr = lr_at(step, args, max_steps)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
-        # --augment: each row's view is seeded by (seed, step, row id): resumable, the same on any world size
-        views = (lambda r, step=step: augment(images(r), random.Random(f"{args.seed}:{step}:{r['id']}"))) \
-            if args.augment else images
-        loss = accumulate_gradients(vlm, mine, n_tokens, micro, args, step, world, device, autocast, views)
+        loss = accumulate_gradients(vlm, mine, n_tokens, micro, args, step, world, device, autocast, images)
         if not args.fsdp:  # FSDP has already reduce-scattered the gradients
             M.allreduce_grads(params)
         grad_norm = M.clip_grad_norm(params, args.grad_clip)
