@@ -119,10 +119,6 @@ _NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen "
     "fourteen fifteen sixteen seventeen eighteen nineteen twenty".split())}
 
-def exact_match(completion, gold):
-    """Evaluation's accuracy: the lenient answer (parse_answer_lenient) equals the gold one, normalised."""
-    return normalize_answer(parse_answer_lenient(completion)) == normalize_answer(gold)
-
 
 def normalize_answer(text):
     """THE answer normalisation of medfact: rewards, data and evaluation all use it.
@@ -154,6 +150,11 @@ def open_recall(pred, gold):
     if not gold_words:
         return 0.0
     return len(gold_words & set(normalize_answer(pred).split())) / len(gold_words)
+
+
+def exact_match(completion, gold):
+    """Evaluation's accuracy: the lenient answer (parse_answer_lenient) equals the gold one, normalised."""
+    return normalize_answer(parse_answer_lenient(completion)) == normalize_answer(gold)
 
 # -----------------------------------------------------------------------------
 # accuracy
