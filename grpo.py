@@ -28,7 +28,9 @@ Departures from the released MEDFACT-R1 code (which follows TRL's GRPOTrainer), 
 - held-out model selection: with a held-out split (--val_data/--val_split, every --eval_every
   steps) the final model is the evaluated step with the best greedy held-out accuracy, the
   starting SFT model included (--keep_last: the last step, as the paper). GRPO can then never hand
-  back a model that holds out worse than the one it was given.
+  back a model that holds out worse than the one it was given. --open_floor (bench/benchmarks.sh
+  sets it) also keeps GRPO from trading open answers for closed ones: only the evaluated models whose
+  held-out open accuracy and open recall are at least the starting model's are candidates.
 - temperature 0.5 and lr 5e-5 (the paper: 1.0 and 1e-6 on a pretrained 3B). On SLAKE's validate
   split, from the same 600-step SFT model (0.700), 60 steps of 96 prompts x 6 at T 0.5, lr 5e-5
   gave 0.719 (57 answers fixed, 37 broken, p 0.049); the setting of the earlier benchmark run
@@ -135,6 +137,9 @@ parser.add_argument("--eval_every", type=int, default=20, help="greedy held-out 
 parser.add_argument("--keep_last", action="store_true",
                     help="the final model is the last step's (default: the evaluated step, the start included, "
                          "with the best held-out accuracy)")
+parser.add_argument("--open_floor", action="store_true",
+                    help="select only among the evaluated models whose held-out open accuracy and open recall "
+                         "are at least the starting model's (GRPO must not trade open answers for accuracy)")
 parser.add_argument("--save_every", type=int, default=0, help="resumable checkpoint every N steps (0: never)")
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
 parser.add_argument("--rollouts_per_step", type=int, default=2, help="completions written to rollouts.jsonl")
@@ -357,28 +362,43 @@ def record(vlm, rollouts, advantages, stats_sum, world, device):
     return {**rec, "trained": trained}
 
 
-def held_out_accuracy(vlm, val_rows, args, rank, world, device, images=data.load_image):
-    """Greedy exact-match accuracy on the held-out rows (evaluate.py's metric), shared over ranks."""
+def held_out_scores(vlm, val_rows, args, rank, world, device, images=data.load_image):
+    """Greedy scores on the held-out rows, evaluate.py's metrics, shared over ranks: {"val_accuracy",
+    "val_open_accuracy", "val_open_recall"} (the open ones None when no row is open)."""
     vlm.model.eval()
     mine, n = val_rows[rank::world], math.ceil(len(val_rows) / world)
     padded = (mine + val_rows[:1] * n)[:n]  # as many forwards on every rank (FSDP), the repeats not scored
     texts = M.generate(vlm, [images(r) for r in padded], [r["question"] for r in padded],
                        args.max_new_tokens, batch_size=64)[:len(mine)]
-    exact = sum(rewards.exact_match(t, r["answer"]) for t, r in zip(texts, mine))
-    acc = torch.tensor([exact, len(mine)], dtype=torch.float64, device=device)
+    is_open = [r["answer_type"].strip().lower() == "open" for r in mine]
+    exact = [float(rewards.exact_match(t, r["answer"])) for t, r in zip(texts, mine)]
+    recall = [rewards.open_recall(rewards.parse_answer_lenient(t), r["answer"]) for t, r, o in zip(texts, mine, is_open) if o]
+    sums = torch.tensor([sum(exact), len(mine), sum(e for e, o in zip(exact, is_open) if o), sum(recall), len(recall)],
+                        dtype=torch.float64, device=device)
     if world > 1:
-        torch.distributed.all_reduce(acc)
+        torch.distributed.all_reduce(sums)
     vlm.model.train()
-    return (acc[0] / acc[1]).item()
+    exact, n, open_exact, open_recall, n_open = sums.tolist()
+    return {"val_accuracy": exact / n, "val_open_accuracy": open_exact / n_open if n_open else None,
+            "val_open_recall": open_recall / n_open if n_open else None}
 
 
-def keep_if_best(vlm, best, step, val_accuracy, args):
+def holds_open(scores, start):
+    """--open_floor: open accuracy and open recall held out at least as well as by the starting model."""
+    return all(scores[k] is None or start[k] is None or scores[k] >= start[k]
+               for k in ("val_open_accuracy", "val_open_recall"))
+
+
+def keep_if_best(vlm, best, step, scores, args, start=None):
     """Held-out model selection: OUT/best holds the evaluated model (the starting one included) with the
-    best held-out accuracy so far, the earlier one on a tie. Returns the best's {"step", "val_accuracy"}."""
-    if best is not None and val_accuracy <= best["val_accuracy"]:
+    best held-out accuracy so far, the earlier one on a tie; with --open_floor only among the models whose
+    open accuracy and open recall are at least the starting model's (`start`, its scores). Returns the
+    best's scores and step: {"step", "val_accuracy", "val_open_accuracy", "val_open_recall"}."""
+    if best is not None and (scores["val_accuracy"] <= best["val_accuracy"]
+                             or (args.open_floor and start is not None and not holds_open(scores, start))):
         return best
-    best = {"step": step, "val_accuracy": val_accuracy}
-    M.save_checkpoint(os.path.join(args.out, "best"), vlm, best)  # every rank (FSDP gathers)
+    best = {"step": step, **scores}
+    M.save_checkpoint(os.path.join(args.out, "best"), vlm, {**best, "start": start or scores})  # every rank
     return best
 
 
@@ -401,6 +421,8 @@ def print_step(bar, rec, step, start, t_start, args):
     """The step's one line on rank 0."""
     eta = (time.time() - t_start) / (step + 1 - start) * (args.max_steps - step - 1)
     va = f" val_acc {rec['val_accuracy']:.3f}" if "val_accuracy" in rec else ""
+    if rec.get("val_open_accuracy") is not None:
+        va += f" (open {rec['val_open_accuracy']:.3f}, recall {rec['val_open_recall']:.3f})"
     bar.write(f"step {step + 1} reward {rec['reward']:.3f} (acc {rec['reward_accuracy']:.2f} fmt "
               f"{rec['reward_format']:.2f} fact {rec['reward_fact']:.2f} cons "
               f"{rec['reward_consistency']:.2f}){va} kl {rec['kl']:.4f} clip {rec['clip_frac']:.3f} "
@@ -506,13 +528,14 @@ def main(args):
 
     # held-out model selection (not --keep_last): the starting model is a candidate too, so GRPO can
     # never hand back a model that does worse on the held-out split than the one it started from
-    best = None
+    best = start_scores = None
     if val_rows and args.eval_every and not args.keep_last:
         if start and os.path.exists(os.path.join(args.out, "best", "state.json")):
             best = M.load_state(os.path.join(args.out, "best"))
+            start_scores = best.pop("start")
         elif not start:
-            start_accuracy = held_out_accuracy(vlm, val_rows, args, rank, world, device, images)
-            best = keep_if_best(vlm, None, 0, start_accuracy, args)
+            start_scores = held_out_scores(vlm, val_rows, args, rank, world, device, images)
+            best = keep_if_best(vlm, None, 0, start_scores, args)
             M.print0(f"held-out accuracy at the start: {best['val_accuracy']:.3f} ({len(val_rows)} rows)")
 
     def now():  # CUDA runs asynchronously: wait for queued kernels so the step's timings are honest
@@ -560,9 +583,9 @@ def main(args):
         if device.type == "cuda":
             rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         if args.eval_every and val_rows and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
-            rec["val_accuracy"] = held_out_accuracy(vlm, val_rows, args, rank, world, device, images)
+            rec.update(held_out_scores(vlm, val_rows, args, rank, world, device, images))
             if best is not None:
-                best = keep_if_best(vlm, best, step + 1, rec["val_accuracy"], args)
+                best = keep_if_best(vlm, best, step + 1, {k: rec[k] for k in start_scores}, args, start_scores)
         append_jsonl(args, "metrics.jsonl", [rec], rank)
         append_jsonl(args, "rollouts.jsonl", readable_rollouts(rollouts, step, args), rank)
         bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=f"{rec['reward_accuracy']:.2f}")
@@ -580,7 +603,8 @@ def main(args):
     if best is None or best["step"] == args.max_steps:
         M.save_checkpoint(args.out, vlm, {**state, "selected": best})  # every rank (FSDP gathers)
     else:  # an earlier step held out better: it becomes the final model
-        M.print0(f"final model: step {best['step']}, the best held-out accuracy ({best['val_accuracy']:.3f})")
+        M.print0(f"final model: step {best['step']}, the best held-out accuracy ({best['val_accuracy']:.3f})"
+                 + (" of those holding open answers" if args.open_floor else ""))
         if rank == 0:
             M.save_checkpoint(args.out, M.load(os.path.join(args.out, "best"), dtype=policy.dtype,
                                                max_pixels=args.max_pixels), {**state, "selected": best})

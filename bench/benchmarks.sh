@@ -27,13 +27,18 @@
 # at 1,500 (with image descriptions), GRPO's held-out curve peaked at 60 steps (0.746; 0.744 at 80);
 # the step counts are also what fits the time budget of ~30 min per dataset and seed on 2 cores.
 # OMP_NUM_THREADS (default 2) sets torch's threads; the README's runs used 1, two datasets at a time.
+#
+# --reuse_sft keeps a seed's SFT model and its test evaluation from an earlier run in --out when its
+# args.json has exactly the settings below (and the same pseudo-labels file) and reruns GRPO only,
+# for a change that touches GRPO alone; the results file then marks the seed "sft_reused" and its
+# seconds count GRPO and its evaluation only. Anything else is an error.
 set -euo pipefail
 usage() {
-  echo "usage: bash bench/benchmarks.sh --data FOLDER --name NAME [--seeds 0 1 2] [--out DIR] [--results FILE] [--corpus C]"
+  echo "usage: bash bench/benchmarks.sh --data FOLDER --name NAME [--seeds 0 1 2] [--out DIR] [--results FILE] [--corpus C] [--reuse_sft]"
   sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
 }
 COMMAND="bash bench/benchmarks.sh $*"
-DATA= NAME= SEEDS="0 1 2" OUT=runs/real RESULTS= CORPUS=()
+DATA= NAME= SEEDS="0 1 2" OUT=runs/real RESULTS= CORPUS=() REUSE_SFT=
 while [ $# -gt 0 ]; do
   case $1 in
     -h|--help) usage; exit 0 ;;
@@ -43,6 +48,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     --results) RESULTS=$2; shift 2 ;;
     --corpus) CORPUS+=("--corpus" "$2"); shift 2 ;;
+    --reuse_sft) REUSE_SFT=1; shift ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -68,7 +74,7 @@ fi
 RETRIEVE=(--split train --lang en --retriever bm25 --k 3 --coverage 1.0 --writer template)
 SFT=(--model tiny --max_steps ${SFT_STEPS:-1500} --batch_size 32 --lr 2e-3 --min_lr_frac 0.1 --warmup 30 --weight_decay 0.01
      --grad_clip 1.0 --val_frac 0.02 --eval_every 500 --log_every 100)
-GRPO=(--split train --val_split val --val_limit 300 --eval_every 20 --max_steps ${GRPO_STEPS:-60} --prompts_per_step 96
+GRPO=(--split train --val_split val --val_limit 1000 --eval_every 20 --open_floor --max_steps ${GRPO_STEPS:-60} --prompts_per_step 96
       --group_size 6 --temperature 0.5 --max_new_tokens 96 --lr 5e-5 --warmup 5 --kl_coef 0.04 --clip_eps 0.2
       --inner_epochs 1 --micro_batch 48 --grad_clip 1.0)
 EVAL=(--split test --lang en --max_new_tokens 128 --batch_size 64 --quiet)
@@ -81,11 +87,30 @@ log "retrieve: $NAME"
 "$PY" retrieve.py --data "$DATA" "${RETRIEVE[@]}" "${CORPUS[@]}" --out "$D/pseudo.jsonl"
 T_RETRIEVE=$(( $(date +%s) - T0 ))
 for seed in $SEEDS; do
-  S=$D/seed$seed; rm -rf "$S"; mkdir -p "$S"
+  S=$D/seed$seed
   t=$(date +%s)
-  log "seed $seed: sft"
-  "$PY" sft.py --data "$D/pseudo.jsonl" --out "$S/sft" --seed "$seed" "${SFT[@]}"
-  "$PY" evaluate.py --ckpt "$S/sft" --data "$DATA" "${EVAL[@]}" --out "$S/eval_sft/metrics.json"
+  if [ -n "$REUSE_SFT" ]; then  # the SFT model must have been made with exactly the settings above
+    "$PY" - "$S" "$D/pseudo.jsonl" "$seed" "${SFT[@]}" <<'EOF' || exit 2
+import json, os, sys
+import sft
+folder, pseudo, seed, *settings = sys.argv[1:]
+if not (os.path.exists(f"{folder}/sft/args.json") and os.path.exists(f"{folder}/eval_sft/metrics.json")):
+    sys.exit(f"error: --reuse_sft: no {folder}/sft or {folder}/eval_sft to reuse; run without --reuse_sft")
+want = vars(sft.parser.parse_args(["--data", pseudo, "--out", f"{folder}/sft", "--seed", seed, *settings]))
+have = json.load(open(f"{folder}/sft/args.json"))
+paths = ("data", "out")
+diff = [k for k in want if (os.path.realpath(have[k]) != os.path.realpath(want[k]) if k in paths else have.get(k) != want[k])]
+if diff:
+    sys.exit(f"error: --reuse_sft: {folder}/sft was made with other settings ({', '.join(diff)}); run without it")
+EOF
+    log "seed $seed: sft reused ($S/sft)"
+    rm -rf "$S/grpo" "$S/eval_grpo"; echo 1 > "$S/sft_reused"
+  else
+    rm -rf "$S"; mkdir -p "$S"
+    log "seed $seed: sft"
+    "$PY" sft.py --data "$D/pseudo.jsonl" --out "$S/sft" --seed "$seed" "${SFT[@]}"
+    "$PY" evaluate.py --ckpt "$S/sft" --data "$DATA" "${EVAL[@]}" --out "$S/eval_sft/metrics.json"
+  fi
   log "seed $seed: grpo"
   "$PY" grpo.py --ckpt "$S/sft" --data "$D/pseudo.jsonl" --val_data "$DATA" --out "$S/grpo" --seed "$seed" \
     "${GRPO[@]}"
@@ -104,6 +129,7 @@ out = {"command": command, "seconds": int(total), "retrieve_seconds": int(t_retr
 for s in seeds:
     sd = os.path.join(d, f"seed{s}")
     out["seeds"].append({"seed": int(s), "seconds": int(open(os.path.join(sd, "seconds")).read()),
+                         **({"sft_reused": True} if os.path.exists(os.path.join(sd, "sft_reused")) else {}),
                          "sft": read(os.path.join(sd, "eval_sft", "metrics.json")),
                          "grpo": read(os.path.join(sd, "eval_grpo", "metrics.json")),
                          "grpo_selected": read(os.path.join(sd, "grpo", "state.json")).get("selected"),

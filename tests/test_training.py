@@ -1,4 +1,5 @@
 """Training signals: SFT scores only the target tokens; the GRPO pieces, wired to the sampler, raise a reward."""
+import argparse
 import numpy as np
 import torch
 from PIL import Image
@@ -133,30 +134,64 @@ def test_bf16_mode_trains_grpo_and_sft_in_bf16(tmp_path):
 def test_grpo_final_model_is_the_evaluated_step_with_the_best_held_out_accuracy(tmp_path, monkeypatch):
     """Held-out model selection: the final model is the evaluated step (the start included) with the best
     held-out accuracy; --keep_last keeps the last step's. Scores are scripted: start 0.1, then 0.5 at step 1,
-    0.3, 0.2: step 1 wins, so the final weights equal a 1-step run's; with all equal the start wins."""
+    0.3, 0.2: step 1 wins, so the final weights equal a 1-step run's; with all equal the start wins.
+    --open_floor: step 1 (0.5) lost open recall against the start, so step 2 (0.3, open held) wins."""
     import json
     import grpo
     args = lambda out, *extra: _grpo_args(out, "--val_data", "demo", "--eval_every", 1, "--val_limit", 4,
                                           "--lr", 1e-2, "--upstream_rewards", *extra)
 
-    def scripted(scores):
+    def scripted(scores):  # (accuracy, open accuracy, open recall) per evaluation, the start's first
         it = iter(scores)
-        monkeypatch.setattr(grpo, "held_out_accuracy", lambda *a, **k: next(it))
+        keys = ("val_accuracy", "val_open_accuracy", "val_open_recall")
+        monkeypatch.setattr(grpo, "held_out_scores", lambda *a, **k: dict(zip(keys, next(it))))
 
-    scripted([0.1, 0.5, 0.3, 0.2])
+    scripted([(0.1, 0.4, 0.4), (0.5, 0.4, 0.4), (0.3, 0.4, 0.4), (0.2, 0.4, 0.4)])
     _run(grpo, args(tmp_path / "best"))
-    scripted([0.0])
+    scripted([(0.0, 0.0, 0.0)])
     _run(grpo, args(tmp_path / "one", "--max_steps", 1, "--keep_last"))
-    scripted([0.0] * 4)
+    scripted([(0.0, 0.0, 0.0)] * 4)
     _run(grpo, args(tmp_path / "tie"))
-    scripted([0.0] * 3)
+    scripted([(0.0, 0.0, 0.0)] * 3)
     _run(grpo, args(tmp_path / "last", "--keep_last"))
-    w = {name: M.load(str(tmp_path / name)).model.state_dict() for name in ("best", "one", "tie", "last")}
+    scripted([(0.1, 0.4, 0.4), (0.5, 0.4, 0.39), (0.3, 0.4, 0.4), (0.2, 0.5, 0.5)])
+    _run(grpo, args(tmp_path / "floor", "--open_floor"))
+    scripted([(0.0, 0.0, 0.0)] * 2)
+    _run(grpo, args(tmp_path / "two", "--max_steps", 2, "--keep_last"))
+    w = {name: M.load(str(tmp_path / name)).model.state_dict() for name in ("best", "one", "tie", "last", "floor", "two")}
     start = M.load("tiny").model.state_dict()
     assert all(torch.equal(w["best"][k], w["one"][k]) for k in w["one"])
     assert all(torch.equal(w["tie"][k], start[k]) for k in w["tie"])
+    assert all(torch.equal(w["floor"][k], w["two"][k]) for k in w["two"])
     assert any(not torch.equal(w["last"][k], start[k]) for k in w["last"])   # training did move the weights
     assert any(not torch.equal(w["best"][k], w["last"][k]) for k in w["last"])
+    assert any(not torch.equal(w["two"][k], w["one"][k]) for k in w["one"])
     selected = lambda name: json.load(open(tmp_path / name / "state.json"))["selected"]
-    assert selected("best") == {"step": 1, "val_accuracy": 0.5} and selected("tie") == {"step": 0, "val_accuracy": 0.0}
+    assert selected("best") == {"step": 1, "val_accuracy": 0.5, "val_open_accuracy": 0.4, "val_open_recall": 0.4}
+    assert selected("tie")["step"] == 0 and selected("floor")["step"] == 2 and selected("floor")["val_accuracy"] == 0.3
     assert selected("last") is None and not (tmp_path / "best" / "best").exists()
+    logged = [r for r in map(json.loads, open(tmp_path / "floor" / "metrics.jsonl")) if "val_accuracy" in r]
+    assert [r["val_open_recall"] for r in logged] == [0.39, 0.4, 0.5]
+
+
+def test_held_out_scores_are_evaluates_metrics():
+    """grpo's held-out accuracy, open accuracy and open recall are evaluate.py's on the same predictions."""
+    import grpo
+    import evaluate
+    rows = [{"question": "q", "answer": a, "answer_type": t} for a, t in
+            [("yes", "closed"), ("left lung", "open"), ("liver", "open"), ("no", "closed")]]
+    texts = ["<answer>yes</answer>", "<answer>lung</answer>", "<answer>liver</answer>", "<answer>yes</answer>"]
+
+    class Fake:
+        model = torch.nn.Linear(1, 1)
+    orig = M.generate
+    try:
+        M.generate = lambda vlm, images, questions, *a, **k: texts[:len(questions)]
+        got = grpo.held_out_scores(Fake(), rows, argparse.Namespace(max_new_tokens=8), 0, 1, torch.device("cpu"),
+                                   images=lambda r: None)
+    finally:
+        M.generate = orig
+    want = evaluate.summarize(rows, [evaluate.grade(t, r) for t, r in zip(texts, rows)])
+    assert got == {"val_accuracy": want["accuracy"], "val_open_accuracy": want["open_accuracy"],
+                   "val_open_recall": want["open_recall"]}
+    assert (got["val_accuracy"], got["val_open_accuracy"], got["val_open_recall"]) == (0.5, 0.5, 0.75)
