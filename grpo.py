@@ -536,7 +536,9 @@ def main(args):
         elif not start:
             start_scores = held_out_scores(vlm, val_rows, args, rank, world, device, images)
             best = keep_if_best(vlm, None, 0, start_scores, args)
-            M.print0(f"held-out accuracy at the start: {best['val_accuracy']:.3f} ({len(val_rows)} rows)")
+            M.print0(f"held-out accuracy at the start: {best['val_accuracy']:.3f} ({len(val_rows)} rows)"
+                     + (f", open {best['val_open_accuracy']:.3f}, recall {best['val_open_recall']:.3f}"
+                        if best["val_open_accuracy"] is not None else ""))
 
     def now():  # CUDA runs asynchronously: wait for queued kernels so the step's timings are honest
         if device.type == "cuda":
@@ -599,7 +601,7 @@ def main(args):
             M.save_step_checkpoint(args.out, step + 1, vlm, {"step": step + 1, "args": vars(args),
                                                              "guard": guard.state()}, optimizer)
 
-    state = {"step": args.max_steps, "args": vars(args)}
+    state = {"step": args.max_steps, "args": vars(args), **({"start": start_scores} if start_scores else {})}
     if best is None or best["step"] == args.max_steps:
         M.save_checkpoint(args.out, vlm, {**state, "selected": best})  # every rank (FSDP gathers)
     else:  # an earlier step held out better: it becomes the final model

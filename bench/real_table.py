@@ -27,6 +27,13 @@ def pval(p):
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def minutes(run, res):
+    """A seed's minutes with the retrieval; a seed whose SFT model was reused (--reuse_sft) ran GRPO only."""
+    if run.get("sft_reused"):
+        return f"{run['seconds'] / 60:.0f} (GRPO only)"
+    return f"{(run['seconds'] + res.get('retrieve_seconds', 0)) / 60:.0f}"
+
+
 def table(paths):
     head = ("| dataset | seed | n | SFT | SFT + GRPO | closed (SFT / +GRPO) | open (SFT / +GRPO) | open recall "
             "(SFT / +GRPO) | GRPO vs SFT: fixed / broken (p) | majority (closed) | question-only | minutes |")
@@ -42,7 +49,7 @@ def table(paths):
                          f"{fmt(s['open_accuracy'])} / {fmt(g['open_accuracy'])} | {fmt(s['open_recall'])} / "
                          f"{fmt(g['open_recall'])} | {p['fixed']} / {p['broken']} ({pval(p['p'])}) | "
                          f"{fmt(b.get('majority'))} ({fmt(b.get('closed_majority'))}) | {fmt(b.get('question_only'))} | "
-                         f"{(r['seconds'] + res.get('retrieve_seconds', 0)) / 60:.0f} |")
+                         f"{minutes(r, res)} |")
         mean = lambda stage, k: sum(r[stage][k] for r in runs) / len(runs)
         lines.append(f"| {NAMES.get(name, name)} | mean | | {fmt(mean('sft', 'accuracy'))} | "
                      f"**{fmt(mean('grpo', 'accuracy'))}** | {fmt(mean('sft', 'closed_accuracy'))} / "

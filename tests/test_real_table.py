@@ -19,7 +19,7 @@ def results(tmp_path):
     res = {"command": "bash bench/benchmarks.sh --data X --name toy", "seconds": 100, "retrieve_seconds": 60,
            "seeds": [{"seed": 0, "seconds": 600, "sft": metrics(0.5, 0.6, 0.4, 0.45),
                       "grpo": metrics(0.7, 0.8, 0.6, 0.65), "paired": {"fixed": 3, "broken": 1, "p": 0.625}},
-                     {"seed": 1, "seconds": 1200, "sft": metrics(0.6, 0.7, 0.5, 0.55),
+                     {"seed": 1, "seconds": 1200, "sft_reused": True, "sft": metrics(0.6, 0.7, 0.5, 0.55),
                       "grpo": metrics(0.6, 0.7, 0.5, 0.55), "paired": {"fixed": 0, "broken": 0, "p": 1.0}}]}
     (tmp_path / "real_toy.json").write_text(json.dumps(res))
     return tmp_path
@@ -33,6 +33,8 @@ def test_rows_per_seed_and_the_mean(tmp_path):
     assert seed0[:5] == ["toy", "0", "10", "0.500", "**0.700**"]
     assert seed0[5:] == ["0.600 / 0.800", "0.400 / 0.600", "0.450 / 0.650", "3 / 1 (0.625)", "0.200 (0.500)",
                          "0.300", "11"]  # (600 + 60) s = 11 minutes
+    seed1 = [c.strip() for c in lines[3].split("|")[1:-1]]
+    assert seed1[-1] == "20 (GRPO only)"  # --reuse_sft: the seed ran GRPO only, without the retrieval
     mean = [c.strip() for c in lines[4].split("|")[1:-1]]
     assert mean[1:5] == ["mean", "", "0.550", "**0.650**"] and mean[8] == "3 / 1 (all seeds)"
 

@@ -1,0 +1,58 @@
+"""bench/benchmarks.sh end to end on a toy folder (steps cut by SFT_STEPS / GRPO_STEPS): the results file's
+layout, and --reuse_sft, which reruns GRPO only on an SFT model made with exactly the script's settings."""
+
+import json
+import os
+import subprocess
+import sys
+
+import data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def toy_folder(path):
+    """<split>.jsonl rows with image paths: 96 training questions (one GRPO step's prompts), 6 val, 6 test."""
+    os.makedirs(path / "images")
+    for split, n in (("train", 96), ("val", 6), ("test", 6)):
+        rows = data.load("demo", split, limit=n)
+        for r in rows:
+            r["image"].save(path / "images" / f"{r['id']}.png")
+            r["image"] = f"images/{r['id']}.png"
+        data.write_jsonl(str(path / f"{split}.jsonl"), rows)
+
+
+def bench(tmp_path, *extra):
+    env = {**os.environ, "PY": sys.executable, "SFT_STEPS": "2", "GRPO_STEPS": "1", "OMP_NUM_THREADS": "1"}
+    cmd = ["bash", os.path.join(ROOT, "bench", "benchmarks.sh"), "--data", str(tmp_path / "toy"), "--name", "toy",
+           "--seeds", "0", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "real_toy.json"),
+           "--corpus", "cxr-glossary", *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+
+
+def test_results_file_and_reuse_sft(tmp_path):
+    toy_folder(tmp_path / "toy")
+    out = bench(tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.load(open(tmp_path / "real_toy.json"))
+    run = res["seeds"][0]
+    assert res["command"].startswith("bash bench/benchmarks.sh --data") and run["seed"] == 0 and "sft_reused" not in run
+    assert run["sft"]["n"] == run["grpo"]["n"] == 6 and run["sft"]["split"] == "test"
+    assert set(run["paired"]) >= {"fixed", "broken", "p"} and run["grpo_selected"]["step"] in (0, 1)
+    assert set(run["grpo_selected"]) == {"step", "val_accuracy", "val_open_accuracy", "val_open_recall"}
+    seed = tmp_path / "runs" / "toy" / "seed0"
+    sft_weights = (seed / "sft" / "model.safetensors").read_bytes()
+
+    out = bench(tmp_path, "--reuse_sft")  # GRPO again, on the same SFT model and its evaluation
+    assert out.returncode == 0, out.stderr[-2000:]
+    again = json.load(open(tmp_path / "real_toy.json"))["seeds"][0]
+    assert again["sft_reused"] is True and again["sft"] == run["sft"] and "sft reused" in out.stderr
+    assert (seed / "sft" / "model.safetensors").read_bytes() == sft_weights
+    drop = lambda m: {k: v for k, v in m.items() if k != "seconds"}
+    assert drop(again["grpo"]) == drop(run["grpo"])  # the same seeds: the same GRPO run
+
+    args = json.load(open(seed / "sft" / "args.json"))
+    json.dump({**args, "lr": 1.0}, open(seed / "sft" / "args.json", "w"))  # an SFT model made otherwise
+    out = bench(tmp_path, "--reuse_sft")
+    assert out.returncode != 0 and "other settings (lr)" in out.stderr
+    assert (seed / "sft" / "model.safetensors").read_bytes() == sft_weights
