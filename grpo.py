@@ -106,6 +106,10 @@ parser.add_argument("--engine", choices=["auto", "static", "hf"], default="auto"
                          "auto: static on CUDA without --fsdp, else hf")
 parser.add_argument("--dynamic_sampling", type=int, default=0,
                     help="K > 1: sample K x prompts, keep groups with reward spread first (needs K x prompts rows)")
+parser.add_argument("--screen", type=int, default=0,
+                    help="N > 0 (-1: all): before training, sample one group from the starting model for N "
+                         "training prompts (a seeded sample) and train only on those it neither always answers "
+                         "right nor always wrong (saved to OUT/screened.json; 0: off)")
 parser.add_argument("--train_zero_std", action="store_true",
                     help="also run the reference and training passes on groups with no reward spread")
 # rewards
@@ -251,6 +255,32 @@ def keep_groups(rollouts, groups, G):
             "texts": [rollouts["texts"][i] for i in sel.tolist()],
             "scores": [rollouts["scores"][i] for i in sel.tolist()],
             "total": rollouts["total"][sel], "std": rollouts["std"][groups]}
+
+
+def screen(vlm, rows, args, rank, world, autocast, sample=M.sample, images=data.load_image):
+    """--screen: indices of the training prompts worth training on. One group (--group_size completions
+    at --temperature, seeded as step -1) for each of N prompts, a seeded sample of them; kept: the prompts
+    whose mean accuracy reward over the group is strictly between 0 and 1, the ones the starting model
+    neither always answers right nor always wrong, in the data's order. With fewer than --prompts_per_step of those, the rest of
+    the sample tops the pool up to one step's prompts. Every rank screens a share; all get the whole pool.
+    Returns (pool, how many of it had spread)."""
+    n = len(rows) if args.screen < 0 else min(args.screen, len(rows))
+    n -= n % world  # as many forwards on every rank (FSDP)
+    sampled = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()[:n]
+    mine, P, spread = sampled[rank::world], args.prompts_per_step // world, []
+    for a in tqdm(range(0, len(mine), P), desc="screen", disable=rank != 0):
+        idx = mine[a:a + P]
+        r = rollout(vlm, rows, idx, -1, args, autocast, sample, images)
+        accuracy = torch.tensor([rewards.accuracy_reward(t, row, upstream=args.upstream_rewards) for t, row in
+                                 zip(r["texts"], (row for row in r["rows"] for _ in range(args.group_size)))])
+        spread += [i for i, m in zip(idx, accuracy.view(-1, args.group_size).mean(1).tolist()) if 0 < m < 1]
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, spread)
+        spread = [i for part in gathered for i in part]
+    pool, kept = sorted(spread), set(spread)  # the pool in the data's order
+    rest = [i for i in sampled if i not in kept]
+    return pool + rest[:max(0, args.prompts_per_step - len(pool))], len(pool)
 
 
 def groups_to_train(rollouts, advantages, args, world, device):
@@ -539,6 +569,22 @@ def main(args):
             M.print0(f"held-out accuracy at the start: {best['val_accuracy']:.3f} ({len(val_rows)} rows)"
                      + (f", open {best['val_open_accuracy']:.3f}, recall {best['val_open_recall']:.3f}"
                         if best["val_open_accuracy"] is not None else ""))
+
+    # --screen: the prompts to train on, chosen once by the starting model (a resumed run reads them back)
+    if args.screen:
+        path = os.path.join(args.out, "screened.json")
+        if start:
+            pool = json.load(open(path))["pool"]
+        else:
+            pool, n_spread = screen(vlm, rows, args, rank, world, autocast, sample, images)
+            if rank == 0:
+                with open(path, "w") as f:
+                    json.dump({"spread": n_spread, "pool": pool}, f)
+            M.print0(f"screen: {n_spread} of {min(len(rows), args.screen) if args.screen > 0 else len(rows)} "
+                     f"prompts with accuracy spread; training on {len(pool)}")
+        rows = [rows[i] for i in pool]
+        if len(rows) < args.prompts_per_step * K:
+            raise M.SetupError(f"--screen kept {len(rows)} prompts, fewer than --prompts_per_step x --dynamic_sampling")
 
     def now():  # CUDA runs asynchronously: wait for queued kernels so the step's timings are honest
         if device.type == "cuda":

@@ -195,3 +195,27 @@ def test_held_out_scores_are_evaluates_metrics():
     assert got == {"val_accuracy": want["accuracy"], "val_open_accuracy": want["open_accuracy"],
                    "val_open_recall": want["open_recall"]}
     assert (got["val_accuracy"], got["val_open_accuracy"], got["val_open_recall"]) == (0.5, 0.5, 0.75)
+
+
+def test_screen_keeps_the_prompts_the_start_model_neither_always_gets_nor_always_misses(monkeypatch):
+    """--screen, hand-worked: six yes/no prompts, groups of two scripted completions. Prompts 1 and 4 get one
+    right answer of two (kept); 0 and 3 always right, 2 and 5 always wrong (dropped). With 4 prompts a
+    step the pool is topped up with the first two dropped prompts in the seeded sample's order."""
+    import grpo
+    rows = [{"question": f"q{i}", "answer": "yes", "answer_type": "closed"} for i in range(6)]
+    right = {0: 2, 1: 1, 2: 0, 3: 2, 4: 1, 5: 0}  # right answers in each group of two
+
+    def fake_rollout(vlm, rows_, idx, step, args, *a, **k):
+        assert step == -1
+        texts = [f"<answer>{'yes' if g < right[i] else 'no'}</answer>" for i in idx for g in range(2)]
+        return {"rows": [rows_[i] for i in idx], "texts": texts}
+    monkeypatch.setattr(grpo, "rollout", fake_rollout)
+    args = lambda **kw: argparse.Namespace(**{"screen": -1, "seed": 0, "prompts_per_step": 2, "group_size": 2,
+                                              "upstream_rewards": False, **kw})
+    cpu = torch.autocast("cpu", enabled=False)
+    assert grpo.screen(None, rows, args(), 0, 1, cpu) == ([1, 4], 2)
+    sampled = torch.randperm(6, generator=torch.Generator().manual_seed(0)).tolist()
+    pool, n = grpo.screen(None, rows, args(prompts_per_step=4), 0, 1, cpu)
+    assert n == 2 and pool == [1, 4] + [i for i in sampled if i not in (1, 4)][:2]
+    pool, n = grpo.screen(None, rows, args(screen=3), 0, 1, cpu)  # only a seeded sample of 3 is screened
+    assert pool[:n] == sorted(i for i in sampled[:3] if i in (1, 4)) and len(pool) == 2
