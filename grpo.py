@@ -75,6 +75,7 @@ from tqdm import tqdm
 
 import data
 import engine
+import evaluate
 import model as M
 import optim
 import rewards
@@ -268,9 +269,9 @@ def screen(vlm, rows, args, rank, world, autocast, sample=M.sample, images=data.
     """--screen: indices of the training prompts worth training on. One group (--group_size completions
     at --temperature, seeded as step -1) for each of N prompts, a seeded sample of them; kept: the prompts
     whose mean accuracy reward over the group is strictly between 0 and 1, the ones the starting model
-    neither always answers right nor always wrong, in the data's order. With fewer than --prompts_per_step of those, the rest of
-    the sample tops the pool up to one step's prompts. Every rank screens a share; all get the whole pool.
-    Returns (pool, how many of it had spread)."""
+    neither always answers right nor always wrong, in the data's order. With fewer than --prompts_per_step
+    of those, the rest of the sample tops the pool up to one step's prompts. Every rank screens a share;
+    all get the whole pool. Returns (pool, how many of it had spread, how many were screened)."""
     n = len(rows) if args.screen < 0 else min(args.screen, len(rows))
     n -= n % world  # as many forwards on every rank (FSDP)
     sampled = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()[:n]
@@ -287,7 +288,7 @@ def screen(vlm, rows, args, rank, world, autocast, sample=M.sample, images=data.
         spread = [i for part in gathered for i in part]
     pool, kept = sorted(spread), set(spread)  # the pool in the data's order
     rest = [i for i in sampled if i not in kept]
-    return pool + rest[:max(0, args.prompts_per_step - len(pool))], len(pool)
+    return pool + rest[:max(0, args.prompts_per_step - len(pool))], len(pool), n
 
 
 def groups_to_train(rollouts, advantages, args, world, device):
@@ -407,11 +408,10 @@ def held_out_scores(vlm, val_rows, args, rank, world, device, images=data.load_i
     padded = (mine + val_rows[:1] * n)[:n]  # as many forwards on every rank (FSDP), the repeats not scored
     texts = M.generate(vlm, [images(r) for r in padded], [r["question"] for r in padded],
                        args.max_new_tokens, batch_size=64)[:len(mine)]
-    is_open = [r["answer_type"].strip().lower() == "open" for r in mine]
-    exact = [float(rewards.exact_match(t, r["answer"])) for t, r in zip(texts, mine)]
-    recall = [rewards.open_recall(rewards.parse_answer_lenient(t), r["answer"]) for t, r, o in zip(texts, mine, is_open) if o]
-    sums = torch.tensor([sum(exact), len(mine), sum(e for e, o in zip(exact, is_open) if o), sum(recall), len(recall)],
-                        dtype=torch.float64, device=device)
+    graded = [evaluate.grade(t, r) for t, r in zip(texts, mine)]
+    open_ = [g for g in graded if g["recall"] is not None]  # grade gives open rows a recall
+    sums = torch.tensor([sum(g["exact"] for g in graded), len(graded), sum(g["exact"] for g in open_),
+                         sum(g["recall"] for g in open_), len(open_)], dtype=torch.float64, device=device)
     if world > 1:
         torch.distributed.all_reduce(sums)
     vlm.model.train()
@@ -583,12 +583,11 @@ def main(args):
         if start:
             pool = json.load(open(path))["pool"]
         else:
-            pool, n_spread = screen(vlm, rows, args, rank, world, autocast, sample, images)
+            pool, n_spread, n_screened = screen(vlm, rows, args, rank, world, autocast, sample, images)
             if rank == 0:
                 with open(path, "w") as f:
                     json.dump({"spread": n_spread, "pool": pool}, f)
-            M.print0(f"screen: {n_spread} of {min(len(rows), args.screen) if args.screen > 0 else len(rows)} "
-                     f"prompts with accuracy spread; training on {len(pool)}")
+            M.print0(f"screen: {n_spread} of {n_screened} prompts with accuracy spread; training on {len(pool)}")
         rows = [rows[i] for i in pool]
         if len(rows) < args.prompts_per_step * K:
             raise M.SetupError(f"--screen kept {len(rows)} prompts, fewer than --prompts_per_step x --dynamic_sampling")
@@ -638,9 +637,10 @@ def main(args):
         if device.type == "cuda":
             rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         if args.eval_every and val_rows and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
-            rec.update(held_out_scores(vlm, val_rows, args, rank, world, device, images))
+            scores = held_out_scores(vlm, val_rows, args, rank, world, device, images)
+            rec.update(scores)
             if best is not None:
-                best = keep_if_best(vlm, best, step + 1, {k: rec[k] for k in start_scores}, args, start_scores)
+                best = keep_if_best(vlm, best, step + 1, scores, args, start_scores)
         append_jsonl(args, "metrics.jsonl", [rec], rank)
         append_jsonl(args, "rollouts.jsonl", readable_rollouts(rollouts, step, args), rank)
         bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=f"{rec['reward_accuracy']:.2f}")

@@ -158,7 +158,8 @@ def test_grpo_final_model_is_the_evaluated_step_with_the_best_held_out_accuracy(
     _run(grpo, args(tmp_path / "floor", "--open_floor"))
     scripted([(0.0, 0.0, 0.0)] * 2)
     _run(grpo, args(tmp_path / "two", "--max_steps", 2, "--keep_last"))
-    w = {name: M.load(str(tmp_path / name)).model.state_dict() for name in ("best", "one", "tie", "last", "floor", "two")}
+    names = ("best", "one", "tie", "last", "floor", "two")
+    w = {name: M.load(str(tmp_path / name)).model.state_dict() for name in names}
     start = M.load("tiny").model.state_dict()
     assert all(torch.equal(w["best"][k], w["one"][k]) for k in w["one"])
     assert all(torch.equal(w["tie"][k], start[k]) for k in w["tie"])
@@ -174,7 +175,7 @@ def test_grpo_final_model_is_the_evaluated_step_with_the_best_held_out_accuracy(
     assert [r["val_open_recall"] for r in logged] == [0.39, 0.4, 0.5]
 
 
-def test_held_out_scores_are_evaluates_metrics():
+def test_held_out_scores_are_evaluates_metrics(monkeypatch):
     """grpo's held-out accuracy, open accuracy and open recall are evaluate.py's on the same predictions."""
     import grpo
     import evaluate
@@ -184,13 +185,9 @@ def test_held_out_scores_are_evaluates_metrics():
 
     class Fake:
         model = torch.nn.Linear(1, 1)
-    orig = M.generate
-    try:
-        M.generate = lambda vlm, images, questions, *a, **k: texts[:len(questions)]
-        got = grpo.held_out_scores(Fake(), rows, argparse.Namespace(max_new_tokens=8), 0, 1, torch.device("cpu"),
-                                   images=lambda r: None)
-    finally:
-        M.generate = orig
+    monkeypatch.setattr(M, "generate", lambda vlm, images, questions, *a, **k: texts[:len(questions)])
+    got = grpo.held_out_scores(Fake(), rows, argparse.Namespace(max_new_tokens=8), 0, 1, torch.device("cpu"),
+                               images=lambda r: None)
     want = evaluate.summarize(rows, [evaluate.grade(t, r) for t, r in zip(texts, rows)])
     assert got == {"val_accuracy": want["accuracy"], "val_open_accuracy": want["open_accuracy"],
                    "val_open_recall": want["open_recall"]}
@@ -213,9 +210,9 @@ def test_screen_keeps_the_prompts_the_start_model_neither_always_gets_nor_always
     args = lambda **kw: argparse.Namespace(**{"screen": -1, "seed": 0, "prompts_per_step": 2, "group_size": 2,
                                               "upstream_rewards": False, **kw})
     cpu = torch.autocast("cpu", enabled=False)
-    assert grpo.screen(None, rows, args(), 0, 1, cpu) == ([1, 4], 2)
+    assert grpo.screen(None, rows, args(), 0, 1, cpu) == ([1, 4], 2, 6)
     sampled = torch.randperm(6, generator=torch.Generator().manual_seed(0)).tolist()
-    pool, n = grpo.screen(None, rows, args(prompts_per_step=4), 0, 1, cpu)
+    pool, n, _ = grpo.screen(None, rows, args(prompts_per_step=4), 0, 1, cpu)
     assert n == 2 and pool == [1, 4] + [i for i in sampled if i not in (1, 4)][:2]
-    pool, n = grpo.screen(None, rows, args(screen=3), 0, 1, cpu)  # only a seeded sample of 3 is screened
-    assert pool[:n] == sorted(i for i in sampled[:3] if i in (1, 4)) and len(pool) == 2
+    pool, n, screened = grpo.screen(None, rows, args(screen=3), 0, 1, cpu)  # only a seeded sample of 3 is screened
+    assert pool[:n] == sorted(i for i in sampled[:3] if i in (1, 4)) and len(pool) == 2 and screened == 3
