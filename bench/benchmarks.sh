@@ -20,6 +20,11 @@
 # paired comparison; runs go to runs/real/<name>/ (--out DIR). `python bench/real_table.py`
 # prints the README's table from the results files (--readme README.md rewrites it there).
 #
+# --extra_train FOLDER (repeatable) adds FOLDER's training split to what both stages train on: its
+# pseudo-labels, retrieved with the same settings, follow this dataset's in runs/real/<name>/train.jsonl
+# (SFT's data and GRPO's prompts); held-out selection and the test stay this dataset's. The README's
+# table does not use it (what it gave on VQA-RAD with SLAKE's training split: see the README).
+#
 # SFT_STEPS=N and GRPO_STEPS=N (environment) shorten a run for a smoke test; the results file says so
 # through its command and metrics, so keep them unset for results you report.
 #
@@ -40,11 +45,11 @@
 # seconds count GRPO and its evaluation only. Anything else is an error.
 set -euo pipefail
 usage() {
-  echo "usage: bash bench/benchmarks.sh --data FOLDER --name NAME [--seeds 0 1 2] [--out DIR] [--results FILE] [--corpus C] [--reuse_sft]"
+  echo "usage: bash bench/benchmarks.sh --data FOLDER --name NAME [--seeds 0 1 2] [--out DIR] [--results FILE] [--corpus C] [--extra_train FOLDER] [--reuse_sft]"
   sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
 }
 COMMAND="bash bench/benchmarks.sh $*"
-DATA= NAME= SEEDS="0 1 2" OUT=runs/real RESULTS= CORPUS=() REUSE_SFT=
+DATA= NAME= SEEDS="0 1 2" OUT=runs/real RESULTS= CORPUS=() EXTRA=() REUSE_SFT=
 while [ $# -gt 0 ]; do
   case $1 in
     -h|--help) usage; exit 0 ;;
@@ -54,6 +59,8 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     --results) RESULTS=$2; shift 2 ;;
     --corpus) CORPUS+=("--corpus" "$2"); shift 2 ;;
+    --extra_train) [ -e "$2" ] || { echo "error: --extra_train $2: no such dataset folder" >&2; exit 2; }
+                   EXTRA+=("$(realpath "$2")"); shift 2 ;;
     --reuse_sft) REUSE_SFT=1; shift ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -91,12 +98,23 @@ log() { echo "[$(date +%T)] $*" >&2; }
 # 1. pseudo-labels for the training split (seed-independent; a rerun appends only missing rows)
 log "retrieve: $NAME"
 "$PY" retrieve.py --data "$DATA" "${RETRIEVE[@]}" "${CORPUS[@]}" --out "$D/pseudo.jsonl"
+TRAIN=$D/pseudo.jsonl
+if [ ${#EXTRA[@]} -gt 0 ]; then  # --extra_train: their training splits' pseudo-labels join this one's
+  TRAIN=$D/train.jsonl; cp "$D/pseudo.jsonl" "$TRAIN.tmp"
+  for x in "${EXTRA[@]}"; do
+    log "retrieve: $x (--extra_train)"
+    X=$D/pseudo_extra_$(printf %s "$x" | sha1sum | cut -c1-10).jsonl  # one file per folder, resumable
+    "$PY" retrieve.py --data "$x" "${RETRIEVE[@]}" "${CORPUS[@]}" --out "$X"
+    cat "$X" >> "$TRAIN.tmp"
+  done
+  mv "$TRAIN.tmp" "$TRAIN"
+fi
 T_RETRIEVE=$(( $(date +%s) - T0 ))
 for seed in $SEEDS; do
   S=$D/seed$seed
   t=$(date +%s)
   if [ -n "$REUSE_SFT" ]; then  # the SFT model must have been made with exactly the settings above
-    "$PY" - "$S" "$D/pseudo.jsonl" "$seed" "${SFT[@]}" <<'EOF' || exit 2
+    "$PY" - "$S" "$TRAIN" "$seed" "${SFT[@]}" <<'EOF' || exit 2
 import json, os, sys
 import sft
 folder, pseudo, seed, *settings = sys.argv[1:]
@@ -114,11 +132,11 @@ EOF
   else
     rm -rf "$S"; mkdir -p "$S"
     log "seed $seed: sft"
-    "$PY" sft.py --data "$D/pseudo.jsonl" --out "$S/sft" --seed "$seed" "${SFT[@]}"
+    "$PY" sft.py --data "$TRAIN" --out "$S/sft" --seed "$seed" "${SFT[@]}"
     "$PY" evaluate.py --ckpt "$S/sft" --data "$DATA" "${EVAL[@]}" --out "$S/eval_sft/metrics.json"
   fi
   log "seed $seed: grpo"
-  "$PY" grpo.py --ckpt "$S/sft" --data "$D/pseudo.jsonl" --val_data "$DATA" --out "$S/grpo" --seed "$seed" \
+  "$PY" grpo.py --ckpt "$S/sft" --data "$TRAIN" --val_data "$DATA" --out "$S/grpo" --seed "$seed" \
     "${GRPO[@]}"
   "$PY" evaluate.py --ckpt "$S/grpo" --data "$DATA" "${EVAL[@]}" --out "$S/eval_grpo/metrics.json"
   echo $(( $(date +%s) - t )) > "$S/seconds"

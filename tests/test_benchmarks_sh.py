@@ -1,5 +1,6 @@
 """bench/benchmarks.sh end to end on a toy folder (steps cut by SFT_STEPS / GRPO_STEPS): the results file's
-layout, and --reuse_sft, which reruns GRPO only on an SFT model made with exactly the script's settings."""
+layout, --extra_train (another folder's training split joins the pseudo-labels both stages train on), and
+--reuse_sft, which reruns GRPO only on an SFT model made with exactly the script's settings."""
 
 import json
 import os
@@ -11,12 +12,14 @@ import data
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def toy_folder(path):
-    """<split>.jsonl rows with image paths: 96 training questions (one GRPO step's prompts), 6 val, 6 test."""
+def toy_folder(path, sizes=(("train", 96), ("val", 6), ("test", 6)), demo_split=None):
+    """<split>.jsonl rows with image paths: 96 training questions (one GRPO step's prompts), 6 val, 6 test.
+    The rows come from the demo's split of the same name, or all from `demo_split`; ids start with the folder's name."""
     os.makedirs(path / "images")
-    for split, n in (("train", 96), ("val", 6), ("test", 6)):
-        rows = data.load("demo", split, limit=n)
+    for split, n in sizes:
+        rows = data.load("demo", demo_split or split, limit=n)
         for r in rows:
+            r["id"], r["split"] = f"{path.name}-{r['id']}", split
             r["image"].save(path / "images" / f"{r['id']}.png")
             r["image"] = f"images/{r['id']}.png"
         data.write_jsonl(str(path / f"{split}.jsonl"), rows)
@@ -30,9 +33,11 @@ def bench(tmp_path, *extra):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
 
 
-def test_results_file_and_reuse_sft(tmp_path):
+def test_results_file_extra_train_and_reuse_sft(tmp_path):
     toy_folder(tmp_path / "toy")
-    out = bench(tmp_path)
+    toy_folder(tmp_path / "extra", sizes=(("train", 20),), demo_split="val")  # a folder with a training split only
+    extra = ("--extra_train", str(tmp_path / "extra"))
+    out = bench(tmp_path, *extra)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.load(open(tmp_path / "real_toy.json"))
     run = res["seeds"][0]
@@ -42,8 +47,12 @@ def test_results_file_and_reuse_sft(tmp_path):
     assert set(run["grpo_selected"]) == {"step", "val_accuracy", "val_open_accuracy", "val_open_recall"}
     seed = tmp_path / "runs" / "toy" / "seed0"
     sft_weights = (seed / "sft" / "model.safetensors").read_bytes()
+    train = [r["id"] for _, r, _ in data.read_jsonl(str(tmp_path / "runs" / "toy" / "train.jsonl"))]
+    assert len(train) == 116 and train[0].startswith("toy-") and train[-1].startswith("extra-")  # toy's 96, then 20
+    for stage in ("sft", "grpo"):
+        assert json.load(open(seed / stage / "args.json"))["data"].endswith("toy/train.jsonl")
 
-    out = bench(tmp_path, "--reuse_sft")  # GRPO again, on the same SFT model and its evaluation
+    out = bench(tmp_path, *extra, "--reuse_sft")  # GRPO again, on the same SFT model and its evaluation
     assert out.returncode == 0, out.stderr[-2000:]
     again = json.load(open(tmp_path / "real_toy.json"))["seeds"][0]
     assert again["sft_reused"] is True and again["sft"] == run["sft"] and "sft reused" in out.stderr
@@ -51,8 +60,10 @@ def test_results_file_and_reuse_sft(tmp_path):
     drop = lambda m: {k: v for k, v in m.items() if k != "seconds"}
     assert drop(again["grpo"]) == drop(run["grpo"])  # the same seeds: the same GRPO run
 
+    out = bench(tmp_path, "--reuse_sft")  # without --extra_train: other training data
+    assert out.returncode != 0 and "other settings (data)" in out.stderr
     args = json.load(open(seed / "sft" / "args.json"))
     json.dump({**args, "lr": 1.0}, open(seed / "sft" / "args.json", "w"))  # an SFT model made otherwise
-    out = bench(tmp_path, "--reuse_sft")
+    out = bench(tmp_path, *extra, "--reuse_sft")
     assert out.returncode != 0 and "other settings (lr)" in out.stderr
     assert (seed / "sft" / "model.safetensors").read_bytes() == sft_weights
