@@ -279,9 +279,8 @@ def screen(vlm, rows, args, rank, world, autocast, sample=M.sample, images=data.
     for a in tqdm(range(0, len(mine), P), desc="screen", disable=rank != 0):
         idx = mine[a:a + P]
         r = rollout(vlm, rows, idx, -1, args, autocast, sample, images)
-        accuracy = torch.tensor([rewards.accuracy_reward(t, row, upstream=args.upstream_rewards) for t, row in
-                                 zip(r["texts"], (row for row in r["rows"] for _ in range(args.group_size)))])
-        spread += [i for i, m in zip(idx, accuracy.view(-1, args.group_size).mean(1).tolist()) if 0 < m < 1]
+        score_rollouts(r, {"format": 0, "fact": 0, "consistency": 0}, None, args)  # total: the accuracy reward
+        spread += [i for i, m in zip(idx, r["total"].view(-1, args.group_size).mean(1).tolist()) if 0 < m < 1]
     if world > 1:
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, spread)
