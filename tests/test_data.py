@@ -294,14 +294,35 @@ def test_demo_question_alone_cannot_answer(demo_splits):
     # the baseline itself: the majority answer per question, else per answer type
     rows = [{"question": "Q?", "answer": a, "answer_type": "closed"} for a in ("yes", "yes", "no")]
     assert baselines(rows, rows) == {"majority": pytest.approx(2 / 3), "question_only": pytest.approx(2 / 3),
-                                     "closed_majority": pytest.approx(2 / 3)}
+                                     "question_trained": pytest.approx(2 / 3), "closed_majority": pytest.approx(2 / 3)}
     unseen = [{"question": "New?", "answer": "Yes.", "answer_type": "closed"}]
     assert baselines(rows, unseen)["question_only"] == 1
     # the question is matched after normalisation (case, punctuation, articles), the answer too
     rows += [{"question": "Which side?", "answer": "Left", "answer_type": "open"}] * 2
     assert baselines(rows, [{"question": "which SIDE", "answer": "left.", "answer_type": "open"}]) == \
-        {"majority": 1.0, "question_only": 1.0, "closed_majority": None}  # no closed question to score
+        {"majority": 1.0, "question_only": 1.0, "question_trained": 1.0, "closed_majority": None}  # no closed row
     assert baselines(rows, rows)["closed_majority"] == pytest.approx(2 / 3)  # "yes" on the three closed rows
+
+
+def test_trained_question_only_baseline_generalises_over_words_and_keeps_answer_types():
+    from evaluate import question_classifier
+    train = [{"question": q, "answer": a, "answer_type": "open"} for q, a in (
+        ("Where is the liver?", "right"), ("Where is the liver located?", "right"),
+        ("Where is the spleen?", "left"), ("Where is the spleen located?", "left"))]
+    train += [{"question": "Is the spleen enlarged?", "answer": "no", "answer_type": "closed"}] * 3
+    new = [{"question": "where is spleen seen", "answer": "left", "answer_type": "open"},
+           {"question": "where is liver seen", "answer": "right", "answer_type": "open"},
+           {"question": "is the spleen located left", "answer": "no", "answer_type": "closed"}]
+    # the lookup knows no such question string: the majority open answer ("right") for both open rows
+    assert baselines(train, new)["question_only"] == pytest.approx(2 / 3)
+    predict = question_classifier(train, val_rows=new)
+    # the words carry it ("spleen" -> left, "liver" -> right), and a closed row gets a closed answer
+    # although its words ("spleen", "located") point at an open one
+    assert [predict(r) for r in new] == ["left", "right", "no"]
+    assert baselines(train, new, val_rows=new)["question_trained"] == 1.0
+    assert predict.lam == 30.0  # every lambda scores 3 / 3 on these: the ties go to the smoothest
+    # deterministic, and without val rows it holds out every 10th training row to choose lambda
+    assert [question_classifier(train)(r) for r in new] == [question_classifier(train)(r) for r in new]
 
 
 def test_demo_categories_and_answer_types(demo_splits):
