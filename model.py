@@ -428,7 +428,8 @@ def remote_code():
     model_src = open(__file__).read()
     start, end = model_src.index("\nLITE0_STAGES = ["), model_src.index("\n\ndef _register_lite0")
     return ('"""EfficientNet-Lite0 as the vision tower of a Qwen2.5-VL (medfact tiny-lite0), written by medfact\'s '
-            'model.py.\n\nAutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True) loads it."""\n'
+            'model.py.\n\nStock transformers loads it: AutoModelForImageTextToText.from_pretrained(folder) with '
+            'trust_remote_code."""\n'
             "import math\n\nimport torch\nimport torch.nn.functional as F\n"
             "from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration\n"
             "from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VLModel, "

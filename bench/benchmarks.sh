@@ -43,17 +43,22 @@
 # screening to ~7 minutes at one thread on a PathVQA-sized training split.
 # OMP_NUM_THREADS (default 2) sets torch's threads; the README's runs used 1, two datasets at a time.
 #
+# --ablation: the paper's ablation, after each seed's SFT + GRPO: GRPO from the model SFT starts from (no
+# cold start), and SFT + GRPO with each of the four rewards off (--w_<reward> 0), every other setting as
+# above; each evaluated on test against SFT alone on the same questions. Writes
+# bench/results/ablation_<name>.json (next to --results); the seeds' main results file as without it.
+#
 # --reuse_sft keeps a seed's SFT model and its test evaluation from an earlier run in --out when its
 # args.json has exactly the settings below (and the same pseudo-labels file) and reruns GRPO only,
 # for a change that touches GRPO alone; the results file then marks the seed "sft_reused" and its
 # seconds count GRPO and its evaluation only. Anything else is an error.
 set -euo pipefail
 usage() {
-  echo "usage: bash bench/benchmarks.sh --data FOLDER --name NAME [--seeds 0 1 2] [--model M] [--out DIR] [--results FILE] [--corpus C] [--extra_train FOLDER] [--reuse_sft]"
+  echo "usage: bash bench/benchmarks.sh --data FOLDER --name NAME [--seeds 0 1 2] [--model M] [--out DIR] [--results FILE] [--corpus C] [--extra_train FOLDER] [--reuse_sft] [--ablation]"
   sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
 }
 COMMAND="bash bench/benchmarks.sh $*"
-DATA= NAME= SEEDS="0 1 2" OUT=runs/real RESULTS= CORPUS=() EXTRA=() REUSE_SFT= MODEL=tiny-lite0
+DATA= NAME= SEEDS="0 1 2" OUT=runs/real RESULTS= CORPUS=() EXTRA=() REUSE_SFT= MODEL=tiny-lite0 ABLATION=
 while [ $# -gt 0 ]; do
   case $1 in
     -h|--help) usage; exit 0 ;;
@@ -67,6 +72,7 @@ while [ $# -gt 0 ]; do
                    EXTRA+=("$(realpath "$2")"); shift 2 ;;
     --reuse_sft) REUSE_SFT=1; shift ;;
     --model) MODEL=$2; shift 2 ;;
+    --ablation) ABLATION=1; shift ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -145,6 +151,16 @@ EOF
     "${GRPO[@]}"
   "$PY" evaluate.py --ckpt "$S/grpo" --data "$DATA" "${EVAL[@]}" --out "$S/eval_grpo/metrics.json"
   echo $(( $(date +%s) - t )) > "$S/seconds"
+  if [ -n "$ABLATION" ]; then  # one change each against the GRPO run above: its start, or one reward off
+    for variant in no_sft no_accuracy no_format no_fact no_consistency; do
+      V=$S/ablation/$variant; rm -rf "$V"; t=$(date +%s)
+      if [ $variant = no_sft ]; then FLAGS=(--ckpt "$MODEL"); else FLAGS=(--ckpt "$S/sft" "--w_${variant#no_}" 0); fi
+      log "seed $seed: ablation $variant"
+      "$PY" grpo.py "${FLAGS[@]}" --data "$TRAIN" --val_data "$DATA" --out "$V/grpo" --seed "$seed" "${GRPO[@]}"
+      "$PY" evaluate.py --ckpt "$V/grpo" --data "$DATA" "${EVAL[@]}" --out "$V/eval/metrics.json"
+      echo $(( $(date +%s) - t )) > "$V/seconds"
+    done
+  fi
 done
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +181,23 @@ for s in seeds:
                          "paired": evaluate.paired(os.path.join(sd, "eval_sft"), os.path.join(sd, "eval_grpo"))})
 os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)
 json.dump(out, open(results, "w"), indent=1)
+abl = {}  # --ablation: each variant against SFT alone on the same test questions
+for s in seeds:
+    sd = os.path.join(d, f"seed{s}")
+    for v in sorted(os.listdir(os.path.join(sd, "ablation"))) if os.path.isdir(os.path.join(sd, "ablation")) else []:
+        vd = os.path.join(sd, "ablation", v)
+        abl.setdefault(f"seed{s}", {})[v] = {
+            "seconds": int(open(os.path.join(vd, "seconds")).read()), "test": read(os.path.join(vd, "eval", "metrics.json")),
+            "grpo_selected": read(os.path.join(vd, "grpo", "state.json")).get("selected"),
+            "vs_sft": evaluate.paired(os.path.join(sd, "eval_sft"), os.path.join(vd, "eval"))}
+if abl:
+    path = os.path.join(os.path.dirname(os.path.abspath(results)), f"ablation_{os.path.basename(d)}.json")
+    json.dump({"command": command, "seeds": abl}, open(path, "w"), indent=1)
+    for s, variants in abl.items():
+        for v, r in variants.items():
+            p = r["vs_sft"]
+            print(f"{s} {v}: {r['test']['accuracy']:.3f} (vs SFT: fixed {p['fixed']}, broken {p['broken']}, p {p['p']:.3g})")
+    print(f"wrote {path}")
 for r in out["seeds"]:
     p = r["paired"]
     print(f"seed {r['seed']}: SFT {r['sft']['accuracy']:.3f} -> SFT + GRPO {r['grpo']['accuracy']:.3f} "

@@ -29,7 +29,7 @@ def bench(tmp_path, *extra):
     env = {**os.environ, "PY": sys.executable, "SFT_STEPS": "2", "GRPO_STEPS": "1", "OMP_NUM_THREADS": "1"}
     cmd = ["bash", os.path.join(ROOT, "bench", "benchmarks.sh"), "--data", str(tmp_path / "toy"), "--name", "toy",
            "--seeds", "0", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "real_toy.json"),
-           "--corpus", "cxr-glossary", *extra]
+           "--corpus", "cxr-glossary", "--model", "tiny", *extra]  # tiny: no weights package needed
     return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
 
 
@@ -67,3 +67,20 @@ def test_results_file_extra_train_and_reuse_sft(tmp_path):
     out = bench(tmp_path, *extra, "--reuse_sft")
     assert out.returncode != 0 and "other settings (lr)" in out.stderr
     assert (seed / "sft" / "model.safetensors").read_bytes() == sft_weights
+
+
+def test_ablation_runs_each_variant_against_sft(tmp_path):
+    toy_folder(tmp_path / "toy")
+    out = bench(tmp_path, "--ablation")
+    assert out.returncode == 0, out.stderr[-2000:]
+    abl = json.load(open(tmp_path / "ablation_toy.json"))["seeds"]["seed0"]
+    assert sorted(abl) == ["no_accuracy", "no_consistency", "no_fact", "no_format", "no_sft"]
+    seed = tmp_path / "runs" / "toy" / "seed0"
+    for variant, r in abl.items():
+        args = json.load(open(seed / "ablation" / variant / "grpo" / "args.json"))
+        # one change against the main GRPO run: the start, or one reward's weight
+        main = json.load(open(seed / "grpo" / "args.json"))
+        changed = sorted(k for k in args if args[k] != main[k] and k not in ("out",))
+        assert changed == (["ckpt"] if variant == "no_sft" else [f"w_{variant[3:]}"]), (variant, changed)
+        assert args["ckpt"] == ("tiny" if variant == "no_sft" else main["ckpt"])
+        assert r["test"]["n"] == 6 and set(r["vs_sft"]) >= {"fixed", "broken", "p"}
