@@ -256,7 +256,8 @@ def main(args):
     data.writable_file(args.out)
     data.writable_file(predictions, flag="--out's predictions.jsonl")
     rows = data.load(args.data, args.split, lang=args.lang, skip_bad_rows=args.skip_bad_rows, limit=args.limit)
-    vlm = M.load(args.ckpt, device=device, max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code)
+    vlm = M.load(args.ckpt, device=device, texts=data.tokenizer_texts, max_pixels=args.max_pixels,
+                 trust_remote_code=args.trust_remote_code)
     vlm.model.eval()
     rows = data.check_rows(vlm, rows, args.skip_bad_rows)  # images decode and prompts fit, before any decoding
     mine = list(range(rank, len(rows), world))  # strided shards, gathered back in order on rank 0

@@ -495,11 +495,11 @@ def load_models(args, device, ckpt):
     if args.fsdp and (args.bf16 or args.engine == "static"):
         raise M.SetupError("--fsdp shards the weights: it takes neither --bf16 nor --engine static")
     dtype = torch.bfloat16 if args.bf16 else torch.float32  # --bf16: the reference is bf16 too
-    vlm = M.load(ckpt or args.ckpt, device=load_on, dtype=dtype, max_pixels=args.max_pixels,
-                 trust_remote_code=args.trust_remote_code)
+    vlm = M.load(ckpt or args.ckpt, device=load_on, dtype=dtype, texts=data.tokenizer_texts,
+                 max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code)
     policy, ref = vlm.model, None
     if args.kl_coef != 0:  # the reference is the starting model, also after a resume
-        ref = M.load(args.ckpt, device=load_on, max_pixels=args.max_pixels,
+        ref = M.load(args.ckpt, device=load_on, texts=data.tokenizer_texts, max_pixels=args.max_pixels,
                      trust_remote_code=args.trust_remote_code).model if ckpt else copy.deepcopy(policy)
         ref = ref.to(dtype if args.bf16 else M.default_dtype(device)).eval().requires_grad_(False)
     if args.freeze_vision:

@@ -535,7 +535,7 @@ class HFWriter:
     def __init__(self, path, max_new_tokens=96, temperature=0.0, seed=0, device="auto"):
         import model as M  # imported here: the template path never needs torch or transformers models
         _, _, device = M.init_dist(device)
-        self.vlm, self.name = M.load(path, device=device), f"hf:{path}"
+        self.vlm, self.name = M.load(path, device=device, texts=data.tokenizer_texts), f"hf:{path}"
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
 
     def __call__(self, items):
