@@ -513,6 +513,92 @@ def load_models(args, device, ckpt):
     return vlm, ref
 
 
+def make_optimizer(params, args, device):
+    """AdamW; --bf16: optim.py's, bf16 moments with stochastic rounding."""
+    if args.bf16:
+        return optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay, seed=args.seed)
+    return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay,
+                             fused=device.type == "cuda")
+
+
+def resume_or_start(args, ckpt, optimizer, policy, rank):
+    """The step to start from and the step guard: the checkpoint's with --resume (the optimizer restored
+    too), else 0. The logs are cut to exactly the steps before it; a fresh run owns --out (the step
+    checkpoints an earlier run left are removed); args.json is written."""
+    start, guard = 0, M.StepGuard(args.max_bad_steps)
+    if ckpt:
+        M.load_optimizer(ckpt, optimizer, policy)
+        state = M.load_state(ckpt)
+        start, guard = state["step"], M.StepGuard(args.max_bad_steps, state.get("guard"))
+        M.print0(f"resumed from {ckpt} at step {start}")
+    if rank == 0:
+        data.truncate_jsonl(os.path.join(args.out, "metrics.jsonl"), start)
+        data.truncate_jsonl(os.path.join(args.out, "rollouts.jsonl"), start)
+        if not ckpt:
+            M.remove_checkpoints(args.out)
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+    return start, guard
+
+
+def start_selection(vlm, val_rows, start, args, rank, world, device, images):
+    """Held-out model selection (not --keep_last): the starting model is a candidate too, so GRPO can
+    never hand back a model that does worse on the held-out split than the one it started from.
+    Returns (best so far, the starting model's scores), both None without selection; a resumed run
+    reads them back from OUT/best."""
+    if not (val_rows and args.eval_every and not args.keep_last):
+        return None, None
+    if start:
+        if not os.path.exists(os.path.join(args.out, "best", "state.json")):
+            return None, None
+        best = M.load_state(os.path.join(args.out, "best"))
+        return best, best.pop("start")
+    start_scores = held_out_scores(vlm, val_rows, args, rank, world, device, images)
+    best = keep_if_best(vlm, None, 0, start_scores, args)
+    M.print0(f"held-out accuracy at the start: {best['val_accuracy']:.3f} ({len(val_rows)} rows)"
+             + (f", open {best['val_open_accuracy']:.3f}, recall {best['val_open_recall']:.3f}"
+                if best["val_open_accuracy"] is not None else ""))
+    return best, start_scores
+
+
+def screened_rows(vlm, rows, start, args, rank, world, autocast, sample, images):
+    """--screen: the prompts to train on, chosen once by the starting model (OUT/screened.json; a resumed
+    run reads them back)."""
+    path = os.path.join(args.out, "screened.json")
+    if start:
+        pool = json.load(open(path))["pool"]
+    else:
+        pool, n_spread, n_screened = screen(vlm, rows, args, rank, world, autocast, sample, images)
+        if rank == 0:
+            with open(path, "w") as f:
+                json.dump({"spread": n_spread, "pool": pool}, f)
+        M.print0(f"screen: {n_spread} of {n_screened} prompts with accuracy spread; training on {len(pool)}")
+    rows = [rows[i] for i in pool]
+    if len(rows) < args.prompts_per_step * max(1, args.dynamic_sampling):
+        raise M.SetupError(f"--screen kept {len(rows)} prompts, fewer than --prompts_per_step x --dynamic_sampling")
+    return rows
+
+
+def save_final(vlm, best, start_scores, args, rank, t_start):
+    """The final model at --out: the last step's, or the evaluated step that held out best (OUT/best)."""
+    state = {"step": args.max_steps, "args": vars(args), **({"start": start_scores} if start_scores else {})}
+    if best is None or best["step"] == args.max_steps:
+        M.save_checkpoint(args.out, vlm, {**state, "selected": best})  # every rank (FSDP gathers)
+    else:  # an earlier step held out better: it becomes the final model
+        M.print0(f"final model: step {best['step']}, the best held-out accuracy ({best['val_accuracy']:.3f})"
+                 + (" of those holding open answers" if args.open_floor else ""))
+        if rank == 0:
+            M.save_checkpoint(args.out, M.load(os.path.join(args.out, "best"), dtype=vlm.model.dtype,
+                                               max_pixels=args.max_pixels), {**state, "selected": best})
+    if rank == 0 and best is not None:
+        shutil.rmtree(os.path.join(args.out, "best"), ignore_errors=True)
+    M.print0(f"saved {args.out} ({time.time() - t_start:.0f}s)")
+
+
+# -----------------------------------------------------------------------------
+# main: setup, then the loop
+
+
 def main(args):
     rank, world, device = M.init_dist(args.device)
     torch.manual_seed(args.seed)
@@ -539,57 +625,17 @@ def main(args):
         need = f"--prompts_per_step {args.prompts_per_step}" + (f" x --dynamic_sampling {K}" if K > 1 else "")
         raise M.SetupError(f"{args.data}: {len(rows)} rows, fewer than {need}")
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = (optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay, seed=args.seed)
-                 if args.bf16 else torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99),
-                                                     weight_decay=args.weight_decay, fused=device.type == "cuda"))
+    optimizer = make_optimizer(params, args, device)
     static = args.engine == "static" or (args.engine == "auto" and device.type == "cuda" and not args.fsdp)
     sample = engine.sample if static else M.sample  # the same seeds give the same completions
-    start, guard = 0, M.StepGuard(args.max_bad_steps)
-    if ckpt:
-        M.load_optimizer(ckpt, optimizer, policy)
-        state = M.load_state(ckpt)
-        start, guard = state["step"], M.StepGuard(args.max_bad_steps, state.get("guard"))
-        M.print0(f"resumed from {ckpt} at step {start}")
-    if rank == 0:  # the logs hold exactly the steps up to the restart point; a fresh run owns --out
-        data.truncate_jsonl(os.path.join(args.out, "metrics.jsonl"), start)
-        data.truncate_jsonl(os.path.join(args.out, "rollouts.jsonl"), start)
-        if not ckpt:
-            M.remove_checkpoints(args.out)
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
+    start, guard = resume_or_start(args, ckpt, optimizer, policy, rank)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
     M.print0(f"grpo: {len(rows)} prompts, {args.prompts_per_step} x {G} completions per step, "
              f"{args.max_steps} steps, {world} rank(s), device {device}, kl_coef {args.kl_coef}")
-
-    # held-out model selection (not --keep_last): the starting model is a candidate too, so GRPO can
-    # never hand back a model that does worse on the held-out split than the one it started from
-    best = start_scores = None
-    if val_rows and args.eval_every and not args.keep_last:
-        if start and os.path.exists(os.path.join(args.out, "best", "state.json")):
-            best = M.load_state(os.path.join(args.out, "best"))
-            start_scores = best.pop("start")
-        elif not start:
-            start_scores = held_out_scores(vlm, val_rows, args, rank, world, device, images)
-            best = keep_if_best(vlm, None, 0, start_scores, args)
-            M.print0(f"held-out accuracy at the start: {best['val_accuracy']:.3f} ({len(val_rows)} rows)"
-                     + (f", open {best['val_open_accuracy']:.3f}, recall {best['val_open_recall']:.3f}"
-                        if best["val_open_accuracy"] is not None else ""))
-
-    # --screen: the prompts to train on, chosen once by the starting model (a resumed run reads them back)
+    best, start_scores = start_selection(vlm, val_rows, start, args, rank, world, device, images)
     if args.screen:
-        path = os.path.join(args.out, "screened.json")
-        if start:
-            pool = json.load(open(path))["pool"]
-        else:
-            pool, n_spread, n_screened = screen(vlm, rows, args, rank, world, autocast, sample, images)
-            if rank == 0:
-                with open(path, "w") as f:
-                    json.dump({"spread": n_spread, "pool": pool}, f)
-            M.print0(f"screen: {n_spread} of {n_screened} prompts with accuracy spread; training on {len(pool)}")
-        rows = [rows[i] for i in pool]
-        if len(rows) < args.prompts_per_step * K:
-            raise M.SetupError(f"--screen kept {len(rows)} prompts, fewer than --prompts_per_step x --dynamic_sampling")
+        rows = screened_rows(vlm, rows, start, args, rank, world, autocast, sample, images)
 
     def now():  # CUDA runs asynchronously: wait for queued kernels so the step's timings are honest
         if device.type == "cuda":
@@ -653,18 +699,7 @@ def main(args):
             M.save_step_checkpoint(args.out, step + 1, vlm, {"step": step + 1, "args": vars(args),
                                                              "guard": guard.state()}, optimizer)
 
-    state = {"step": args.max_steps, "args": vars(args), **({"start": start_scores} if start_scores else {})}
-    if best is None or best["step"] == args.max_steps:
-        M.save_checkpoint(args.out, vlm, {**state, "selected": best})  # every rank (FSDP gathers)
-    else:  # an earlier step held out better: it becomes the final model
-        M.print0(f"final model: step {best['step']}, the best held-out accuracy ({best['val_accuracy']:.3f})"
-                 + (" of those holding open answers" if args.open_floor else ""))
-        if rank == 0:
-            M.save_checkpoint(args.out, M.load(os.path.join(args.out, "best"), dtype=policy.dtype,
-                                               max_pixels=args.max_pixels), {**state, "selected": best})
-    if rank == 0 and best is not None:
-        shutil.rmtree(os.path.join(args.out, "best"), ignore_errors=True)
-    M.print0(f"saved {args.out} ({time.time() - t_start:.0f}s)")
+    save_final(vlm, best, start_scores, args, rank, t_start)
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

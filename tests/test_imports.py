@@ -93,3 +93,8 @@ def test_the_ground_floor_imports_nothing_of_ours():
     assert graph["synthetic_cxr"] == set()  # the synthetic world: drawing only, no stage, no model
     assert "synthetic_cxr" not in graph["model"]  # the core builds the tiny tokenizer from the texts it is given
 
+
+@pytest.mark.parametrize("name", ["grpo", "sft"])
+def test_no_stage_function_over_120_lines(name):
+    with open(os.path.join(ROOT, name + ".py")) as f:
+        assert long_functions(f.read()) == []
