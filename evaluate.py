@@ -29,8 +29,8 @@ Writes FILE.json: {"dataset", "split", "n", "accuracy", "closed_accuracy", "open
 "open_recall", "format", "fact", "consistency", "by_category", "baselines", ...}, each in [0, 1]
 or null when no row applies, and predictions.jsonl in the same folder. --out is checked before
 anything else runs (a folder, a path under a file or one it cannot write: one line), and each
-batch's images are decoded when its turn comes: memory does not grow with the split (500 and 5,000
-questions on the same images: 1,137 and 1,187 MB at peak, bench/eval_memory.py).
+batch's images are decoded when its turn comes: memory does not grow with the split
+(bench/eval_memory.py; docs/EXPERIMENTS.md, part 3).
 """
 
 import argparse

@@ -14,38 +14,18 @@ One step (the loop in main, one function per part):
      gradient norm, AdamW step                                              (train)
   6. record: metrics.jsonl, a few rollouts to read, one printed line; checkpoint   (record)
 
-Departures from the released MEDFACT-R1 code (which follows TRL's GRPOTrainer), on purpose:
-- the full clipped objective with several inner epochs (--inner_epochs) and an optional higher
-  upper clip (--clip_eps_high, DAPO's "clip-higher"); with one inner epoch the ratio is 1 and it
-  reduces to theirs exactly.
-- rewards that resist hacking (see rewards.py); --upstream_rewards restores the released ones.
-- groups whose rewards are all equal carry no signal: counted every step, left out of the
-  reference and training passes (their advantage is 0, so the policy-gradient term is the same; only
-  their KL term is dropped; --train_zero_std keeps them), and --dynamic_sampling K samples K times
-  more prompts and keeps the groups that have signal.
-- rollout seeds derive from (seed, step, prompt index, sample index), so a resumed run, or the
-  same run on any number of processes, samples the same completions.
-- held-out model selection: with a held-out split (--val_data/--val_split, every --eval_every
-  steps) the final model is the evaluated step with the best greedy held-out accuracy, the
-  starting SFT model included (--keep_last: the last step, as the paper). GRPO can then never hand
-  back a model that holds out worse than the one it was given. --open_floor (bench/benchmarks.sh
-  sets it) also keeps GRPO from trading open answers for closed ones: only the evaluated models whose
-  held-out open accuracy and open recall are at least the starting model's are candidates.
-- --screen N (bench/benchmarks.sh sets 4800): before the first step, one group from the starting
-  model for a seeded sample of N training prompts, and GRPO then draws only from those the model
-  neither always answers right nor always wrong. DAPO's dynamic sampling (--dynamic_sampling)
-  filters every step, at K times the generation; this filters once. An SFT model that nearly
-  memorised its training split (SLAKE: 88% of prompts always right at T 0.5) otherwise spends ~90%
-  of every step on groups without signal; from the same SFT model it held out at 0.755 against
-  0.740 (step 40, 1,000 SLAKE validate questions, start 0.733).
-- temperature 0.5 and lr 5e-5 (the paper: 1.0 and 1e-6 on a pretrained 3B). On SLAKE's validate
-  split, from the same 600-step SFT model (0.700), 60 steps of 96 prompts x 6 at T 0.5, lr 5e-5
-  gave 0.719 (57 answers fixed, 37 broken, p 0.049); the setting of the earlier benchmark run
-  (T 1.0, lr 1e-4, 16 prompts, 35 steps) lost 0.690 (50 / 60) and open recall fell 0.757 -> 0.741;
-  training only the groups whose accuracy differs (format, fact and consistency then never act
-  alone) gave 0.712 (56 / 43, p 0.23), so the four rewards stay summed as in the paper (README).
+Departures from the released code (TRL's GRPOTrainer), with their evidence in docs/EXPERIMENTS.md:
+- the full clipped objective (--inner_epochs, --clip_eps_high); rewards that resist hacking (rewards.py).
+- groups with no reward spread skip the reference and training passes (their advantage is 0; only
+  their KL term is dropped; --train_zero_std keeps them): 3.3x faster a step on the demo (part 3).
+- rollout seeds from (seed, step, prompt, sample): resumed or on any number of ranks, the same samples.
+- held-out model selection: the final model is the evaluated step, the start included, with the best
+  held-out accuracy (--keep_last: the paper's last step; --open_floor: only models whose open
+  accuracy and recall hold the start's), so GRPO never hands back a model worse held out (2.2, 2.3).
+- --screen N: train only on the prompts the starting model neither always answers right nor always
+  wrong, chosen once (--dynamic_sampling K filters every step, at K times the generation) (2.3).
+- T 0.5 and lr 5e-5 for the tiny model (the paper: 1.0 and 1e-6 on a pretrained 3B) (1.3, 2.2).
 Paper setting: --lr 1e-6 --kl_coef 0.04 --group_size 6 --temperature 1.0 --inner_epochs 1.
-The defaults below are what trains the tiny demo model on a CPU in minutes.
 
 Run it:
     python grpo.py --ckpt runs/sft --data demo --out runs/grpo                        # CPU, demo
@@ -106,7 +86,7 @@ parser.add_argument("--bf16", action="store_true",
 parser.add_argument("--prompts_per_step", type=int, default=96, help="global, over all ranks")
 parser.add_argument("--group_size", type=int, default=6, help="G completions per prompt (paper: 6)")
 parser.add_argument("--temperature", type=float, default=0.5,
-                    help="sampling temperature (paper: 1.0; 0.5 trains the tiny demo best, see README)")
+                    help="sampling temperature (paper: 1.0; 0.5 trains the tiny demo best: docs/EXPERIMENTS.md)")
 parser.add_argument("--max_new_tokens", type=int, default=96, help="completion length cap (tokens)")
 parser.add_argument("--ignore_eos", action="store_true", help="always sample max_new_tokens (benchmarks)")
 parser.add_argument("--engine", choices=["auto", "static", "hf"], default="auto",
