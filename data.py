@@ -164,6 +164,13 @@ def load(source, split, lang="en", skip_bad_rows=False, limit=None):
     return _finish(rows, name, split, lang, skip_bad_rows, limit)
 
 
+def tokenizer_texts():
+    """What a model built from scratch (model.load("tiny"), "random:...") trains its tokenizer on when a stage
+    has no texts of its own for it (evaluate.py or grpo.py with --ckpt tiny): the demo's questions, answers,
+    reports and glossary (synthetic_cxr.tokenizer_texts). sft.py passes its pseudo-labels' instead."""
+    return synthetic_cxr.tokenizer_texts()
+
+
 def _detect(path, split, lang, dataset=None):
     """Recognise a local dataset layout; returns (a name for messages, a generator of rows)."""
     if os.path.isfile(path):

@@ -29,8 +29,8 @@ Writes FILE.json: {"dataset", "split", "n", "accuracy", "closed_accuracy", "open
 "open_recall", "format", "fact", "consistency", "by_category", "baselines", ...}, each in [0, 1]
 or null when no row applies, and predictions.jsonl in the same folder. --out is checked before
 anything else runs (a folder, a path under a file or one it cannot write: one line), and each
-batch's images are decoded when its turn comes: memory does not grow with the split (500 and 5,000
-questions on the same images: 1,137 and 1,187 MB at peak, bench/eval_memory.py).
+batch's images are decoded when its turn comes: memory does not grow with the split
+(bench/eval_memory.py; docs/EXPERIMENTS.md, part 3).
 """
 
 import argparse
@@ -256,7 +256,8 @@ def main(args):
     data.writable_file(args.out)
     data.writable_file(predictions, flag="--out's predictions.jsonl")
     rows = data.load(args.data, args.split, lang=args.lang, skip_bad_rows=args.skip_bad_rows, limit=args.limit)
-    vlm = M.load(args.ckpt, device=device, max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code)
+    vlm = M.load(args.ckpt, device=device, texts=data.tokenizer_texts, max_pixels=args.max_pixels,
+                 trust_remote_code=args.trust_remote_code)
     vlm.model.eval()
     rows = data.check_rows(vlm, rows, args.skip_bad_rows)  # images decode and prompts fit, before any decoding
     mine = list(range(rank, len(rows), world))  # strided shards, gathered back in order on rank 0

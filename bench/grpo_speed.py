@@ -93,7 +93,7 @@ def build(args, work):
     import model as M
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    vlm = M.load(args.model, device=device)  # bf16 on CUDA, fp32 on CPU; both sides upcast the policy to fp32
+    vlm = M.load(args.model, device=device, texts=data.tokenizer_texts)  # bf16 on CUDA, fp32 on CPU; both sides upcast the policy to fp32
     ckpt = work / "ckpt"
     M.save_checkpoint(str(ckpt), vlm, {"step": 0})
     # rows: demo questions, each padded with a fixed clinical history to ~--words words with the instruction

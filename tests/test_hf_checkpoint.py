@@ -32,7 +32,7 @@ def readme_snippet():
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    vlm = M.load("tiny")
+    vlm = M.load("tiny", texts=data.tokenizer_texts)
     path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
     M.save_checkpoint(path, vlm, {"step": 0})
     rows = data.load("demo", "test")[:32:4]  # 8 images, questions of several kinds and lengths

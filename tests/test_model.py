@@ -229,6 +229,17 @@ def test_checkpoint_without_weights_is_refused(tmp_path):
         M.load(str(tmp_path))
 
 
+def test_a_model_built_from_scratch_is_told_its_tokenizer_texts():
+    """The core knows no dataset: a tiny or random model without texts is a one-line error, and texts may be
+    a function, called only when a model is built (the stages pass data.tokenizer_texts)."""
+    for name in ("tiny", "random:qwen2-vl-2b"):
+        with pytest.raises(M.SetupError, match="needs texts="):
+            M.load(name, device="meta")
+    calls = []
+    lazy = M.load("tiny", texts=lambda: calls.append(1) or TEXTS)
+    assert calls == [1] and lazy.tokenizer.get_vocab() == M.load("tiny", texts=TEXTS).tokenizer.get_vocab()
+
+
 def test_overlong_prompt_raises_instead_of_truncating(vlm):
     with pytest.raises(ValueError, match="never truncated"):
         vlm.encode(images(1), ["a long question " * 20], max_prompt_len=40, names=["row 7"])

@@ -99,7 +99,7 @@ def tmp(tmp_path_factory):
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # like the subprocesses: the same reductions, so runs compare bitwise
     root = tmp_path_factory.mktemp("reliability")
-    vlm = M.load("tiny")
+    vlm = M.load("tiny", texts=data.tokenizer_texts)
     M.save_checkpoint(str(root / "tiny"), vlm, {"step": 0})
     os.makedirs(root / "images")
     with open(root / "pseudo.jsonl", "w") as f:

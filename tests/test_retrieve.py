@@ -407,7 +407,7 @@ def test_hf_writer_frames_the_model_text(monkeypatch):
             calls.update(prompts=prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
             return ["Fluid layers at the base <answer>yes</answer>", ""]
 
-    fake = types.SimpleNamespace(init_dist=lambda device: (0, 1, "cpu"), load=lambda path, device: FakeVLM())
+    fake = types.SimpleNamespace(init_dist=lambda device: (0, 1, "cpu"), load=lambda path, device, texts: FakeVLM())
     monkeypatch.setitem(sys.modules, "model", fake)
     writer = retrieve.make_writer("hf:some/model", max_new_tokens=32, seed=5)
     rows = data.load("demo", "train", limit=2)

@@ -4,6 +4,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import data
 import model as M
 import sft
 from grpo import group_advantages, grpo_loss
@@ -120,7 +121,8 @@ def test_bf16_mode_trains_grpo_and_sft_in_bf16(tmp_path):
                                 "target": f"<think>It shows.</think><answer>{r['answer']}</answer>"}) + "\n")
     _run(sft, ["--data", tmp_path / "pseudo.jsonl", "--model", "tiny", "--out", tmp_path / "sft", "--batch_size", 4,
                "--max_steps", 3, "--val_frac", 0.0, "--warmup", 1, "--lr", 1e-4, "--bf16", "--save_every", 2])
-    M.save_checkpoint(str(tmp_path / "start"), M.load("tiny"))  # the weights both runs started from
+    # the weights both runs started from
+    M.save_checkpoint(str(tmp_path / "start"), M.load("tiny", texts=data.tokenizer_texts))
     start = load_file(tmp_path / "start" / "model.safetensors")
     for out in (tmp_path / "grpo", tmp_path / "sft"):
         w = load_file(out / "model.safetensors")
@@ -160,7 +162,7 @@ def test_grpo_final_model_is_the_evaluated_step_with_the_best_held_out_accuracy(
     _run(grpo, args(tmp_path / "two", "--max_steps", 2, "--keep_last"))
     names = ("best", "one", "tie", "last", "floor", "two")
     w = {name: M.load(str(tmp_path / name)).model.state_dict() for name in names}
-    start = M.load("tiny").model.state_dict()
+    start = M.load("tiny", texts=data.tokenizer_texts).model.state_dict()
     assert all(torch.equal(w["best"][k], w["one"][k]) for k in w["one"])
     assert all(torch.equal(w["tie"][k], start[k]) for k in w["tie"])
     assert all(torch.equal(w["floor"][k], w["two"][k]) for k in w["two"])
