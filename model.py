@@ -595,7 +595,7 @@ TINY_FAMILIES = {
                                           max_pixels=64 * 64, image_mean=[0.5] * 3, image_std=[0.5] * 3))),
     "tiny-qwen3.5": (dict(
         model_type="qwen3_5", tie_word_embeddings=True,
-        text_config=_tiny_text(num_attention_heads=2, head_dim=32, tie_word_embeddings=True,
+        text_config=_tiny_text(num_attention_heads=2, head_dim=32, tie_word_embeddings=True, initializer_range=0.2,
                                layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=4,
                                linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
                                linear_num_value_heads=4, rope_parameters=dict(
@@ -632,8 +632,8 @@ TINY_FAMILIES = {
 }
 
 PUBLISHED = {
-    # the published sizes of the other families, random weights (GPU benchmarks); model_type + overrides of
-    # transformers' defaults, which are already Gemma 3 4B's, LLaVA-1.5 7B's and InternVL3 1B's
+    # the published sizes of the other families, random weights (GPU benchmarks): model_type and what differs
+    # from transformers' defaults (LLaVA's are LLaVA-1.5 7B's)
     "qwen3-vl-2b": dict(  # Qwen/Qwen3-VL-2B-Instruct
         model_type="qwen3_vl", tie_word_embeddings=True,
         text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
@@ -643,7 +643,15 @@ PUBLISHED = {
                                                                         mrope_interleaved=True)),
         vision_config=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
                            deepstack_visual_indexes=[5, 11, 17])),
-    "qwen3-vl-4b": dict(model_type="qwen3_vl"),  # transformers' default: Qwen/Qwen3-VL-4B-Instruct
+    "qwen3-vl-4b": dict(  # Qwen/Qwen3-VL-4B-Instruct
+        model_type="qwen3_vl", tie_word_embeddings=True,
+        text_config=dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                         tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=5e6,
+                                                                        mrope_section=[24, 20, 20],
+                                                                        mrope_interleaved=True)),
+        vision_config=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560,
+                           deepstack_visual_indexes=[5, 11, 17])),
     "smolvlm2-256m": dict(  # HuggingFaceTB/SmolVLM2-256M-Video-Instruct
         model_type="smolvlm", scale_factor=4, tie_word_embeddings=False,
         text_config=dict(model_type="llama", vocab_size=49280, hidden_size=576, intermediate_size=1536,
@@ -651,9 +659,21 @@ PUBLISHED = {
                          max_position_embeddings=8192, rope_theta=1e5),
         vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                            image_size=512, patch_size=16)),
-    "gemma3-4b": dict(model_type="gemma3"),            # google/gemma-3-4b-it
-    "llava-1.5-7b": dict(model_type="llava"),          # llava-hf/llava-1.5-7b-hf
-    "internvl3-1b": dict(model_type="internvl"),       # OpenGVLab/InternVL3-1B-hf
+    "gemma3-4b": dict(  # google/gemma-3-4b-it
+        model_type="gemma3", mm_tokens_per_image=256,
+        text_config=dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=256, sliding_window=1024,
+                         query_pre_attn_scalar=256, max_position_embeddings=131072),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                           num_hidden_layers=27, num_attention_heads=16, image_size=896, patch_size=14)),
+    "llava-1.5-7b": dict(model_type="llava"),  # llava-hf/llava-1.5-7b-hf: transformers' default
+    "internvl3-1b": dict(  # OpenGVLab/InternVL3-1B-hf
+        model_type="internvl", downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=False,
+        text_config=dict(model_type="qwen2", vocab_size=151674, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6,
+                         max_position_embeddings=32768, tie_word_embeddings=False),
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           image_size=[448, 448], patch_size=[14, 14])),
 }
 
 
@@ -826,16 +846,16 @@ class VLM:
         """(tokens in the prompt encode() would build, of which image tokens), without the image processor.
         `image`: a PIL image, its (width, height), or None."""
         size = None if image is None else (image if isinstance(image, tuple) else image.size)
-        if self.generic:  # the text alone, plus what an image of this size adds (per size, once)
-            n = len(self.tokenizer(self.chat_texts([question], False, instruction)[0], add_special_tokens=False).input_ids)
+        if self.generic:  # the text with its one image placeholder, plus what the processor expands it to
+            count = lambda q: len(self.tokenizer(self.chat_texts([q], size is not None, instruction)[0],  # noqa: E731
+                                                 add_special_tokens=False).input_ids)
             if size is None:
-                return n, 0
-            if size not in self._image_extra:
-                n_text = len(self.tokenizer(self.chat_texts(["x"], False)[0], add_special_tokens=False).input_ids)
-                ids = self.encode([_blank(*size)], ["x"])["input_ids"]
-                self._image_extra[size] = (ids.size(1) - n_text, int((ids == self.image_token_id).sum()))
+                return count(question), 0
+            if size not in self._image_extra:  # per image size, once
+                ids = self.encode([_blank(*size)], ["x"], instruction)["input_ids"]
+                self._image_extra[size] = (ids.size(1) - count("x"), int((ids == self.image_token_id).sum()))
             extra, n_img = self._image_extra[size]
-            return n + extra, n_img
+            return count(question) + extra, n_img
         n_img = 0 if size is None else self.image_tokens(*size)
         ids = self.tokenizer(chat_prompt(question, n_img, instruction), add_special_tokens=False).input_ids
         return len(ids), n_img
@@ -941,7 +961,7 @@ def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remo
             tokenizer = build_tokenizer(text, kind=spec["model_type"])
             spec["text_config"]["vocab_size"] = 64 * math.ceil(len(tokenizer) / 64)
             for part in (spec, spec["text_config"], spec["vision_config"]):  # as tiny's: varied outputs when small
-                part["initializer_range"] = 0.1
+                part.setdefault("initializer_range", 0.1)
             image_processor = getattr(transformers, ip_class)(**ip_kwargs)
         else:
             key = name.split(":", 1)[1]
