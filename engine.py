@@ -10,8 +10,10 @@ fixed shapes, in plain torch over the checkpoint's own weights:
 - prefill: the prompts go through the Hugging Face forward once (vision tower, M-RoPE positions,
   a DynamicCache), exactly as model.sample; their keys and values are then copied, G times per
   prompt, into a KV cache allocated once per rollout batch: (layers, N, kv heads, S, head dim).
-- decode step, one token for all N rows, per Qwen2 text decoder layer (Qwen2-VL and Qwen2.5-VL):
-  RMSNorm; the q, k, v projections (with biases) as one fused GEMM; rotary embedding at
+- decode step, one token for all N rows, per Qwen2 / Qwen3 / Llama-style text decoder layer (Qwen2-VL,
+  Qwen2.5-VL, Qwen3-VL, SmolVLM2, LLaVA, InternVL; supports() says which):
+  RMSNorm; the q, k, v projections (biases where the model has them) as one fused GEMM; Qwen3's
+  per-head q/k RMSNorm where it has them; rotary embedding at
   each row's own position next_pos + t (for text tokens the three M-RoPE sections share one
   position, so it is plain 1-D RoPE with the model's inv_freq: theta and section layout give the
   same cos/sin); the new k, v written at cache column L + t; grouped-query attention over the cache
@@ -41,6 +43,11 @@ plain path, model.sample, stays: for comparison, and under FSDP (sharded weights
 
 The cache and graph are rebuilt per call (stateless); to save the capture, keep them while N and
 S stay fixed.
+
+A model whose text layers the decode step does not cover (supports() names what it lacks: Qwen3.5's
+linear attention, Gemma 3's (1 + w) norms, sliding windows and scaled embeddings) is sampled by
+model.sample instead, with its log-probs from completion_logps: the same contract, said once per family
+in one line, never a silent approximation.
 """
 
 import time
@@ -66,11 +73,42 @@ def rotate(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), -1) * sin
 
 
+def supports(model):
+    """None if the decode step below computes exactly what `model`'s text layers compute, else what it lacks.
+    Checked from the modules themselves, so a family or setting it was never written for falls back."""
+    text, cfg = M.text_model(model), model.config.get_text_config()
+    kind = model.config.model_type
+    if type(text.embed_tokens) is not torch.nn.Embedding:
+        return "scaled embeddings"
+    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []) or \
+            getattr(cfg, "use_sliding_window", False):
+        return "sliding-window or linear-attention layers"
+    if (cfg.rope_parameters or {}).get("rope_type", "default") not in ("default", "linear", "llama3"):
+        return f"{cfg.rope_parameters['rope_type']} RoPE"
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(model.lm_head, "bias", None) is not None:
+        return "a soft-capped or biased lm_head"
+    for layer in text.layers:
+        a = getattr(layer, "self_attn", None)
+        parts = {n for n, _ in layer.named_children()}
+        if a is None or parts != {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}:
+            return f"decoder layers with {sorted(parts)}"
+        if {n for n, _ in a.named_children()} - {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"} or \
+                {n for n, _ in layer.mlp.named_children()} - {"gate_proj", "up_proj", "down_proj", "act_fn"}:
+            return "attention or MLP parts other than q/k/v/o (q/k norm) and SwiGLU"
+        if abs(a.scaling - a.head_dim ** -0.5) > 1e-12 or 2 * text.rotary_emb.inv_freq.numel() != a.head_dim:
+            return "attention scaled other than 1/sqrt(head_dim), or partial rotary"
+        if "Gemma" in type(layer.input_layernorm).__name__:
+            return "(1 + w) RMSNorm"
+    if not M.FAMILIES.get(kind, {}).get("engine"):  # tests/test_families.py checks each family it claims
+        return f"a test for {kind}"
+    return None
+
+
 class Decoder:
     """One decode step over N rows with a KV cache of S columns, from `model`'s own weights in `dtype`."""
 
     def __init__(self, model, N, S, dtype):
-        text = model.model.language_model
+        text = M.text_model(model)
         cast = {}  # a tied lm_head is the embedding matrix: one copy at most
 
         def get(p):
@@ -83,16 +121,21 @@ class Decoder:
             # q, k and v as one projection: one GEMM, then one rotary pass over the q and k heads
             # (a copy per rollout batch: 0.38 GB for the 3B, as the weights change every step)
             qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).to(dtype)
-            qkv_bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).to(dtype)
+            biased = a.q_proj.bias is not None  # Qwen2's q, k, v have biases; Qwen3's and Llama's none
+            qkv_bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).to(dtype) if biased else None
+            qk_norm = hasattr(a, "q_norm")  # Qwen3: RMSNorm over each q and k head, before the rotary embedding
             return dict(qkv=qkv, qkv_bias=qkv_bias, o=get(a.o_proj.weight), gate=get(m.gate_proj.weight),
                         up=get(m.up_proj.weight), down=get(m.down_proj.weight),
-                        norm1=get(layer.input_layernorm.weight), norm2=get(layer.post_attention_layernorm.weight))
+                        norm1=get(layer.input_layernorm.weight), norm2=get(layer.post_attention_layernorm.weight),
+                        q_norm=get(a.q_norm.weight) if qk_norm else None,
+                        k_norm=get(a.k_norm.weight) if qk_norm else None)
 
         self.layers = [weights(layer) for layer in text.layers]
         self.embed, self.norm, self.head = get(text.embed_tokens.weight), get(text.norm.weight), get(model.lm_head.weight)
         attn = text.layers[0].self_attn
         self.kv_heads, self.head_dim = attn.config.num_key_value_heads, attn.head_dim
         self.eps, self.act = text.norm.variance_epsilon, text.layers[0].mlp.act_fn
+        self.qk_eps = attn.q_norm.variance_epsilon if hasattr(attn, "q_norm") else None
         self.inv_freq = text.rotary_emb.inv_freq.float()                    # (D/2,), from rope_theta
         self.rope_scale = text.rotary_emb.attention_scaling                  # 1.0 for the default RoPE
         shape = (len(self.layers), N, self.kv_heads, S, self.head_dim)
@@ -125,7 +168,11 @@ class Decoder:
         for w, k_cache, v_cache in zip(self.layers, self.k, self.v):
             h = rms_norm(x, w["norm1"], self.eps)
             qkv = F.linear(h, w["qkv"], w["qkv_bias"]).view(N, -1, D)         # (N, Hq + 2 Hkv, D)
-            qk, v = rotate(qkv[:, :-Hkv], cos, sin), qkv[:, -Hkv:]             # (N, Hq + Hkv, D), (N, Hkv, D)
+            qk = qkv[:, :-Hkv]                                               # (N, Hq + Hkv, D)
+            if w["q_norm"] is not None:
+                qk = torch.cat([rms_norm(qk[:, :-Hkv], w["q_norm"], self.qk_eps),
+                                rms_norm(qk[:, -Hkv:], w["k_norm"], self.qk_eps)], 1)
+            qk, v = rotate(qk, cos, sin), qkv[:, -Hkv:]                       # (N, Hq + Hkv, D), (N, Hkv, D)
             q, k = qk[:, :-Hkv], qk[:, -Hkv:]
             k_cache.index_copy_(2, col, k[:, :, None])                       # (N, Hkv, S, D)
             v_cache.index_copy_(2, col, v[:, :, None])
@@ -143,15 +190,22 @@ class Decoder:
 
 def prefill(vlm, batch):
     """The prompts through the Hugging Face forward, as model.sample: (logits (P, V), cache, next positions (P,))."""
-    from transformers import DynamicCache
-    model, ids, attn = vlm.model, batch["input_ids"], batch["attention_mask"]
-    grid = batch.get("image_grid_thw")
-    feats = M.image_features(model, batch["pixel_values"], grid) if grid is not None else None
-    image_mask = ids == model.config.image_token_id
-    pos, next_pos = M.rope_positions(model, ids, attn, grid, image_mask)
-    cache = DynamicCache(config=model.config.text_config)
-    h = M.hidden_states(model, ids, attn, pos, feats, image_mask, cache)[:, -1]
-    return model.lm_head(h).float(), cache, next_pos
+    return M.prefill(vlm, batch)
+
+
+_FELL_BACK = set()  # the families already told, once each
+
+
+def fallback(vlm, batch, group_size, max_new_tokens, temperature, seeds, ignore_eos, reason):
+    """model.sample for a model the decode step does not cover, with the sampled tokens' log-probs."""
+    kind = vlm.model.config.model_type
+    if kind not in _FELL_BACK:
+        _FELL_BACK.add(kind)
+        M.print0(f"engine: {kind} decodes on model.sample (engine.py's decode step lacks {reason}): "
+                 f"the same tokens, without the static cache's speed")
+    out = M.sample(vlm, batch, group_size, max_new_tokens, temperature, seeds, ignore_eos=ignore_eos)
+    logps = M.completion_logps(vlm, batch, out["tokens"], group_size, temperature if temperature > 0 else 1.0)
+    return {**out, "logps": logps * out["mask"]}
 
 
 def capture(step):
@@ -195,6 +249,9 @@ def sample(vlm, batch, group_size=1, max_new_tokens=128, temperature=1.0, seeds=
     N, L = P * G, batch["input_ids"].size(1)
     if temperature > 0 and seeds is None:
         raise ValueError("sampling needs one seed per completion (see model.rollout_seeds)")
+    reason = supports(model)
+    if reason:
+        return fallback(vlm, batch, G, max_new_tokens, temperature, seeds, ignore_eos, reason)
     graph = device.type == "cuda" if graph is None else graph
     autocast = torch.is_autocast_enabled(device.type)
     dtype = torch.get_autocast_dtype(device.type) if autocast else next(model.parameters()).dtype
@@ -219,6 +276,8 @@ def sample(vlm, batch, group_size=1, max_new_tokens=128, temperature=1.0, seeds=
         lse = torch.logsumexp(logits / temp, -1)                             # (N,)
         if ignore_eos:  # benchmarks force max_new_tokens (like generate's min_new_tokens)
             logits[:, eos] = float("-inf")
+        if vlm.generic:  # as model.sample: never an image placeholder in a completion
+            logits[:, vlm.image_token_id] = float("-inf")
         if temperature > 0:  # Gumbel-max: argmax(logits / T + g) ~ softmax(logits / T)
             nxt = (logits / temperature + M.gumbel_noise(seeds, t, logits.size(-1), device)).argmax(-1)
         else:

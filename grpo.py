@@ -483,7 +483,7 @@ def load_models(args, device, ckpt):
                      trust_remote_code=args.trust_remote_code).model if ckpt else copy.deepcopy(policy)
         ref = ref.to(dtype if args.bf16 else M.default_dtype(device)).eval().requires_grad_(False)
     if args.freeze_vision:
-        policy.model.visual.requires_grad_(False)
+        M.freeze_vision(policy)
     if args.grad_ckpt:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.fsdp:  # each rank holds 1/world of the weights, gradients and optimizer state

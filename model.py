@@ -174,38 +174,48 @@ def tiny_config(vocab_size):
                            fullatt_block_indexes=[1], tokens_per_second=2))
 
 
-def build_tokenizer(texts, vocab_size=4096):
-    """Byte-level BPE trained on `texts`, carrying Qwen's chat and vision special tokens."""
+def build_tokenizer(texts, vocab_size=4096, kind="qwen2_5_vl"):
+    """Byte-level BPE trained on `texts`, carrying the chat and vision special tokens of family `kind` (a
+    model_type in FAMILIES; Qwen's by default) and its chat template."""
+    import jinja2
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+    fam = FAMILIES[kind]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=fam["specials"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     # BPE counts pair frequencies: the prompt scaffolding, seen in every example, gets its weight
-    tok.train_from_iterator(list(texts) + [chat_prompt("x")] * 64, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=SPECIAL_TOKENS[1:])
+    scaffold = chat_prompt("x") if fam["template"] is CHAT_TEMPLATE else jinja2.Template(fam["template"]).render(
+        messages=[{"role": "user", "content": "x"}], add_generation_prompt=True)
+    tok.train_from_iterator(list(texts) + [scaffold] * 64, trainer)
+    bos = {"bos_token": t for t in ("<bos>", "<s>") if t in fam["specials"]}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=fam["eos"], pad_token=fam["pad"], **bos,
+                                   additional_special_tokens=[t for t in fam["specials"] if t != fam["pad"]])
     # the reasoning tags as single (non-special, so decoded) tokens: shorter sequences for the tiny model
     fast.add_tokens(["<think>", "</think>", "<answer>", "</answer>"])
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = fam["template"]
     return fast
 
 
 def build_config(spec, tokenizer=None):
-    from transformers import Qwen2VLConfig
+    from transformers import AutoConfig, Qwen2VLConfig
     spec = json.loads(json.dumps(spec))  # deep copy
-    cls = {"qwen2_5_vl": Qwen2_5_VLConfig, "qwen2_vl": Qwen2VLConfig, "medfact_lite0_vl": Lite0VLConfig}[
-        spec.pop("model_type")]
+    kind = spec.pop("model_type")
     if tokenizer is not None:  # point the config at our tokenizer's special ids
-        ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in [
-            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
-        spec.update(ids)
-        spec["text_config"].update(bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                   pad_token_id=tokenizer.pad_token_id)
-    return cls(**spec)
+        spec.update(_token_ids(kind, tokenizer))
+        spec.setdefault("text_config", {}).update(bos_token_id=tokenizer.pad_token_id,
+                                                  eos_token_id=tokenizer.eos_token_id,
+                                                  pad_token_id=tokenizer.pad_token_id)
+    cls = {"qwen2_5_vl": Qwen2_5_VLConfig, "qwen2_vl": Qwen2VLConfig, "medfact_lite0_vl": Lite0VLConfig}.get(kind)
+    return cls(**spec) if cls else AutoConfig.for_model(kind, **spec)
+
+
+def model_class(config):
+    """The family's AutoModelForImageTextToText class (Qwen2_5_VLForConditionalGeneration, Gemma3For..., ...)."""
+    from transformers import AutoModelForImageTextToText
+    return AutoModelForImageTextToText._model_mapping[type(config)]
 
 
 def tiny_image_processor(size=TINY_IMAGE_SIZE, **kwargs):
@@ -437,6 +447,268 @@ def remote_code():
 
 
 # -----------------------------------------------------------------------------
+# families: every VLM family medfact runs, each through its own processor, vision tower and forward
+#
+# One generic path: prompts through the family's processor (a stock transformers class that needs no
+# torchvision); the image features from the model's own get_image_features, handed back to its own model.model
+# forward (so Qwen3-VL's DeepStack features and Gemma 3's bidirectional image attention stay inside
+# transformers); then lm_head. What differs per family is the short table below. Qwen2-VL and Qwen2.5-VL keep
+# the path they had (prompts from chat_prompt, features scattered here), which gives the same numbers.
+
+
+def _template(image, start, system, turn, turn_end, assistant):
+    """A family's chat format reduced to what medfact uses, as CHAT_TEMPLATE is Qwen's: an optional system turn
+    (the default SYSTEM when none is given), user turns with one image placeholder, `instruction` after each
+    user turn's content. `system`: how the system text is written ({sys} marks it); None: it opens the first
+    user turn (Gemma 3)."""
+    content = ("{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+               "{% for c in message['content'] %}{% if c['type'] == 'image' %}" + image +
+               "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+               "{% if message['role'] == 'user' and instruction %} {{ instruction }}{% endif %}")
+    return ("{% if instruction is not defined %}{% set instruction = " + json.dumps(INSTRUCTION) + " %}{% endif %}"
+            + start + "{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}"
+            "{% set messages = messages[1:] %}{% else %}{% set sys = " + json.dumps(SYSTEM) + " %}{% endif %}"
+            + (system.replace("{sys}", "{{ sys }}") if system else "") + "{% for message in messages %}" + turn
+            + ("{% if loop.first %}{{ sys }}\n\n{% endif %}" if system is None else "") + content + turn_end
+            + "{% endfor %}{% if add_generation_prompt %}" + assistant + "{% endif %}")
+
+
+SMOLVLM_TEMPLATE = _template(  # SmolVLM2's: "<|im_start|>User:<image>question<end_of_utterance>\nAssistant:"
+    "<image>", "<|im_start|>", "System: {sys}<end_of_utterance>\n",
+    "{{ message['role'] | capitalize }}:{% if message['content'] is string or message['content'][0]['type'] != "
+    "'image' %} {% endif %}", "<end_of_utterance>\n", "Assistant:")
+GEMMA3_TEMPLATE = _template(  # Gemma 3's: "<bos><start_of_turn>user\nsystem\n\n<start_of_image>question<end_of_turn>\n"
+    "<start_of_image>", "<bos>", None, "<start_of_turn>{{ 'model' if message['role'] == 'assistant' else "
+    "message['role'] }}\n", "<end_of_turn>\n", "<start_of_turn>model\n")
+LLAVA_TEMPLATE = _template(  # LLaVA-1.5's: "system USER: <image>\nquestion ASSISTANT:"
+    "<image>\n", "", "{sys} ", "{{ message['role'] | upper }}: ", " ", "ASSISTANT:")
+INTERNVL_TEMPLATE = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n")  # InternVL3's
+
+QWEN_TOKENS = dict(specials=SPECIAL_TOKENS, eos="<|im_end|>", pad="<|endoftext|>", image="<|image_pad|>",
+                   template=CHAT_TEMPLATE)
+FAMILIES = {
+    # model_type: the processor class (prompts, without torchvision; saved beside each checkpoint), the image
+    # processor (PIL), the image placeholder token, the end of a turn, the chat format, the special tokens a
+    # random model's tokenizer carries, and whether engine.py's decode step covers its text layers
+    "qwen2_vl": dict(QWEN_TOKENS, processor="PaddleOCRVLProcessor", engine=True),
+    "qwen2_5_vl": dict(QWEN_TOKENS, processor="PaddleOCRVLProcessor", engine=True),
+    "medfact_lite0_vl": dict(QWEN_TOKENS, processor="PaddleOCRVLProcessor", engine=True),
+    "qwen3_vl": dict(QWEN_TOKENS, processor="PaddleOCRVLProcessor", engine=True),  # q/k norm, DeepStack
+    "qwen3_5": dict(QWEN_TOKENS, processor="PaddleOCRVLProcessor", engine=False),  # Gated DeltaNet layers
+    "smolvlm": dict(processor="Idefics3Processor", eos="<end_of_utterance>", pad="<|endoftext|>", image="<image>",
+                    template=SMOLVLM_TEMPLATE, engine=True,
+                    specials=["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>",
+                              "<image>", "<global-img>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7)
+                                                            for j in range(1, 7)]),
+    "gemma3": dict(processor="Gemma3Processor", eos="<end_of_turn>", pad="<pad>", image="<image_soft_token>",
+                   template=GEMMA3_TEMPLATE, engine=False,  # (1 + w) norms, sliding windows, scaled embeddings
+                   specials=["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                             "<end_of_image>", "<image_soft_token>"],
+                   named={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                          "image_token": "<image_soft_token>"}),
+    "llava": dict(processor="LlavaProcessor", eos="</s>", pad="<pad>", image="<image>", template=LLAVA_TEMPLATE,
+                  engine=True, specials=["<pad>", "<s>", "</s>", "<image>"]),
+    "internvl": dict(processor="QianfanOCRProcessor", eos="<|im_end|>", pad="<|endoftext|>", image="<IMG_CONTEXT>",
+                     template=INTERNVL_TEMPLATE, engine=True,
+                     specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
+                               "<video>"],
+                     named={"start_image_token": "<img>", "end_image_token": "</img>",
+                            "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}),
+}
+FAMILIES["idefics3"] = FAMILIES["smolvlm"]
+
+
+def family(config):
+    """The FAMILIES row of a model's config; an unknown type is one line naming the supported ones."""
+    kind = config.model_type
+    if kind not in FAMILIES:
+        raise SetupError(f"unsupported model type {kind!r} (supported: {', '.join(sorted(FAMILIES))})")
+    return FAMILIES[kind]
+
+
+def processor_kwargs(config):
+    """What a family's processor needs to know from the model's config: image tokens per image or tile."""
+    v, kind = config.vision_config, config.model_type
+    if kind in ("smolvlm", "idefics3"):
+        return dict(image_seq_len=(v.image_size // v.patch_size) ** 2 // config.scale_factor ** 2)
+    if kind == "gemma3":
+        return dict(image_seq_length=config.mm_tokens_per_image)
+    if kind == "llava":  # CLIP's class token is dropped with the "default" feature strategy
+        return dict(patch_size=v.patch_size, vision_feature_select_strategy=config.vision_feature_select_strategy,
+                    num_additional_image_tokens=1 if v.model_type == "clip_vision_model" else 0)
+    if kind == "internvl":  # QianfanOCR's processor expands images as InternVL's does, and has no video processor
+        return dict(image_seq_length=int((v.image_size[0] // v.patch_size[0]) ** 2 * config.downsample_ratio ** 2),
+                    image_placeholder_token="<IMG_CONTEXT>")
+    return {}
+
+
+def build_processor(config, tokenizer, image_processor):
+    """The family's stock processor over `tokenizer` (copied: left padding, the family's chat template, the
+    named special tokens its processor looks up) and `image_processor`."""
+    import transformers
+    fam = family(config)
+    tokenizer = copy.deepcopy(tokenizer)  # the in-memory tokenizer stays as training uses it
+    # left padding: every prompt ends where generation starts (right padding makes batched generate wrong)
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
+    names = dict(fam.get("named", {}), image_token=fam["image"])
+    if fam["processor"] == "PaddleOCRVLProcessor":
+        names["video_token"] = tokenizer.convert_ids_to_tokens(config.video_token_id)
+    tokenizer._set_model_specific_special_tokens(names)  # saved in tokenizer_config.json
+    tokenizer.chat_template = fam["template"]
+    cls = getattr(transformers, fam["processor"])
+    return cls(image_processor, tokenizer, chat_template=fam["template"], **processor_kwargs(config))
+
+
+def vision_tower(model):
+    """The vision encoder (what --freeze_vision freezes): Qwen's `visual` (with its merger), else the
+    `vision_tower` / `vision_model`; the projector into the language model stays trainable."""
+    inner = model.model
+    return next(getattr(inner, n) for n in ("visual", "vision_tower", "vision_model") if hasattr(inner, n))
+
+
+def text_model(model):
+    """The language model's decoder stack (embed_tokens, layers, norm, rotary_emb)."""
+    inner = model.model
+    return inner.language_model if hasattr(inner, "language_model") else inner.text_model
+
+
+def freeze_vision(model):
+    vision_tower(model).requires_grad_(False)
+
+
+def _tiny_text(**kw):  # a 2-layer decoder: every family's tests run in seconds on a CPU
+    return dict(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, rms_norm_eps=1e-6), **kw)
+
+
+_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)  # SigLIP/CLIP-style
+TINY_FAMILIES = {
+    # name: (model config, image processor class and settings); images come out at 2-16 image tokens, and
+    # two image shapes give different token counts wherever the family's processor tiles or resizes by shape
+    "tiny-qwen3-vl": (dict(
+        model_type="qwen3_vl", tie_word_embeddings=True,
+        text_config=_tiny_text(tie_word_embeddings=True, rope_parameters=dict(
+            rope_type="default", rope_theta=1e4, mrope_section=[2, 3, 3], mrope_interleaved=True)),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                           deepstack_visual_indexes=[0, 1])),
+        ("Qwen2VLImageProcessorPil", dict(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32,
+                                          max_pixels=64 * 64, image_mean=[0.5] * 3, image_std=[0.5] * 3))),
+    "tiny-qwen3.5": (dict(
+        model_type="qwen3_5", tie_word_embeddings=True,
+        text_config=_tiny_text(num_attention_heads=2, head_dim=32, tie_word_embeddings=True, initializer_range=0.2,
+                               layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=4,
+                               linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                               linear_num_value_heads=4, rope_parameters=dict(
+                                   rope_type="default", rope_theta=1e4, mrope_section=[2, 1, 1],
+                                   mrope_interleaved=True, partial_rotary_factor=0.25)),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16)),
+        ("Qwen2VLImageProcessorPil", dict(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32,
+                                          max_pixels=64 * 64, image_mean=[0.5] * 3, image_std=[0.5] * 3))),
+    "tiny-smolvlm": (dict(  # 32 px tiles of 8 px patches, pixel-shuffled 2x2: 4 image tokens per tile
+        model_type="smolvlm", scale_factor=2, tie_word_embeddings=False,
+        text_config=dict(_tiny_text(), model_type="llama", rope_theta=1e4),
+        vision_config=dict(_VIT, image_size=32, patch_size=8)),
+        ("SmolVLMImageProcessorPil", dict(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                                          do_image_splitting=True))),
+    "tiny-gemma3": (dict(  # sliding and global layers, as Gemma 3 interleaves them
+        model_type="gemma3", mm_tokens_per_image=4,
+        text_config=_tiny_text(sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                               query_pre_attn_scalar=16),
+        vision_config=dict(_VIT, model_type="siglip_vision_model", image_size=32, patch_size=8)),
+        ("Gemma3ImageProcessorPil", dict(size={"height": 32, "width": 32}))),
+    "tiny-llava": (dict(
+        model_type="llava", vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=16,
+        text_config=dict(_tiny_text(), model_type="llama"),
+        vision_config=dict(_VIT, num_hidden_layers=2, model_type="clip_vision_model", image_size=32, patch_size=8,
+                           projection_dim=32)),
+        ("CLIPImageProcessorPil", dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}))),
+    "tiny-internvl": (dict(  # tiles of 32 px (and a thumbnail), 8 px patches, pixel-shuffled: 4 tokens per tile
+        model_type="internvl", downsample_ratio=0.5, vision_feature_layer=-1,
+        text_config=dict(_tiny_text(), model_type="qwen2"),
+        vision_config=dict(_VIT, image_size=[32, 32], patch_size=[8, 8])),
+        ("GotOcr2ImageProcessorPil", dict(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1,
+                                          max_patches=4))),
+}
+
+PUBLISHED = {
+    # the published sizes of the other families, random weights (GPU benchmarks): model_type and what differs
+    # from transformers' defaults (LLaVA's are LLaVA-1.5 7B's)
+    "qwen3-vl-2b": dict(  # Qwen/Qwen3-VL-2B-Instruct
+        model_type="qwen3_vl", tie_word_embeddings=True,
+        text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                         tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=5e6,
+                                                                        mrope_section=[24, 20, 20],
+                                                                        mrope_interleaved=True)),
+        vision_config=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
+                           deepstack_visual_indexes=[5, 11, 17])),
+    "qwen3-vl-4b": dict(  # Qwen/Qwen3-VL-4B-Instruct
+        model_type="qwen3_vl", tie_word_embeddings=True,
+        text_config=dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                         tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=5e6,
+                                                                        mrope_section=[24, 20, 20],
+                                                                        mrope_interleaved=True)),
+        vision_config=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560,
+                           deepstack_visual_indexes=[5, 11, 17])),
+    "smolvlm2-256m": dict(  # HuggingFaceTB/SmolVLM2-256M-Video-Instruct
+        model_type="smolvlm", scale_factor=4, tie_word_embeddings=False,
+        text_config=dict(model_type="llama", vocab_size=49280, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=8192, rope_theta=1e5),
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=512, patch_size=16)),
+    "gemma3-4b": dict(  # google/gemma-3-4b-it
+        model_type="gemma3", mm_tokens_per_image=256,
+        text_config=dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=256, sliding_window=1024,
+                         query_pre_attn_scalar=256, max_position_embeddings=131072),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                           num_hidden_layers=27, num_attention_heads=16, image_size=896, patch_size=14)),
+    "llava-1.5-7b": dict(model_type="llava"),  # llava-hf/llava-1.5-7b-hf: transformers' default
+    "internvl3-1b": dict(  # OpenGVLab/InternVL3-1B-hf
+        model_type="internvl", downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=False,
+        text_config=dict(model_type="qwen2", vocab_size=151674, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6,
+                         max_position_embeddings=32768, tie_word_embeddings=False),
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           image_size=[448, 448], patch_size=[14, 14])),
+}
+
+
+PUBLISHED_IMAGE_PROCESSORS = {  # each published model's image processor settings (PIL)
+    "qwen3_vl": ("Qwen2VLImageProcessorPil", dict(patch_size=16, merge_size=2, image_mean=[0.5] * 3,
+                                                  image_std=[0.5] * 3)),
+    "smolvlm": ("SmolVLMImageProcessorPil", dict(size={"longest_edge": 2048}, max_image_size={"longest_edge": 512})),
+    "gemma3": ("Gemma3ImageProcessorPil", dict(size={"height": 896, "width": 896})),
+    "llava": ("CLIPImageProcessorPil", dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})),
+    "internvl": ("GotOcr2ImageProcessorPil", dict(size={"height": 448, "width": 448}, crop_to_patches=True,
+                                                  max_patches=12)),
+}
+
+
+def qwen2_path(config):
+    """Qwen2-VL, Qwen2.5-VL (and tiny, tiny-lite0): the path they always had, prompts from chat_prompt and the
+    image features scattered here; every other family takes the generic path."""
+    return config.model_type in ("qwen2_vl", "qwen2_5_vl", "medfact_lite0_vl")
+
+
+def _token_ids(kind, tokenizer):
+    """The config fields naming our tokenizer's special ids, per family."""
+    ids = lambda *names: [tokenizer.convert_tokens_to_ids(n) for n in names]  # noqa: E731
+    if kind in ("qwen2_vl", "qwen2_5_vl", "medfact_lite0_vl", "qwen3_vl", "qwen3_5"):
+        keys = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+        return dict(zip(keys, ids("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")))
+    if kind == "gemma3":
+        return dict(zip(("image_token_index", "boi_token_index", "eoi_token_index"),
+                        ids("<image_soft_token>", "<start_of_image>", "<end_of_image>")))
+    key = "image_token_index" if kind == "llava" else "image_token_id"
+    return {key: tokenizer.convert_tokens_to_ids(FAMILIES[kind]["image"])}
+
+
+# -----------------------------------------------------------------------------
 # the model wrapper
 
 
@@ -445,11 +717,16 @@ class VLM:
 
     def __init__(self, model, tokenizer, image_processor, name):
         self.model, self.tokenizer, self.image_processor, self.name = model, tokenizer, image_processor, name
-        self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.family = family(model.config)
+        self.eos_id = tokenizer.convert_tokens_to_ids(self.family["eos"])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.image_token_id = model.config.image_token_id
-        self.merge = model.config.vision_config.spatial_merge_size
+        self.merge = getattr(model.config.vision_config, "spatial_merge_size", None)
         self.max_len = model.config.text_config.max_position_embeddings
+        # every family but Qwen2/2.5-VL: prompts through its own processor (left padding, its chat format)
+        self.generic = not qwen2_path(model.config)
+        self.processor = build_processor(model.config, tokenizer, image_processor) if self.generic else None
+        self._image_extra = {}  # generic path: (width, height) -> tokens an image adds to a prompt
 
     @property
     def device(self):
@@ -460,6 +737,8 @@ class VLM:
 
         A prompt longer than max_prompt_len raises: image tokens are never truncated.
         """
+        if self.generic:
+            return self._encode_generic(images, questions, instruction, max_prompt_len, names)
         n = len(questions)
         batch = {}
         n_tok = [0] * n
@@ -493,9 +772,53 @@ class VLM:
         batch["attention_mask"] = attention_mask.to(self.device)
         return batch
 
+    def chat_texts(self, questions, with_image, instruction=INSTRUCTION):
+        """Generic path: the prompt texts, by the family's chat template (one image placeholder, unexpanded)."""
+        content = lambda q: [{"type": "image"}] * with_image + [{"type": "text", "text": q}]  # noqa: E731
+        return [self.processor.tokenizer.apply_chat_template([{"role": "user", "content": content(q)}],
+                                                             tokenize=False, add_generation_prompt=True,
+                                                             instruction=instruction) for q in questions]
+
+    def _encode_generic(self, images, questions, instruction, max_prompt_len, names):
+        """encode() through the family's processor: what its processor gives a stock transformers user, plus
+        image_rows (the rows of pixel_values each prompt owns: 1, or its tiles, or its patches)."""
+        with_image = images is not None and any(im is not None for im in images)
+        if with_image and any(im is None for im in images):
+            raise ValueError("a batch must be all images or all text")
+        texts = self.chat_texts(questions, with_image, instruction)
+        out = self.processor(text=texts, images=[[im.convert("RGB")] for im in images] if with_image else None,
+                             return_tensors="pt", padding=True, add_special_tokens=False)
+        ids, attn = out["input_ids"], out["attention_mask"]
+        limit = max_prompt_len or self.max_len
+        for i, n in enumerate(attn.sum(1).tolist()):
+            if n > limit:
+                who = names[i] if names else f"prompt {i}"
+                n_img = int((ids[i] == self.image_token_id).sum())
+                raise ValueError(f"{who}: prompt is {n} tokens ({n_img} image tokens), over the limit of {limit}; "
+                                 f"image tokens are never truncated: use smaller images or shorten the question")
+        batch = {"input_ids": ids.to(self.device), "attention_mask": attn.to(self.device)}
+        if with_image:
+            pixels = {k: out[k] for k in ("pixel_values", "pixel_attention_mask", "image_grid_thw") if k in out}
+            if "pixel_attention_mask" in pixels:  # Idefics3/SmolVLM: (prompts, max tiles, ...) -> its real tiles
+                real = ~(pixels["pixel_values"] == 0).flatten(2).all(-1)  # padding tiles are all 0, as it drops them
+                rows = real.sum(1)
+                pixels = {k: v[real] for k, v in pixels.items()}
+            elif "image_grid_thw" in pixels:  # Qwen3-VL, Qwen3.5: each image's patches
+                rows = pixels["image_grid_thw"].prod(-1)
+            else:  # one image per prompt (Gemma 3, LLaVA); InternVL: its tiles, image_seq_length tokens each
+                tiles = self.model.config.model_type == "internvl"
+                rows = ((ids == self.image_token_id).sum(1) // self.processor.image_seq_length if tiles
+                        else torch.ones(len(ids), dtype=torch.long))
+            pixels["pixel_values"] = pixels["pixel_values"].to(self.model.dtype)
+            batch.update({k: v.to(self.device) for k, v in pixels.items()}, image_rows=rows.to(self.device))
+        return batch
+
     def image_tokens(self, width, height):
         """Image tokens of a width x height image: the processor's own resize rule (sides multiples of patch x
         merge, pixels in range). ValueError for a size it refuses (an aspect ratio over 200)."""
+        if self.generic:
+            ids = self.encode([_blank(width, height)], ["x"])["input_ids"]
+            return int((ids == self.image_token_id).sum())
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
         ip, factor = self.image_processor, self.image_processor.patch_size * self.image_processor.merge_size
         if getattr(ip, "do_resize", True):
@@ -512,7 +835,7 @@ class VLM:
         skips decoding and resizing a 512 px JPEG on every use (~6 ms, ~30% of a tiny SFT step on SLAKE)."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
         ip = self.image_processor
-        if not getattr(ip, "do_resize", True):
+        if self.generic or not getattr(ip, "do_resize", True):  # the family's processor resizes (and tiles) it
             return image
         h, w = smart_resize(image.height, image.width, ip.patch_size * ip.merge_size, ip.size["shortest_edge"],
                             ip.size["longest_edge"])
@@ -523,7 +846,18 @@ class VLM:
     def prompt_length(self, image, question, instruction=INSTRUCTION):
         """(tokens in the prompt encode() would build, of which image tokens), without the image processor.
         `image`: a PIL image, its (width, height), or None."""
-        n_img = 0 if image is None else self.image_tokens(*(image if isinstance(image, tuple) else image.size))
+        size = None if image is None else (image if isinstance(image, tuple) else image.size)
+        if self.generic:  # the text with its one image placeholder, plus what the processor expands it to
+            count = lambda q: len(self.tokenizer(self.chat_texts([q], size is not None, instruction)[0],  # noqa: E731
+                                                 add_special_tokens=False).input_ids)
+            if size is None:
+                return count(question), 0
+            if size not in self._image_extra:  # per image size, once
+                ids = self.encode([_blank(*size)], ["x"], instruction)["input_ids"]
+                self._image_extra[size] = (ids.size(1) - count("x"), int((ids == self.image_token_id).sum()))
+            extra, n_img = self._image_extra[size]
+            return count(question) + extra, n_img
+        n_img = 0 if size is None else self.image_tokens(*size)
         ids = self.tokenizer(chat_prompt(question, n_img, instruction), add_special_tokens=False).input_ids
         return len(ids), n_img
 
@@ -537,6 +871,11 @@ class VLM:
         seeds = torch.arange(len(prompts)) + seed * 1_000_003
         out = sample(self, batch, 1, max_new_tokens, temperature, seeds)
         return self.decode(out["tokens"], out["mask"])
+
+
+def _blank(width, height):
+    from PIL import Image
+    return Image.new("RGB", (width, height), (128, 128, 128))
 
 
 class SetupError(ValueError):
@@ -589,43 +928,55 @@ def _check_checkpoint(name):
 
 
 def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remote_code=False):
-    """Load a model by name: 'tiny', 'tiny-lite0', 'random:qwen2.5-vl-3b', 'random:qwen2-vl-2b', a folder or a
-    hub name.
+    """Load a model by name: 'tiny', 'tiny-lite0', a tiny random model of another family (TINY_FAMILIES:
+    'tiny-qwen3-vl', 'tiny-smolvlm', ...), a published architecture with random weights ('random:qwen2.5-vl-3b',
+    'random:qwen3-vl-2b', 'random:smolvlm2-256m', ...: CONFIGS and PUBLISHED), a folder or a hub name of any
+    family in FAMILIES.
 
     `texts` trains the tokenizer of a model built from scratch (tiny, tiny-lite0, random:...), and only
     there: a list of strings, or a function that returns one (called only when such a model is built; the
     stages pass data.tokenizer_texts, the demo's). tiny-lite0 is tiny with an ImageNet-pretrained
     EfficientNet-Lite0 as its vision tower (Lite0Tower; the pip package's weights).
     """
-    from transformers import AutoConfig, AutoTokenizer, Qwen2VLForConditionalGeneration
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    classes = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration,
-               "medfact_lite0_vl": Lite0VLForConditionalGeneration}
     dtype = dtype or default_dtype(device)
     if max_pixels is not None and max_pixels < 0:
         raise SetupError(f"--max_pixels {max_pixels}: must be positive")
-    if name in ("tiny", "tiny-lite0") or name.startswith("random:"):
+    if name in ("tiny", "tiny-lite0") or name in TINY_FAMILIES or name.startswith("random:"):
         if texts is None:  # the core knows no dataset: the caller says what the tokenizer learns from
             raise SetupError(f"{name}: a model built from scratch needs texts= for its tokenizer (a list of "
                              f"strings or a function returning one; data.tokenizer_texts gives the demo's)")
-        texts = texts() if callable(texts) else texts
+        text = texts() if callable(texts) else texts
         if name in ("tiny", "tiny-lite0"):
-            tokenizer = build_tokenizer(texts)
+            tokenizer = build_tokenizer(text)
             vocab = 64 * math.ceil(len(tokenizer) / 64)
             spec, image_processor = tiny_config(vocab), tiny_image_processor()
             if name == "tiny-lite0":  # the CNN sees ImageNet-normalised 224 px images, as it was trained
                 spec, image_processor = tiny_lite0_config(vocab), tiny_image_processor(
                     LITE0_IMAGE_SIZE, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+        elif name in TINY_FAMILIES:
+            spec, (ip_class, ip_kwargs) = json.loads(json.dumps(TINY_FAMILIES[name][0])), TINY_FAMILIES[name][1]
+            tokenizer = build_tokenizer(text, kind=spec["model_type"])
+            spec["text_config"]["vocab_size"] = 64 * math.ceil(len(tokenizer) / 64)
+            for part in (spec, spec["text_config"], spec["vision_config"]):  # as tiny's: varied outputs when small
+                part.setdefault("initializer_range", 0.1)
+            image_processor = getattr(transformers, ip_class)(**ip_kwargs)
         else:
             key = name.split(":", 1)[1]
-            if key not in CONFIGS:
-                raise SetupError(f"unknown random model {name!r}; choose from random:{', random:'.join(CONFIGS)}")
-            tokenizer = build_tokenizer(texts, vocab_size=8192)
-            spec, image_processor = CONFIGS[key], Qwen2VLImageProcessorPil()
+            if key not in CONFIGS and key not in PUBLISHED:
+                raise SetupError(f"unknown random model {name!r}; choose from random:"
+                                 f"{', random:'.join([*CONFIGS, *PUBLISHED])}")
+            spec = CONFIGS.get(key) or PUBLISHED[key]
+            tokenizer = build_tokenizer(text, vocab_size=8192, kind=spec["model_type"])
+            image_processor = (Qwen2VLImageProcessorPil() if key in CONFIGS else
+                               getattr(transformers, PUBLISHED_IMAGE_PROCESSORS[spec["model_type"]][0])(
+                                   **PUBLISHED_IMAGE_PROCESSORS[spec["model_type"]][1]))
         config = build_config(spec, tokenizer)
         torch.manual_seed(0)
         with torch.device(device):
-            model = classes[config.model_type]._from_config(config, dtype=dtype, attn_implementation="sdpa")
+            model = model_class(config)._from_config(config, dtype=dtype, attn_implementation="sdpa")
         if name == "tiny-lite0":  # ImageNet's weights for the CNN; its classifier is not part of the tower
             weights = {k: v for k, v in lite0_imagenet_weights().items() if not k.startswith("_fc.")}
             model.model.visual.cnn.load_state_dict(weights, strict=True)
@@ -633,14 +984,15 @@ def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remo
         _check_checkpoint(name)  # one line, before transformers reads anything
         try:
             config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-            if config.model_type not in classes:
+            if config.model_type not in FAMILIES:
                 raise SetupError(f"{name}: unsupported model type {config.model_type!r} "
-                                 f"(supported: {', '.join(classes)})")
-            model = classes[config.model_type].from_pretrained(
+                                 f"(supported: {', '.join(sorted(FAMILIES))})")
+            model = model_class(config).from_pretrained(
                 name, dtype=dtype, use_safetensors=True, attn_implementation="sdpa",
                 trust_remote_code=trust_remote_code).to(device)
             tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-            image_processor = Qwen2VLImageProcessorPil.from_pretrained(name)
+            image_processor = (Qwen2VLImageProcessorPil.from_pretrained(name) if qwen2_path(config) else
+                               AutoImageProcessor.from_pretrained(name, backend="pil"))
         except SetupError:
             raise
         except Exception as e:  # transformers, safetensors and tokenizers raise many types, with long messages
@@ -648,12 +1000,17 @@ def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remo
             raise SetupError(f"{name}: cannot load the checkpoint{where} ({type(e).__name__}: "
                              f"{str(e).strip()[:300]})") from e
         # a folder without tokenizer files still loads one, empty; another model's has other special ids
-        if tokenizer.convert_tokens_to_ids("<|image_pad|>") != model.config.image_token_id:
+        image_token = FAMILIES[config.model_type]["image"]
+        if tokenizer.convert_tokens_to_ids(image_token) != model.config.image_token_id:
             raise SetupError(f"{name}: the tokenizer does not match the model (no tokenizer files, or another "
-                             f"model's): its <|image_pad|> is not the config's image_token_id")
+                             f"model's): its {image_token} is not the config's image_token_id")
     if isinstance(model, Lite0VLForConditionalGeneration) and model.model.visual.freeze_cnn:
         model.model.visual.cnn.requires_grad_(False)  # from_pretrained makes every parameter trainable again
     if max_pixels:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as QwenIP
+        if not isinstance(image_processor, QwenIP):
+            raise SetupError(f"--max_pixels is for Qwen's image processors (pixel budgets); "
+                             f"{model.config.model_type}'s sizes images by its own rule: leave it out")
         image_processor.size = {"shortest_edge": min(image_processor.size["shortest_edge"], max_pixels),
                                 "longest_edge": max_pixels}
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -673,7 +1030,10 @@ def fsdp_shard(model):
     ranks, so no allreduce_grads) in backward. Parameters become DTensors; save_checkpoint gathers them.
     """
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-    for block in [*model.model.language_model.layers, *model.model.visual.blocks]:
+    vision_blocks = [block for name, mod in vision_tower(model).named_modules()
+                     if name.split(".")[-1] in ("blocks", "layers", "layer") and isinstance(mod, torch.nn.ModuleList)
+                     for block in mod]  # Qwen's visual.blocks, SigLIP/CLIP's encoder.layers, InternViT's encoder.layer
+    for block in [*text_model(model).layers, *vision_blocks]:
         fully_shard(block)
     fully_shard(model)
     model.sharded_forward = lambda fn: fn()
@@ -757,6 +1117,85 @@ def token_logps(model, hidden, targets, temperature=1.0, chunk=1024):
     return torch.cat(out).view_as(targets)
 
 
+def _vision_inputs(batch):
+    """get_image_features' arguments from an encoded batch (generic path)."""
+    if "pixel_attention_mask" in batch:  # Idefics3/SmolVLM take (prompts, tiles, ...): every tile as one prompt's
+        return {"pixel_values": batch["pixel_values"][None], "pixel_attention_mask": batch["pixel_attention_mask"][None]}
+    return {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
+
+
+def encoder_outputs(model, batch, repeat=1):
+    """The family's own vision tower and projector (get_image_features) once per image, as the output its forward
+    takes back (mm_encoder_outputs["image"]), each prompt's features repeated `repeat` times (group sampling).
+
+    Every family scatters its features into the image tokens in order, so a prompt's features are the next
+    (its image tokens) rows, an image's tiles (InternVL, SmolVLM) included; Qwen3-VL's DeepStack features (one
+    set per early decoder layer) are repeated the same way."""
+    out = model.model.get_image_features(**_vision_inputs(batch), return_dict=True)
+    counts = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
+
+    def rep(f):  # per image (a list) or stacked (a tensor) -> one row per image token, each prompt's `repeat` times
+        flat = torch.cat([x.reshape(-1, x.size(-1)) for x in f]) if isinstance(f, (list, tuple)) else f.reshape(-1, f.size(-1))
+        return torch.cat([c for c in flat.split(counts) for _ in range(repeat)]) if repeat > 1 else flat
+
+    pooled = rep(out.pooler_output)
+    fields = {"pooler_output": pooled if isinstance(out.pooler_output, torch.Tensor) else [pooled]}
+    if getattr(out, "deepstack_features", None) is not None:
+        fields["deepstack_features"] = [[rep(f)] for f in out.deepstack_features]
+    return type(out)(**{**out, **fields})
+
+
+def positions(model, input_ids, attention_mask, grid, image_mask):
+    """Positions (3, B, L) from the family's get_rope_index where it has one (Qwen's M-RoPE), else (B, L) from
+    the attention mask (left padding: each row counts from its first token); and the next position per row."""
+    if hasattr(model.model, "get_rope_index"):
+        return rope_positions(model, input_ids, attention_mask, grid, image_mask)
+    pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return pos, attention_mask.long().sum(-1)
+
+
+def lm_hidden(model, input_ids, attention_mask, pos, enc=None, image_mask=None, cache=None):
+    """Generic path: last-layer hidden states (B, L, H) from the family's own model.model forward, the image
+    features `enc` handed in (its own scatter, DeepStack, Gemma 3's bidirectional attention over image tokens)."""
+    kw = {} if enc is None else {"mm_encoder_outputs": {"image": enc}}
+    if image_mask is not None and model.config.model_type == "gemma3":  # which tokens attend to each other fully
+        kw["token_type_ids"] = image_mask.long()
+    out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, cache=cache,
+                      use_cache=cache is not None, **kw)
+    return out.last_hidden_state
+
+
+def repeat_cache(cache, G):
+    """cache.batch_repeat_interleave(G), also for linear-attention layers (Qwen3.5's Gated DeltaNet), whose
+    conv and recurrent states transformers leaves alone."""
+    for layer in cache.layers:
+        for states in (getattr(layer, "conv_states", {}), getattr(layer, "recurrent_states", {})):
+            for i, s in states.items():
+                if s is not None:
+                    states[i] = s.repeat_interleave(G, 0)
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            layer.keys, layer.values = layer.keys.repeat_interleave(G, 0), layer.values.repeat_interleave(G, 0)
+
+
+def prefill(vlm, batch):
+    """The prompts through the model once: (last-position logits (P, V) fp32, the KV cache, the next position
+    (P,)). Shared by sample() and engine.py."""
+    from transformers import DynamicCache
+    model, ids, attn = vlm.model, batch["input_ids"], batch["attention_mask"]
+    grid = batch.get("image_grid_thw")
+    image_mask = ids == model.config.image_token_id
+    cache = DynamicCache(config=model.config.text_config)
+    if vlm.generic:
+        enc = encoder_outputs(model, batch) if "pixel_values" in batch else None
+        pos, next_pos = positions(model, ids, attn, grid, image_mask)
+        h = lm_hidden(model, ids, attn, pos, enc, image_mask, cache)[:, -1]
+    else:
+        feats = image_features(model, batch["pixel_values"], grid) if grid is not None else None
+        pos, next_pos = rope_positions(model, ids, attn, grid, image_mask)
+        h = hidden_states(model, ids, attn, pos, feats, image_mask, cache)[:, -1]
+    return model.lm_head(h).float(), cache, next_pos
+
+
 # -----------------------------------------------------------------------------
 # sampling
 
@@ -801,28 +1240,24 @@ def sample(vlm, batch, group_size=1, max_new_tokens=128, temperature=1.0, seeds=
     temperature 0 is greedy. Returns {"tokens": (N, T), "mask": (N, T)} where the mask keeps the
     tokens up to and including the first EOS; T <= max_new_tokens (stops when all rows ended).
     """
-    from transformers import DynamicCache
     model, G = vlm.model, group_size
     ids, attn = batch["input_ids"], batch["attention_mask"]
-    grid = batch.get("image_grid_thw")
     P, N = ids.size(0), ids.size(0) * G
     if temperature > 0 and seeds is None:
         raise ValueError("sampling needs one seed per completion (see rollout_seeds)")
     # prefill the P prompts once, then copy the cache G times
-    feats = image_features(model, batch["pixel_values"], grid) if grid is not None else None
-    image_mask = ids == model.config.image_token_id
-    pos, next_pos = rope_positions(model, ids, attn, grid, image_mask)
-    cache = DynamicCache(config=model.config.text_config)
-    h = hidden_states(model, ids, attn, pos, feats, image_mask, cache)[:, -1]
-    logits = model.lm_head(h).float()
+    logits, cache, next_pos = prefill(vlm, batch)
     if G > 1:
-        cache.batch_repeat_interleave(G)
+        repeat_cache(cache, G) if vlm.generic else cache.batch_repeat_interleave(G)
         logits, attn, next_pos = (x.repeat_interleave(G, 0) for x in (logits, attn, next_pos))
+    mrope = hasattr(model.model, "get_rope_index")
     tokens = torch.full((N, max_new_tokens), vlm.pad_id, dtype=torch.long, device=ids.device)
     done = torch.zeros(N, dtype=torch.bool, device=ids.device)
     for t in range(max_new_tokens):
         if ignore_eos:  # benchmarks force max_new_tokens (like generate's min_new_tokens)
             logits[:, vlm.eos_id] = float("-inf")
+        if vlm.generic:  # an image placeholder in a completion would be taken for an image slot by the forward
+            logits[:, vlm.image_token_id] = float("-inf")
         if temperature > 0:  # Gumbel-max: argmax(logits / T + g) ~ softmax(logits / T)
             nxt = (logits / temperature + gumbel_noise(seeds, t, logits.size(-1), logits.device)).argmax(-1)
         else:
@@ -837,8 +1272,11 @@ def sample(vlm, batch, group_size=1, max_new_tokens=128, temperature=1.0, seeds=
             tokens = tokens[:, :t + 1]
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
-        p = (next_pos + t).view(1, N, 1).expand(3, N, 1)
-        h = hidden_states(model, nxt[:, None], attn, p, cache=cache)[:, -1]
+        p = (next_pos + t).view(1, N, 1).expand(3, N, 1) if mrope else (next_pos + t).view(N, 1)
+        if vlm.generic:
+            h = lm_hidden(model, nxt[:, None], attn, p, cache=cache)[:, -1]
+        else:
+            h = hidden_states(model, nxt[:, None], attn, p, cache=cache)[:, -1]
         logits = model.lm_head(h).float()
     return {"tokens": tokens, "mask": completion_mask(tokens, vlm.eos_id)}
 
@@ -857,11 +1295,12 @@ def generate(vlm, images, questions, max_new_tokens=128, batch_size=64, temperat
 
 def slice_prompts(batch, start, stop):
     """Prompts start:stop of an encoded batch (pixel_values holds each image's patches in order)."""
-    sub = {k: batch[k][start:stop] for k in ("input_ids", "attention_mask")}
-    if "image_grid_thw" in batch:
-        grid = batch["image_grid_thw"]
-        a, b = (int(grid[:i].prod(-1).sum()) for i in (start, stop))
-        sub["image_grid_thw"], sub["pixel_values"] = grid[start:stop], batch["pixel_values"][a:b]
+    sub = {k: batch[k][start:stop] for k in ("input_ids", "attention_mask", "image_grid_thw", "image_rows")
+           if k in batch}
+    if "pixel_values" in batch:  # each prompt owns the next image_rows rows (Qwen2/2.5-VL: its patches)
+        rows = batch["image_rows"] if "image_rows" in batch else batch["image_grid_thw"].prod(-1)
+        a, b = (int(rows[:i].sum()) for i in (start, stop))
+        sub.update({k: batch[k][a:b] for k in ("pixel_values", "pixel_attention_mask") if k in batch})
     return sub
 
 
@@ -883,6 +1322,14 @@ def completion_logps(vlm, batch, tokens, group_size=1, temperature=1.0, model=No
     ids = torch.cat([batch["input_ids"].repeat_interleave(G, 0), tokens], 1)
     attn = torch.cat([batch["attention_mask"].repeat_interleave(G, 0), torch.ones_like(tokens)], 1)
     grid = batch.get("image_grid_thw")
+    L = batch["input_ids"].size(1)
+    if vlm.generic:
+        enc = encoder_outputs(model, batch, repeat=G) if "pixel_values" in batch else None
+        image_mask = torch.cat([batch["input_ids"].repeat_interleave(G, 0) == model.config.image_token_id,
+                                torch.zeros_like(tokens, dtype=torch.bool)], 1)
+        pos, _ = positions(model, ids, attn, grid.repeat_interleave(G, 0) if grid is not None else None, image_mask)
+        h = lm_hidden(model, ids, attn, pos, enc, image_mask)[:, L - 1:-1]
+        return token_logps(model, h, tokens, temperature)
     feats = image_features(model, batch["pixel_values"], grid, repeat=G) if grid is not None else None
     # image tokens live in the prompt only: a completion token equal to <|image_pad|> is just text
     image_mask = torch.cat([batch["input_ids"].repeat_interleave(G, 0) == model.config.image_token_id,
@@ -907,6 +1354,8 @@ def hf_processor(vlm):
     does (the same token expansion and type ids), without the video processor that needs torchvision.
     save_checkpoint saves it, so AutoProcessor.from_pretrained(ckpt) loads it back.
     """
+    if vlm.generic:  # every other family: its stock processor (FAMILIES), built as encode() uses it
+        return build_processor(vlm.model.config, vlm.tokenizer, vlm.image_processor)
     from transformers import PaddleOCRVLProcessor
     tokenizer = copy.deepcopy(vlm.tokenizer)  # the in-memory tokenizer stays as training uses it
     # left padding: every prompt ends where generation starts (right padding makes batched generate wrong)

@@ -247,7 +247,7 @@ def main(args):
     model = vlm.model
     model.train()
     if args.freeze_vision:
-        model.model.visual.requires_grad_(False)
+        M.freeze_vision(model)
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.fsdp:  # each rank holds 1/world of the weights, gradients and optimizer state (moved to `device`)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench/gpu_check.sh: the one prepared GPU check (issue 19), one command on one H100 or H200, no
-# network, at most 8 minutes (~6 expected):
+# network, at most 8 minutes (~6 expected), then up to 9.5 with issue 27's Qwen3-VL step (2b):
 #   1. tests/test_gpu.py: the engine's CUDA graph samples what model.sample samples (float32), bf16
 #      decoding agrees with the float32 forward, bf16 AdamW with stochastic rounding, grpo.py end to
 #      end on CUDA (--bf16 and fp32 weights);
@@ -8,6 +8,7 @@
 #      ms per step, capture + warm-up, tokens/s, peak memory, against model.sample), then grpo.py
 #      --bf16 against TRL 1.16's GRPOTrainer (bf16 model), 1 x 6 and 3 x 6 prompts x G, 256 forced
 #      tokens, kl 0.04, gradient checkpointing; writes bench/results/grpo_speed_<device>.json;
+#   2b. the same GRPO step for random:qwen3-vl-2b beside TRL's (issue 27; info, when time is left);
 #   3. last, a short table of the issue's targets, each PASS or FAIL.
 #
 # Wheels. The GPU image has torch, accelerate, pandas, pyarrow, xxhash, psutil, pytest, but
@@ -92,6 +93,17 @@ timeout $left "$PY" bench/grpo_speed.py --model random:qwen2.5-vl-3b --prompts 3
 BENCH=$?
 rm -rf /tmp/grpo_speed_check
 echo "gpu_check: bench exit $BENCH ($(( $(date +%s) - t0 )) s in all)"
+# 2b. issue 27: one GRPO step of a published Qwen3-VL (random:qwen3-vl-2b, DeepStack, q/k norm on the
+# engine) beside TRL's, 3 x 6 prompts x G, if at least 100 s are left (info only, not a target)
+left=$(( 560 - ($(date +%s) - t0) ))
+if [ $left -ge 100 ]; then
+    timeout $left "$PY" bench/grpo_speed.py --model random:qwen3-vl-2b --prompts 3 --steps 1 --repeats 1 \
+        --workdir /tmp/grpo_speed_q3 --out bench/results/grpo_speed_qwen3-vl-2b_$DEV.json
+    echo "gpu_check: qwen3-vl-2b bench exit $? ($(( $(date +%s) - t0 )) s in all)"
+    rm -rf /tmp/grpo_speed_q3
+else
+    echo "gpu_check: no time left for the qwen3-vl-2b GRPO step ($left s)"
+fi
 
 # -----------------------------------------------------------------------------
 # 3. the issue's targets, last

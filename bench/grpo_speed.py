@@ -52,7 +52,8 @@ sys.path.insert(0, str(ROOT))
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
 # model and data
-parser.add_argument("--model", default="tiny", help="a Qwen2.5-VL: tiny | random:qwen2.5-vl-3b | local folder")
+parser.add_argument("--model", default="tiny", help="a Qwen2.5-VL or Qwen3-VL (the same chat format): tiny | "
+                    "random:qwen2.5-vl-3b | random:qwen3-vl-2b | local folder")
 parser.add_argument("--image_size", type=int, default=None, help="square images (default 112 tiny, 448 otherwise)")
 parser.add_argument("--words", type=int, default=60, help="words per prompt (question + instruction)")
 # the GRPO setting, the same on both sides
@@ -119,7 +120,7 @@ def build(args, work):
         "decode_params": sum(p.numel() for p in text.parameters())
         + (0 if vlm.model.config.tie_word_embeddings else vlm.model.lm_head.weight.numel()),
         "image_size": size,
-        "image_tokens": int(batch["image_grid_thw"][0].prod() // vlm.merge ** 2),
+        "image_tokens": int((batch["input_ids"][0] == vlm.image_token_id).sum()),
         "prompt_tokens_mean": batch["attention_mask"].sum(1).float().mean().item(),
         "prompt_words_mean": statistics.mean(len(f"{r['question']} {M.INSTRUCTION}".split()) for r in rows),
         "rows": len(rows),
@@ -147,7 +148,7 @@ def trl_worker(args, work, run_dir, P, grad_ckpt, bf16):
     import torch
     from datasets import Dataset
     from PIL import Image
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, TrainerCallback
+    from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
     import model as M
     import rewards
@@ -156,8 +157,8 @@ def trl_worker(args, work, run_dir, P, grad_ckpt, bf16):
     ckpt = str(work / "ckpt")
     processor = AutoProcessor.from_pretrained(ckpt, backend="pil")  # the checkpoint's (model.hf_processor)
     tokenizer = processor.tokenizer
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.bfloat16 if bf16 else torch.float32,
-                                                               attn_implementation="sdpa")
+    model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                                        attn_implementation="sdpa")
     rows = [json.loads(line) for line in open(work / "rows.jsonl")]
     # the checkpoint's chat template adds the system turn and model.INSTRUCTION
     prompt = lambda r: [{"role": "user", "content": r["question"]}]  # noqa: E731
