@@ -233,7 +233,7 @@ def tiny_lite0_config(vocab_size):
     spec = tiny_config(vocab_size)
     spec["model_type"] = "medfact_lite0_vl"
     spec["vision_config"] = dict(hidden_size=128, out_hidden_size=128, patch_size=14, spatial_merge_size=2,
-                                 temporal_patch_size=2, freeze_cnn=True, initializer_range=0.08)
+                                 temporal_patch_size=2, train_blocks=0, initializer_range=0.08)
     return spec
 
 
@@ -348,30 +348,51 @@ def unpatchify(patches, grid, patch_size, merge_size, temporal_patch_size):
 
 class Lite0Tower(torch.nn.Module):
     """Qwen2.5-VL's vision tower interface over EfficientNet-Lite0: (patches, grid) -> one LM-width vector per
-    merged image token. vision_config.freeze_cnn (default True): the CNN gets no gradient, and its pooled
-    features are kept per image (keyed by the image's pixel bytes; an exact cache of a fixed function, up to
-    `cache_mb`), so an image seen again costs nothing: SLAKE's ~5k training questions are on ~450 images."""
+    merged image token. vision_config.train_blocks (default 0): how many of the CNN's last blocks, with its
+    head conv, train; the rest (the trunk: the stem and the first blocks; with 0, the whole CNN and its
+    pooling) gets no gradient, and its output is kept per image (keyed by the image's pixel bytes: an exact
+    cache of a fixed function, up to `cache_mb`), so an image seen again costs only what trains: SLAKE's ~5k
+    training questions are on ~450 images. Its BatchNorms always use ImageNet's statistics."""
 
     def __init__(self, config):
         super().__init__()
         self.spatial_merge_size, self.patch_size = config.spatial_merge_size, config.patch_size
         self.temporal_patch_size = config.temporal_patch_size
-        self.freeze_cnn = getattr(config, "freeze_cnn", True)
         self.cnn = Lite0(classes=0)
+        self.train_blocks = getattr(config, "train_blocks", 0)
+        self.n_trunk = len(self.cnn._blocks) - self.train_blocks
         width = config.out_hidden_size
         self.proj = torch.nn.Sequential(torch.nn.LayerNorm(1280), torch.nn.Linear(1280, width), torch.nn.GELU(),
                                         torch.nn.Linear(width, width))  # LLaVA-1.5's projector, normed input
         self.cache, self.cache_bytes, self.cache_mb = {}, 0, getattr(config, "cache_mb", 2048)
-        if self.freeze_cnn:
-            self.cnn.requires_grad_(False)
+        self.freeze_trunk()
+
+    def freeze_trunk(self):
+        """requires_grad off for the trunk (from_pretrained turns every parameter back on: load calls this)."""
+        cnn = self.cnn
+        cnn.requires_grad_(self.train_blocks > 0)
+        for module in [cnn._conv_stem, cnn._bn0, *cnn._blocks[:self.n_trunk]]:
+            module.requires_grad_(False)
 
     @property
     def dtype(self):
         return self.proj[1].weight.dtype
 
-    def pooled(self, image, cells):
-        """(3, H, W) -> (cells_h * cells_w, 1280): the CNN's feature map averaged over each merged cell."""
-        fmap = self.cnn.features(image[None])
+    def trunk(self, image, cells):
+        """(3, H, W) -> what does not train: the pooled (cells_h * cells_w, 1280) features when nothing in
+        the CNN trains, else the trunk's feature map (1, C, h, w)."""
+        cnn = self.cnn
+        x = F.relu6(cnn._bn0(cnn._conv_stem(image[None])))
+        for block in cnn._blocks[:self.n_trunk]:
+            x = block(x)
+        return self.head(x, cells) if self.train_blocks == 0 else x
+
+    def head(self, x, cells):
+        """The trunk's map -> (cells_h * cells_w, 1280): the last blocks, the head conv, averaged per cell."""
+        cnn = self.cnn
+        for block in cnn._blocks[self.n_trunk:]:
+            x = block(x)
+        fmap = F.relu6(cnn._bn1(cnn._conv_head(x)))
         return F.adaptive_avg_pool2d(fmap, cells)[0].flatten(1).t()
 
     def forward(self, pixel_values, grid_thw=None, **kwargs):
@@ -381,20 +402,18 @@ class Lite0Tower(torch.nn.Module):
         images = unpatchify(pixel_values, grid_thw, self.patch_size, m, self.temporal_patch_size)
         feats = []
         for image, (_, h, w) in zip(images, grid_thw.tolist()):
-            if not self.freeze_cnn:
-                feats.append(self.pooled(image, (h // m, w // m)))
-                continue
+            cells = (h // m, w // m)
             key = hashlib.blake2b(image.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
-            key = (key, h, w, str(image.dtype))
+            key = (key, h, w, str(image.dtype), self.n_trunk)
             if key not in self.cache:
                 with torch.no_grad():
-                    f = self.pooled(image, (h // m, w // m))
+                    f = self.trunk(image, cells)
                 if self.cache_bytes + f.numel() * f.element_size() <= self.cache_mb * 2 ** 20:
                     self.cache[key] = f
                     self.cache_bytes += f.numel() * f.element_size()
-                feats.append(f)
             else:
-                feats.append(self.cache[key])
+                f = self.cache[key]
+            feats.append(f if self.train_blocks == 0 else self.head(f, cells))
         out = self.proj(torch.cat(feats).to(self.dtype))
         return BaseModelOutputWithPooling(last_hidden_state=out, pooler_output=out)
 
@@ -573,7 +592,21 @@ def text_model(model):
 
 
 def freeze_vision(model):
-    vision_tower(model).requires_grad_(False)
+    tower = vision_tower(model)  # tiny-lite0's projector lives in its tower: it stays trainable
+    (tower.cnn if isinstance(tower, Lite0Tower) else tower).requires_grad_(False)
+
+
+def train_lite0_blocks(model, n):
+    """tiny-lite0: train the CNN's last n blocks and its head conv too (0: the whole CNN frozen); saved in the
+    config, so every later load (grpo.py, evaluate.py, stock transformers) builds the same tower."""
+    tower = vision_tower(model)
+    if not isinstance(tower, Lite0Tower):
+        raise SetupError("--train_cnn_blocks is for tiny-lite0's EfficientNet-Lite0 tower")
+    if not 0 <= n <= len(tower.cnn._blocks):
+        raise SetupError(f"--train_cnn_blocks {n}: the CNN has {len(tower.cnn._blocks)} blocks")
+    model.config.vision_config.train_blocks = tower.train_blocks = n
+    tower.n_trunk, tower.cache, tower.cache_bytes = len(tower.cnn._blocks) - n, {}, 0
+    tower.freeze_trunk()
 
 
 def _tiny_text(**kw):  # a 2-layer decoder: every family's tests run in seconds on a CPU
@@ -1004,8 +1037,8 @@ def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remo
         if tokenizer.convert_tokens_to_ids(image_token) != model.config.image_token_id:
             raise SetupError(f"{name}: the tokenizer does not match the model (no tokenizer files, or another "
                              f"model's): its {image_token} is not the config's image_token_id")
-    if isinstance(model, Lite0VLForConditionalGeneration) and model.model.visual.freeze_cnn:
-        model.model.visual.cnn.requires_grad_(False)  # from_pretrained makes every parameter trainable again
+    if isinstance(model, Lite0VLForConditionalGeneration):
+        model.model.visual.freeze_trunk()  # from_pretrained makes every parameter trainable again
     if max_pixels:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as QwenIP
         if not isinstance(image_processor, QwenIP):

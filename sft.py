@@ -60,6 +60,9 @@ parser.add_argument("--skip_bad_rows", action="store_true", help="skip (and coun
 parser.add_argument("--model", default="tiny", help="tiny | random:qwen2.5-vl-3b | checkpoint folder | hub name")
 parser.add_argument("--max_pixels", type=int, default=None, help="cap image resolution (pixels)")
 parser.add_argument("--freeze_vision", action="store_true", help="do not train the vision tower")
+parser.add_argument("--train_cnn_blocks", type=int, default=0,
+                    help="tiny-lite0: also train the CNN's last N blocks and head conv (0: all frozen, cached)")
+parser.add_argument("--cnn_lr_scale", type=float, default=0.1, help="tiny-lite0: the trained CNN layers' lr x this")
 parser.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (less memory, ~30%% slower)")
 parser.add_argument("--trust_remote_code", action="store_true", help="run a checkpoint's own Python code")
 parser.add_argument("--fsdp", action="store_true", help="shard the model over ranks (FSDP2): too big for 1 GPU")
@@ -131,11 +134,16 @@ def load_rows(args):
     return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
 
 
-def make_optimizer(params, args, device):
+def make_optimizer(params, args, device, pretrained_params=()):
     """AdamW; weight decay on the matrices only (norm gains and biases are not pulled towards 0).
     --bf16: optim.AdamW, whose stochastic rounding keeps updates smaller than a bf16 step."""
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    pretrained = {id(p) for p in pretrained_params}  # tiny-lite0's trained CNN layers: a smaller lr
+    if pretrained:
+        groups = [{**g, "params": [p for p in g["params"] if id(p) in pretrained], "lr_scale": args.cnn_lr_scale}
+                  for g in groups] + [{**g, "params": [p for p in g["params"] if id(p) not in pretrained]}
+                                      for g in groups]
     if args.bf16:
         return optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), seed=args.seed)
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
@@ -246,6 +254,8 @@ def main(args):
     # optimizer; resume restores it and the step (the data position) too
     model = vlm.model
     model.train()
+    if args.train_cnn_blocks and not ckpt:  # a resumed run's config already says it
+        M.train_lite0_blocks(model, args.train_cnn_blocks)
     if args.freeze_vision:
         M.freeze_vision(model)
     if args.grad_ckpt:
@@ -253,7 +263,8 @@ def main(args):
     if args.fsdp:  # each rank holds 1/world of the weights, gradients and optimizer state (moved to `device`)
         M.fsdp_shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, args, device)
+    cnn = getattr(M.vision_tower(model), "cnn", None)  # tiny-lite0's pretrained CNN, when part of it trains
+    optimizer = make_optimizer(params, args, device, [p for p in cnn.parameters() if p.requires_grad] if cnn else ())
     start, guard = resume_or_start(args, ckpt, optimizer, model, rank)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     M.print0(f"sft: {len(train_rows)} train / {len(val_rows)} val rows, {M.count_params(model) / 1e6:.1f}M params, "
@@ -273,7 +284,7 @@ def main(args):
         mine = rows_g[rank * micro * args.grad_accum:(rank + 1) * micro * args.grad_accum]
         lr = lr_at(step, args, max_steps)
         for param_group in optimizer.param_groups:
-            param_group["lr"] = lr
+            param_group["lr"] = lr * param_group.get("lr_scale", 1.0)
         loss = accumulate_gradients(vlm, mine, n_tokens, micro, args, step, world, device, autocast, images)
         if not args.fsdp:  # FSDP has already reduce-scattered the gradients
             M.allreduce_grads(params)

@@ -112,7 +112,7 @@ def test_one_feature_per_image_token_in_order_and_the_cache_is_exact(vlm):
     assert feats.shape == (sum(n_tokens), 128) and n_tokens == [64, 54]
     assert torch.equal(feats, again) and torch.equal(feats, uncached) and torch.equal(alone, feats[64:])
     # a cell's vector is its region of the CNN map: the first merged cell pools the top-left corner
-    cells = tower.pooled(M.unpatchify(batch["pixel_values"], batch["image_grid_thw"], 14, 2, 2)[0], (8, 8))
+    cells = tower.trunk(M.unpatchify(batch["pixel_values"], batch["image_grid_thw"], 14, 2, 2)[0], (8, 8))
     assert torch.allclose(tower.proj(cells), feats[:64], atol=1e-6)
 
 
@@ -233,3 +233,28 @@ def test_imagenet_weights_classify_a_photograph():
     x = (x - torch.tensor(M.IMAGENET_MEAN)[:, None, None]) / torch.tensor(M.IMAGENET_STD)[:, None, None]
     with torch.no_grad():
         assert net.eval()(x[None]).argmax().item() in (281, 282, 285)  # tabby, tiger cat, Egyptian cat
+
+
+def test_training_the_last_blocks_keeps_the_numbers_and_trains_only_those(vlm, tmp_path):
+    import copy
+    model = copy.deepcopy(vlm.model)
+    batch = vlm.encode([image(224, 224, 6), image(280, 196, 7)], ["what organ is this?", "is it normal?"])
+    with torch.no_grad():
+        frozen = M.image_features(model, batch["pixel_values"], batch["image_grid_thw"])
+    M.train_lite0_blocks(model, 4)  # blocks 12-15 and the head conv; the trunk's 7x7 map is what is cached
+    tower = model.model.visual
+    feats = M.image_features(model, batch["pixel_values"], batch["image_grid_thw"])
+    assert torch.allclose(feats, frozen, atol=1e-5)  # the same function, cut in two
+    assert all(f.shape[:2] == (1, 192) for f in tower.cache.values())
+    feats.sum().backward()
+    trained = {n for n, p in tower.cnn.named_parameters() if p.grad is not None}
+    assert trained == {n for n, p in tower.cnn.named_parameters() if p.requires_grad}
+    assert {n.split(".")[1] for n in trained if n.startswith("_blocks.")} == {"12", "13", "14", "15"}
+    assert "_conv_head.weight" in trained and "_conv_stem.weight" not in trained
+    # saved in the config: a reload builds the same tower, trainable in the same places
+    path = str(tmp_path / "ckpt")
+    M.save_checkpoint(path, M.VLM(model, vlm.tokenizer, vlm.image_processor, "x"))
+    back = M.load(path).model.model.visual
+    assert back.train_blocks == 4 and {n for n, p in back.cnn.named_parameters() if p.requires_grad} == trained
+    with pytest.raises(M.SetupError, match="16 blocks"):
+        M.train_lite0_blocks(model, 17)
