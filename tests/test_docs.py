@@ -14,19 +14,23 @@ def read(name):
 
 def cited_results(text):
     """The bench/results/ files a text names (a name without its extension stands for a .json/.md pair)."""
-    return sorted({m.rstrip(".") for m in re.findall(r"bench/results/[\w.-]+(?![\w.<-])", text)})
+    return sorted({m.rstrip("./") for m in re.findall(r"bench/results/[\w./-]+(?![\w.<-])", text)})
 
 
 def missing(paths, root=ROOT):
-    return [p for p in paths if not any(os.path.isfile(os.path.join(root, p + ext)) for ext in ("", ".json", ".md"))]
+    return [p for p in paths if not (os.path.isdir(os.path.join(root, p)) or  # a folder of results, or a file
+                                     any(os.path.isfile(os.path.join(root, p + ext)) for ext in ("", ".json", ".md")))]
 
 
 def test_missing_finds_a_file_that_is_not_there(tmp_path):
     (tmp_path / "bench" / "results").mkdir(parents=True)
     (tmp_path / "bench" / "results" / "a.json").write_text("{}")
-    cited = cited_results("see `bench/results/a.json`, bench/results/a, bench/results/gone.json, bench/results/r_<n>.json.")
-    assert cited == ["bench/results/a", "bench/results/a.json", "bench/results/gone.json"]
-    assert missing(cited, str(tmp_path)) == ["bench/results/gone.json"]
+    (tmp_path / "bench" / "results" / "old").mkdir()
+    cited = cited_results("see `bench/results/a.json`, bench/results/a, bench/results/gone.json, bench/results/r_<n>.json, "
+                          "bench/results/old/, bench/results/old/gone.json.")
+    assert cited == ["bench/results/a", "bench/results/a.json", "bench/results/gone.json", "bench/results/old",
+                     "bench/results/old/gone.json"]
+    assert missing(cited, str(tmp_path)) == ["bench/results/gone.json", "bench/results/old/gone.json"]
 
 
 def test_every_results_file_cited_exists():

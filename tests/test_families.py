@@ -255,10 +255,13 @@ def test_two_processes_equal_one_for_every_family(runs):
             assert {k: v for k, v in x.items() if not isinstance(v, float)} == \
                 {k: v for k, v in y.items() if not isinstance(v, float)}
             assert all(y[k] == pytest.approx(v, rel=1e-5, abs=1e-6) for k, v in x.items() if isinstance(v, float))
-        # 2 processes sum gradients in another order; Adam's first steps (each weight moves ~lr = 1e-3) turn
-        # that float noise into differences of up to ~1e-5 where a gradient is near 0: 2.5% of the movement
+        # 2 processes sum gradients in another order; Adam's first steps (each weight moves ~lr = 1e-3 a step)
+        # turn that float noise into differences where a gradient is near 0 (Qwen3.5's linear attention: up to
+        # 7e-5 seen, on 0.01% of its weights). A real mismatch (other rows, another loss) moves most weights
+        # by ~lr: so at most an eighth of two steps' movement anywhere, and on under 0.1% of the weights > 1e-5
         wa, wb = weights(one), weights(two)
-        assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=5e-5) for k in wa), one
+        diff = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa])
+        assert diff.max() < 2.5e-4 and (diff > 1e-5).float().mean() < 1e-3, (one, diff.max().item())
         if "grpo" in one:  # the same completions, sampled on either rank
             texts = lambda out: [json.loads(line)["completion"] for line in open(os.path.join(out, "rollouts.jsonl"))]  # noqa: E731
             assert texts(one) == texts(two) and texts(one)
