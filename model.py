@@ -1619,8 +1619,10 @@ def load_optimizer(path, optimizer, model=None):
     if model is not None and is_sharded(model):  # rank 0 reads the full state, FSDP scatters each rank's shard
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         sd = _read_optimizer(path) if is_main() else {}
-        set_optimizer_state_dict(model, optimizer, sd,
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        # strict=False: AdamW makes a parameter's state at its first gradient, so one the forward never uses
+        # (SigLIP's unused pooling head in some families) has none, as the unsharded load_state_dict allows
+        set_optimizer_state_dict(model, optimizer, sd, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True, strict=False))
         return
     optimizer.load_state_dict(_read_optimizer(path))
 

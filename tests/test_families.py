@@ -232,6 +232,7 @@ def test_sft_and_grpo_steps_train_and_resume_exactly(runs, name):
 
 @pytest.mark.slow
 def test_two_processes_equal_one_for_every_family(runs):
+    """2 processes (plain, and FSDP2-sharded for SFT, which the plan also resumes) give 1 process's run."""
     import grpo
     import sft
     plan, outs = [], []
@@ -241,6 +242,10 @@ def test_two_processes_equal_one_for_every_family(runs):
             run(sft if stage == "sft" else grpo, args(runs, name, one))
             plan.append((stage, [str(a) for a in args(runs, name, two)]))
             outs.append((one, two))
+            if stage == "sft":  # FSDP2 over the 2 processes (each family's layers sharded), then resumed
+                fsdp = str(runs / f"{name}-sft-2p-fsdp")
+                plan.append(("sft", [str(a) for a in args(runs, name, fsdp, "--fsdp")]))
+                outs.append((one, fsdp))
     (runs / "plan.json").write_text(json.dumps(plan))
     log = runs / "torchrun.log"
     with open(log, "w") as f:  # the 2-process side of test_reliability.py runs the plan
