@@ -132,9 +132,10 @@ folder, pseudo, seed, *settings = sys.argv[1:]
 if not (os.path.exists(f"{folder}/sft/args.json") and os.path.exists(f"{folder}/eval_sft/metrics.json")):
     sys.exit(f"error: --reuse_sft: no {folder}/sft or {folder}/eval_sft to reuse; run without --reuse_sft")
 want = vars(sft.parser.parse_args(["--data", pseudo, "--out", f"{folder}/sft", "--seed", seed, *settings]))
+# a flag newer than the SFT model counts as its default (what that model was trained with)
 have = json.load(open(f"{folder}/sft/args.json"))
 paths = ("data", "out")
-diff = [k for k in want if (os.path.realpath(have[k]) != os.path.realpath(want[k]) if k in paths else have.get(k) != want[k])]
+diff = [k for k in want if (os.path.realpath(have[k]) != os.path.realpath(want[k]) if k in paths else have.get(k, sft.parser.get_default(k)) != want[k])]
 if diff:
     sys.exit(f"error: --reuse_sft: {folder}/sft was made with other settings ({', '.join(diff)}); run without it")
 EOF
