@@ -501,26 +501,6 @@ def make_optimizer(params, args, device):
                              fused=device.type == "cuda")
 
 
-def resume_or_start(args, ckpt, optimizer, policy, rank):
-    """The step to start from and the step guard: the checkpoint's with --resume (the optimizer restored
-    too), else 0. The logs are cut to exactly the steps before it; a fresh run owns --out (the step
-    checkpoints an earlier run left are removed); args.json is written."""
-    start, guard = 0, M.StepGuard(args.max_bad_steps)
-    if ckpt:
-        M.load_optimizer(ckpt, optimizer, policy)
-        state = M.load_state(ckpt)
-        start, guard = state["step"], M.StepGuard(args.max_bad_steps, state.get("guard"))
-        M.print0(f"resumed from {ckpt} at step {start}")
-    if rank == 0:
-        data.truncate_jsonl(os.path.join(args.out, "metrics.jsonl"), start)
-        data.truncate_jsonl(os.path.join(args.out, "rollouts.jsonl"), start)
-        if not ckpt:
-            M.remove_checkpoints(args.out)
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
-    return start, guard
-
-
 def start_selection(vlm, val_rows, start, args, rank, world, device, images):
     """Held-out model selection (not --keep_last): the starting model is a candidate too, so GRPO can
     never hand back a model that does worse on the held-out split than the one it started from.
@@ -608,7 +588,10 @@ def main(args):
     optimizer = make_optimizer(params, args, device)
     static = args.engine == "static" or (args.engine == "auto" and device.type == "cuda" and not args.fsdp)
     sample = engine.sample if static else M.sample  # the same seeds give the same completions
-    start, guard = resume_or_start(args, ckpt, optimizer, policy, rank)
+    start, guard = M.resume_or_start(args, ckpt, optimizer, policy)
+    if rank == 0:  # the logs keep exactly the steps before `start`
+        for log in ("metrics.jsonl", "rollouts.jsonl"):
+            data.truncate_jsonl(os.path.join(args.out, log), start)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
     M.print0(f"grpo: {len(rows)} prompts, {args.prompts_per_step} x {G} completions per step, "

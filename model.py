@@ -28,6 +28,7 @@ Usage from Python:
 
 import copy
 import functools
+import hashlib
 import json
 import math
 import os
@@ -41,6 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VLModel, Qwen2_5_VLPreTrainedModel,
                                                                 Qwen2_5_VLTextModel)
 
@@ -396,8 +398,6 @@ class Lite0Tower(torch.nn.Module):
         return F.adaptive_avg_pool2d(fmap, cells)[0].flatten(1).t()
 
     def forward(self, pixel_values, grid_thw=None, **kwargs):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-        import hashlib
         m = self.spatial_merge_size
         images = unpatchify(pixel_values, grid_thw, self.patch_size, m, self.temporal_patch_size)
         feats = []
@@ -460,8 +460,9 @@ def remote_code():
     return ('"""EfficientNet-Lite0 as the vision tower of a Qwen2.5-VL (medfact tiny-lite0), written by medfact\'s '
             'model.py.\n\nStock transformers loads it: AutoModelForImageTextToText.from_pretrained(folder) with '
             'trust_remote_code."""\n'
-            "import math\n\nimport torch\nimport torch.nn.functional as F\n"
+            "import hashlib\nimport math\n\nimport torch\nimport torch.nn.functional as F\n"
             "from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration\n"
+            "from transformers.modeling_outputs import BaseModelOutputWithPooling\n"
             "from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VLModel, "
             "Qwen2_5_VLPreTrainedModel,\n    Qwen2_5_VLTextModel)\n" + model_src[start:end] + "\n")
 
@@ -1625,6 +1626,24 @@ def load_optimizer(path, optimizer, model=None):
             full_state_dict=True, broadcast_from_rank0=True, strict=False))
         return
     optimizer.load_state_dict(_read_optimizer(path))
+
+
+def resume_or_start(args, ckpt, optimizer, model):
+    """The step to start from and the step guard: the checkpoint's with --resume (the optimizer restored
+    too), else 0. A fresh run owns args.out (the step checkpoints an earlier run left are removed);
+    args.json is written. The stage cuts its own logs to the steps before `start` (data.truncate_jsonl)."""
+    start, guard = 0, StepGuard(args.max_bad_steps)
+    if ckpt:
+        load_optimizer(ckpt, optimizer, model)
+        state = load_state(ckpt)
+        start, guard = state["step"], StepGuard(args.max_bad_steps, state.get("guard"))
+        print0(f"resumed from {ckpt} at step {start}")
+    if is_main():
+        if not ckpt:
+            remove_checkpoints(args.out)
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+    return start, guard
 
 
 def count_params(model):

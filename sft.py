@@ -192,25 +192,6 @@ def val_loss(vlm, val_rows, chunk, rank, world, device, autocast, images=data.lo
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def resume_or_start(args, ckpt, optimizer, model, rank):
-    """The step to start from and the step guard: the checkpoint's with --resume (the optimizer restored
-    too), else 0. metrics.jsonl is cut to exactly the steps before it; a fresh run owns --out (the step
-    checkpoints an earlier run left are removed); args.json is written."""
-    start, guard = 0, M.StepGuard(args.max_bad_steps)
-    if ckpt:
-        M.load_optimizer(ckpt, optimizer, model)
-        state = M.load_state(ckpt)
-        start, guard = state["step"], M.StepGuard(args.max_bad_steps, state.get("guard"))
-        M.print0(f"resumed from {ckpt} at step {start}")
-    if rank == 0:
-        data.truncate_jsonl(os.path.join(args.out, "metrics.jsonl"), start)
-        if not ckpt:
-            M.remove_checkpoints(args.out)
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
-    return start, guard
-
-
 def main(args):
     rank, world, device = M.init_dist(args.device)
     torch.manual_seed(args.seed)
@@ -265,7 +246,10 @@ def main(args):
     params = [p for p in model.parameters() if p.requires_grad]
     cnn = getattr(M.vision_tower(model), "cnn", None)  # tiny-lite0's pretrained CNN, when part of it trains
     optimizer = make_optimizer(params, args, device, [p for p in cnn.parameters() if p.requires_grad] if cnn else ())
-    start, guard = resume_or_start(args, ckpt, optimizer, model, rank)
+    start, guard = M.resume_or_start(args, ckpt, optimizer, model)
+    if rank == 0:  # the logs keep exactly the steps before `start`
+        for log in ("metrics.jsonl",):
+            data.truncate_jsonl(os.path.join(args.out, log), start)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     M.print0(f"sft: {len(train_rows)} train / {len(val_rows)} val rows, {M.count_params(model) / 1e6:.1f}M params, "
              f"{max_steps} steps of {args.batch_size} ({world} ranks x {args.grad_accum} x {micro}), device {device}")
