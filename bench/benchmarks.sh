@@ -48,17 +48,23 @@
 # above; each evaluated on test against SFT alone on the same questions. Writes
 # bench/results/ablation_<name>.json (next to --results); the seeds' main results file as without it.
 #
+# --ablation VARIANT ... runs only those (of no_sft no_accuracy no_format no_fact no_consistency), so
+# that two processes can share them out; the ablation file lists every finished variant in --out.
+#
 # --reuse_sft keeps a seed's SFT model and its test evaluation from an earlier run in --out when its
 # args.json has exactly the settings below (and the same pseudo-labels file) and reruns GRPO only,
 # for a change that touches GRPO alone; the results file then marks the seed "sft_reused" and its
-# seconds count GRPO and its evaluation only. Anything else is an error.
+# seconds count GRPO and its evaluation only. Anything else is an error. --reuse_grpo keeps the
+# seed's GRPO run and its evaluation too (its args.json checked the same way) and runs only what
+# --ablation asks; without --ablation it just writes the results files from the seeds in --out
+# (for seeds run by separate processes).
 set -euo pipefail
 usage() {
-  echo "usage: bash bench/benchmarks.sh --data FOLDER --name NAME [--seeds 0 1 2] [--model M] [--out DIR] [--results FILE] [--corpus C] [--extra_train FOLDER] [--reuse_sft] [--ablation]"
+  echo "usage: bash bench/benchmarks.sh --data FOLDER --name NAME [--seeds 0 1 2] [--model M] [--out DIR] [--results FILE] [--corpus C] [--extra_train FOLDER] [--reuse_sft | --reuse_grpo] [--ablation [VARIANT ...]]"
   sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
 }
 COMMAND="bash bench/benchmarks.sh $*"
-DATA= NAME= SEEDS="0 1 2" OUT=runs/real RESULTS= CORPUS=() EXTRA=() REUSE_SFT= MODEL=tiny-lite0 ABLATION=
+DATA= NAME= SEEDS="0 1 2" OUT=runs/real RESULTS= CORPUS=() EXTRA=() REUSE_SFT= REUSE_GRPO= MODEL=tiny-lite0 ABLATION=
 while [ $# -gt 0 ]; do
   case $1 in
     -h|--help) usage; exit 0 ;;
@@ -71,8 +77,12 @@ while [ $# -gt 0 ]; do
     --extra_train) [ -e "$2" ] || { echo "error: --extra_train $2: no such dataset folder" >&2; exit 2; }
                    EXTRA+=("$(realpath "$2")"); shift 2 ;;
     --reuse_sft) REUSE_SFT=1; shift ;;
+    --reuse_grpo) REUSE_SFT=1; REUSE_GRPO=1; shift ;;
     --model) MODEL=$2; shift 2 ;;
-    --ablation) ABLATION=1; shift ;;
+    --ablation) shift; ABLATION=; while [ $# -gt 0 ] && [[ $1 != --* ]]; do ABLATION="$ABLATION $1"; shift; done
+                for v in $ABLATION; do case $v in no_sft|no_accuracy|no_format|no_fact|no_consistency) ;;
+                  *) echo "error: --ablation $v: not one of no_sft no_accuracy no_format no_fact no_consistency" >&2; exit 2 ;; esac; done
+                ABLATION=${ABLATION:-no_sft no_accuracy no_format no_fact no_consistency} ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -124,42 +134,53 @@ T_RETRIEVE=$(( $(date +%s) - T0 ))
 for seed in $SEEDS; do
   S=$D/seed$seed
   t=$(date +%s)
-  if [ -n "$REUSE_SFT" ]; then  # the SFT model must have been made with exactly the settings above
-    "$PY" - "$S" "$TRAIN" "$seed" "${SFT[@]}" <<'EOF' || exit 2
+  if [ -n "$REUSE_SFT" ]; then  # the SFT model (and GRPO run) must have been made with exactly the settings above
+    "$PY" - "$S" "$TRAIN" "$DATA" "$seed" "${REUSE_GRPO:-0}" "${SFT[@]}" -- "${GRPO[@]}" <<'EOF' || exit 2
 import json, os, sys
-import sft
-folder, pseudo, seed, *settings = sys.argv[1:]
-if not (os.path.exists(f"{folder}/sft/args.json") and os.path.exists(f"{folder}/eval_sft/metrics.json")):
-    sys.exit(f"error: --reuse_sft: no {folder}/sft or {folder}/eval_sft to reuse; run without --reuse_sft")
-want = vars(sft.parser.parse_args(["--data", pseudo, "--out", f"{folder}/sft", "--seed", seed, *settings]))
-# a flag newer than the SFT model counts as its default (what that model was trained with)
-have = json.load(open(f"{folder}/sft/args.json"))
-paths = ("data", "out")
-diff = [k for k in want if (os.path.realpath(have[k]) != os.path.realpath(want[k]) if k in paths else have.get(k, sft.parser.get_default(k)) != want[k])]
-if diff:
-    sys.exit(f"error: --reuse_sft: {folder}/sft was made with other settings ({', '.join(diff)}); run without it")
+import grpo, sft
+folder, pseudo, data, seed, reuse_grpo, *settings = sys.argv[1:]
+cut = settings.index("--")
+stages = [("sft", sft.parser, ["--data", pseudo, "--out", f"{folder}/sft", "--seed", seed, *settings[:cut]])]
+if reuse_grpo == "1":
+    stages.append(("grpo", grpo.parser, ["--ckpt", f"{folder}/sft", "--data", pseudo, "--val_data", data,
+                                         "--out", f"{folder}/grpo", "--seed", seed, *settings[cut + 1:]]))
+for stage, parser, argv in stages:
+    if not (os.path.exists(f"{folder}/{stage}/args.json") and os.path.exists(f"{folder}/eval_{stage}/metrics.json")):
+        sys.exit(f"error: --reuse_{stage}: no {folder}/{stage} or {folder}/eval_{stage} to reuse; run without --reuse_{stage}")
+    want = vars(parser.parse_args(argv))
+    # a flag newer than the model counts as its default (what that model was trained with)
+    have = json.load(open(f"{folder}/{stage}/args.json"))
+    paths = ("data", "out", "ckpt", "val_data")
+    diff = [k for k in want if (os.path.realpath(have[k]) != os.path.realpath(want[k]) if k in paths and have.get(k)
+                                else have.get(k, parser.get_default(k)) != want[k])]
+    if diff:
+        sys.exit(f"error: --reuse_{stage}: {folder}/{stage} was made with other settings ({', '.join(diff)}); run without it")
 EOF
     log "seed $seed: sft reused ($S/sft)"
-    rm -rf "$S/grpo" "$S/eval_grpo"; echo 1 > "$S/sft_reused"
+    [ -n "$REUSE_GRPO" ] || { rm -rf "$S/grpo" "$S/eval_grpo"; echo 1 > "$S/sft_reused"; }
   else
     rm -rf "$S"; mkdir -p "$S"
     log "seed $seed: sft"
     "$PY" sft.py --data "$TRAIN" --out "$S/sft" --seed "$seed" "${SFT[@]}"
     "$PY" evaluate.py --ckpt "$S/sft" --data "$DATA" "${EVAL[@]}" --out "$S/eval_sft/metrics.json"
   fi
-  log "seed $seed: grpo"
-  "$PY" grpo.py --ckpt "$S/sft" --data "$TRAIN" --val_data "$DATA" --out "$S/grpo" --seed "$seed" \
-    "${GRPO[@]}"
-  "$PY" evaluate.py --ckpt "$S/grpo" --data "$DATA" "${EVAL[@]}" --out "$S/eval_grpo/metrics.json"
-  echo $(( $(date +%s) - t )) > "$S/seconds"
+  if [ -n "$REUSE_GRPO" ]; then
+    log "seed $seed: grpo reused ($S/grpo)"
+  else
+    log "seed $seed: grpo"
+    "$PY" grpo.py --ckpt "$S/sft" --data "$TRAIN" --val_data "$DATA" --out "$S/grpo" --seed "$seed" \
+      "${GRPO[@]}"
+    "$PY" evaluate.py --ckpt "$S/grpo" --data "$DATA" "${EVAL[@]}" --out "$S/eval_grpo/metrics.json"
+    echo $(( $(date +%s) - t )) > "$S/seconds"; echo "$COMMAND" > "$S/command"
+  fi
   if [ -n "$ABLATION" ]; then  # one change each against the GRPO run above: its start, or one reward off
-    for variant in no_sft no_accuracy no_format no_fact no_consistency; do
+    for variant in $ABLATION; do
       V=$S/ablation/$variant; rm -rf "$V"; t=$(date +%s)
       if [ $variant = no_sft ]; then FLAGS=(--ckpt "$MODEL"); else FLAGS=(--ckpt "$S/sft" "--w_${variant#no_}" 0); fi
       log "seed $seed: ablation $variant"
       "$PY" grpo.py "${FLAGS[@]}" --data "$TRAIN" --val_data "$DATA" --out "$V/grpo" --seed "$seed" "${GRPO[@]}"
       "$PY" evaluate.py --ckpt "$V/grpo" --data "$DATA" "${EVAL[@]}" --out "$V/eval/metrics.json"
-      echo $(( $(date +%s) - t )) > "$V/seconds"
+      echo $(( $(date +%s) - t )) > "$V/seconds"; echo "$COMMAND" > "$V/command"
     done
   fi
 done
@@ -174,7 +195,9 @@ read = lambda path: json.load(open(path))
 out = {"command": command, "seconds": int(total), "retrieve_seconds": int(t_retrieve), "seeds": []}
 for s in seeds:
     sd = os.path.join(d, f"seed{s}")
+    ran = os.path.join(sd, "command")  # the command that ran this seed's GRPO (another, with --reuse_grpo)
     out["seeds"].append({"seed": int(s), "seconds": int(open(os.path.join(sd, "seconds")).read()),
+                         **({"command": open(ran).read().strip()} if os.path.exists(ran) else {}),
                          **({"sft_reused": True} if os.path.exists(os.path.join(sd, "sft_reused")) else {}),
                          "sft": read(os.path.join(sd, "eval_sft", "metrics.json")),
                          "grpo": read(os.path.join(sd, "eval_grpo", "metrics.json")),
@@ -187,8 +210,12 @@ for s in seeds:
     sd = os.path.join(d, f"seed{s}")
     for v in sorted(os.listdir(os.path.join(sd, "ablation"))) if os.path.isdir(os.path.join(sd, "ablation")) else []:
         vd = os.path.join(sd, "ablation", v)
+        if not os.path.exists(os.path.join(vd, "seconds")):  # another process's, still running
+            print(f"seed{s} ablation {v}: not finished, left out of the ablation file")
+            continue
         abl.setdefault(f"seed{s}", {})[v] = {
-            "seconds": int(open(os.path.join(vd, "seconds")).read()), "test": read(os.path.join(vd, "eval", "metrics.json")),
+            "seconds": int(open(os.path.join(vd, "seconds")).read()), "command": open(os.path.join(vd, "command")).read().strip(),
+            "test": read(os.path.join(vd, "eval", "metrics.json")),
             "grpo_selected": read(os.path.join(vd, "grpo", "state.json")).get("selected"),
             "vs_sft": evaluate.paired(os.path.join(sd, "eval_sft"), os.path.join(vd, "eval"))}
 if abl:

@@ -1,6 +1,7 @@
 """bench/benchmarks.sh end to end on a toy folder (steps cut by SFT_STEPS / GRPO_STEPS): the results file's
 layout, --extra_train (another folder's training split joins the pseudo-labels both stages train on), and
---reuse_sft, which reruns GRPO only on an SFT model made with exactly the script's settings."""
+--reuse_sft, which reruns GRPO only on an SFT model made with exactly the script's settings, and
+--reuse_grpo with --ablation VARIANT ..., which shares the ablation out between processes."""
 
 import json
 import os
@@ -71,11 +72,25 @@ def test_results_file_extra_train_and_reuse_sft(tmp_path):
 
 def test_ablation_runs_each_variant_against_sft(tmp_path):
     toy_folder(tmp_path / "toy")
-    out = bench(tmp_path, "--ablation")
+    assert bench(tmp_path, "--ablation", "no_kl").returncode == 2  # not a variant: refused before anything runs
+    out = bench(tmp_path, "--ablation", "no_sft", "no_accuracy")  # SFT + GRPO, then two of the variants
     assert out.returncode == 0, out.stderr[-2000:]
     abl = json.load(open(tmp_path / "ablation_toy.json"))["seeds"]["seed0"]
-    assert sorted(abl) == ["no_accuracy", "no_consistency", "no_fact", "no_format", "no_sft"]
+    assert sorted(abl) == ["no_accuracy", "no_sft"]
     seed = tmp_path / "runs" / "toy" / "seed0"
+    main_weights = (seed / "grpo" / "model.safetensors").read_bytes()
+    first = json.load(open(tmp_path / "real_toy.json"))["seeds"][0]
+
+    # the other three from another process: --reuse_grpo keeps SFT, GRPO and their evaluations
+    out = bench(tmp_path, "--reuse_grpo", "--ablation", "no_format", "no_fact", "no_consistency")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "grpo reused" in out.stderr and (seed / "grpo" / "model.safetensors").read_bytes() == main_weights
+    res = json.load(open(tmp_path / "ablation_toy.json"))
+    abl = res["seeds"]["seed0"]
+    assert sorted(abl) == ["no_accuracy", "no_consistency", "no_fact", "no_format", "no_sft"]
+    assert "--ablation no_sft no_accuracy" in abl["no_sft"]["command"] and "--reuse_grpo" in abl["no_fact"]["command"]
+    again = json.load(open(tmp_path / "real_toy.json"))["seeds"][0]
+    assert again == first and "--reuse_grpo" not in again["command"]  # the seed as its own run wrote it
     for variant, r in abl.items():
         args = json.load(open(seed / "ablation" / variant / "grpo" / "args.json"))
         # one change against the main GRPO run: the start, or one reward's weight
@@ -84,3 +99,8 @@ def test_ablation_runs_each_variant_against_sft(tmp_path):
         assert changed == (["ckpt"] if variant == "no_sft" else [f"w_{variant[3:]}"]), (variant, changed)
         assert args["ckpt"] == ("tiny" if variant == "no_sft" else main["ckpt"])
         assert r["test"]["n"] == 6 and set(r["vs_sft"]) >= {"fixed", "broken", "p"}
+
+    args = json.load(open(seed / "grpo" / "args.json"))
+    json.dump({**args, "kl_coef": 0.5}, open(seed / "grpo" / "args.json", "w"))  # a GRPO run made otherwise
+    out = bench(tmp_path, "--reuse_grpo")
+    assert out.returncode != 0 and "--reuse_grpo" in out.stderr and "other settings (kl_coef)" in out.stderr
