@@ -214,10 +214,14 @@ def paired(before_dir, after_dir):
     a, b = read(before_dir), read(after_dir)
     fixed = sum(1 for k in a if not a[k] and b.get(k))
     broken = sum(1 for k in a if a[k] and not b.get(k))
+    return {"fixed": fixed, "broken": broken, "p": round(mcnemar(fixed, broken), 6)}
+
+
+def mcnemar(fixed, broken):
+    """The exact two-sided McNemar p-value of `fixed` answers fixed and `broken` broken: under "no change"
+    each flip is a fix or a break with probability 1/2, so a binomial tail, doubled."""
     n = fixed + broken
-    # under "no change" each flip is a fix or a break with probability 1/2: a binomial tail, doubled
-    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(fixed, broken) + 1)) / 2 ** n) if n else 1.0
-    return {"fixed": fixed, "broken": broken, "p": round(p, 6)}
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(fixed, broken) + 1)) / 2 ** n) if n else 1.0
 
 
 def fmt(x):

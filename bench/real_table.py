@@ -8,15 +8,27 @@ bench/benchmarks.sh writes the results files (one per dataset); every number her
 them: per seed, test accuracy after SFT and after SFT + GRPO, closed and open accuracy and open
 recall, the paired comparison (answers fixed / broken by GRPO, exact McNemar p), the baselines
 (majority; question-only as a lookup of the same question and as a trained text classifier, the
-stronger of which a model must beat: evaluate.strongest_prior) and the minutes; then the mean over seeds.
+stronger of which a model must beat: evaluate.strongest_prior) and the minutes; then the mean over seeds,
+with the fixed / broken pooled over them. From bench/results/ablation_<name>.json (benchmarks.sh
+--ablation) it also writes the ablation table, between its own markers: each variant's test accuracy
+against SFT alone on the same questions, beside the full SFT + GRPO run of the same seed.
 """
 
 import argparse
 import glob
 import json
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import evaluate  # noqa: E402
 
 START, END = "<!-- real-table: start (python bench/real_table.py --readme README.md) -->", "<!-- real-table: end -->"
+ABL_START, ABL_END = ("<!-- ablation-table: start (python bench/real_table.py --readme README.md) -->",
+                      "<!-- ablation-table: end -->")
+VARIANTS = {"no_sft": "GRPO without the SFT cold start", "no_accuracy": "SFT + GRPO without the accuracy reward",
+            "no_format": "SFT + GRPO without the format reward", "no_fact": "SFT + GRPO without the fact reward",
+            "no_consistency": "SFT + GRPO without the consistency reward"}
 NAMES = {"vqa_rad": "VQA-RAD (official test)", "slake": "SLAKE (English test)"}
 
 
@@ -57,10 +69,61 @@ def table(paths):
                      f"**{fmt(mean('grpo', 'accuracy'))}** | {fmt(mean('sft', 'closed_accuracy'))} / "
                      f"{fmt(mean('grpo', 'closed_accuracy'))} | {fmt(mean('sft', 'open_accuracy'))} / "
                      f"{fmt(mean('grpo', 'open_accuracy'))} | {fmt(mean('sft', 'open_recall'))} / "
-                     f"{fmt(mean('grpo', 'open_recall'))} | {sum(r['paired']['fixed'] for r in runs)} / "
-                     f"{sum(r['paired']['broken'] for r in runs)} (all seeds) | | | |")
-    commands = [json.load(open(p))["command"] for p in paths]
+                     f"{fmt(mean('grpo', 'open_recall'))} | {pooled(runs)} | | | |")
+    return "\n".join(lines), commands_of(paths)
+
+
+def pooled(runs):
+    """The seeds' fixed / broken added up, and the exact McNemar p of the sums."""
+    fixed, broken = (sum(r["paired"][k] for r in runs) for k in ("fixed", "broken"))
+    return f"{fixed} / {broken} (pooled, {pval(evaluate.mcnemar(fixed, broken))})"
+
+
+def commands_of(paths):
+    """The commands that made the results, once each: a seed run by its own process records its own."""
+    out = []
+    for path in paths:
+        res = json.load(open(path))
+        for c in [r.get("command", res["command"]) for r in res["seeds"]] or [res["command"]]:
+            if c not in out:
+                out.append(c)
+    return out
+
+
+def ablation_table(paths):
+    """One row per seed and variant of each ablation_<name>.json, after that seed's SFT and SFT + GRPO rows
+    (read from real_<name>.json beside it)."""
+    head = "| dataset | seed | model | test accuracy | closed | open | against SFT: fixed / broken (p) | minutes |"
+    lines, commands = [head, "|" + " --- |" * (head.count("|") - 1)], []
+    for path in paths:
+        name = os.path.basename(path)[len("ablation_"):-len(".json")]
+        abl = json.load(open(path))
+        main = os.path.join(os.path.dirname(path), f"real_{name}.json")
+        seeds = {f"seed{r['seed']}": r for r in json.load(open(main))["seeds"]} if os.path.exists(main) else {}
+        row = lambda seed, label, m, vs, minutes: lines.append(
+            f"| {NAMES.get(name, name)} | {seed[4:]} | {label} | {fmt(m['accuracy'])} | {fmt(m['closed_accuracy'])} | "
+            f"{fmt(m['open_accuracy'])} | {vs} | {minutes} |")
+        for seed, variants in abl["seeds"].items():
+            if seed in seeds:
+                r = seeds[seed]
+                p = r["paired"]
+                row(seed, "SFT", r["sft"], "", "")
+                row(seed, "SFT + GRPO (all four rewards)", r["grpo"], f"{p['fixed']} / {p['broken']} ({pval(p['p'])})", "")
+            for v in [v for v in VARIANTS if v in variants] + sorted(set(variants) - set(VARIANTS)):
+                r, p = variants[v], variants[v]["vs_sft"]
+                row(seed, VARIANTS.get(v, v), r["test"], f"{p['fixed']} / {p['broken']} ({pval(p['p'])})",
+                    f"{r['seconds'] / 60:.0f}")
+                c = r.get("command", abl["command"])
+                if c not in commands:
+                    commands.append(c)
     return "\n".join(lines), commands
+
+
+def rewrite(readme, start, end, block):
+    if start not in readme or end not in readme:
+        raise SystemExit(f"no table markers ({start} ... {end})")
+    head, rest = readme.split(start, 1)
+    return head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1]
 
 
 def main():
@@ -74,14 +137,22 @@ def main():
     text, commands = table(paths)
     block = "```\n" + "\n".join(commands) + "\n```\n\n" + text
     print(block)
+    ablations = sorted(glob.glob(os.path.join(args.results, "ablation_*.json")))
+    abl_block = None
+    if ablations:
+        text, commands = ablation_table(ablations)
+        abl_block = "```\n" + "\n".join(commands) + "\n```\n\n" + text
+        print("\n" + abl_block)
     if args.readme:
         readme = open(args.readme).read()
-        if START not in readme or END not in readme:
-            raise SystemExit(f"{args.readme}: no table markers ({START} ... {END})")
-        head, rest = readme.split(START, 1)
-        open(args.readme, "w").write(head + START + "\n" + block + "\n" + END + rest.split(END, 1)[1])
-        print(f"rewrote the table in {args.readme}")
-
+        try:
+            readme = rewrite(readme, START, END, block)
+            if abl_block is not None:
+                readme = rewrite(readme, ABL_START, ABL_END, abl_block)
+        except SystemExit as e:
+            raise SystemExit(f"{args.readme}: {e}")
+        open(args.readme, "w").write(readme)
+        print(f"rewrote the tables in {args.readme}")
 
 if __name__ == "__main__":
     main()

@@ -36,13 +36,37 @@ def test_rows_per_seed_and_the_mean(tmp_path):
     seed1 = [c.strip() for c in lines[3].split("|")[1:-1]]
     assert seed1[-1] == "20 (GRPO only)"  # --reuse_sft: the seed ran GRPO only, without the retrieval
     mean = [c.strip() for c in lines[4].split("|")[1:-1]]
-    assert mean[1:5] == ["mean", "", "0.550", "**0.650**"] and mean[8] == "3 / 1 (all seeds)"
+    assert mean[1:5] == ["mean", "", "0.550", "**0.650**"]
+    assert mean[8] == "3 / 1 (pooled, 0.625)"  # 2 x (C(4,0) + C(4,1)) / 2^4 = 10 / 16
+
+
+def test_each_seed_lists_the_command_that_ran_it(tmp_path):
+    res = json.load(open(results(tmp_path) / "real_toy.json"))
+    res["seeds"][1]["command"] = "bash bench/benchmarks.sh --data X --name toy --seeds 1"
+    (tmp_path / "real_toy.json").write_text(json.dumps(res))
+    _, commands = real_table.table([str(tmp_path / "real_toy.json")])
+    assert commands == ["bash bench/benchmarks.sh --data X --name toy", "bash bench/benchmarks.sh --data X --name toy --seeds 1"]
+
+
+def test_ablation_rows_against_sft(tmp_path):
+    folder = results(tmp_path)
+    variant = lambda acc, fixed, broken, p: {"seconds": 90, "command": "bash bench/benchmarks.sh --reuse_grpo --ablation",
+                                             "test": metrics(acc, acc, acc, acc), "vs_sft": {"fixed": fixed, "broken": broken, "p": p}}
+    abl = {"command": "x", "seeds": {"seed0": {"no_fact": variant(0.55, 2, 2, 1.0), "no_sft": variant(0.0, 0, 5, 0.0625)}}}
+    (folder / "ablation_toy.json").write_text(json.dumps(abl))
+    text, commands = real_table.ablation_table([str(folder / "ablation_toy.json")])
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()[2:]]
+    assert [r[2] for r in rows] == ["SFT", "SFT + GRPO (all four rewards)", "GRPO without the SFT cold start",
+                                    "SFT + GRPO without the fact reward"]  # the paper's order, not the file's
+    assert rows[0][3:] == ["0.500", "0.600", "0.400", "", ""] and rows[1][3] == "0.700" and rows[1][6] == "3 / 1 (0.625)"
+    assert rows[2][3:] == ["0.000", "0.000", "0.000", "0 / 5 (0.062)", "2"] and rows[3][6] == "2 / 2 (1.000)"
+    assert commands == ["bash bench/benchmarks.sh --reuse_grpo --ablation"]
 
 
 def test_the_readme_is_rewritten_between_its_markers_only(tmp_path):
     folder = results(tmp_path)
     readme = tmp_path / "README.md"
-    readme.write_text(f"before\n{real_table.START}\nold table\n{real_table.END}\nafter\n")
+    readme.write_text(f"before\n{real_table.START}\nold table\n{real_table.END}\nafter\n")  # no ablation file: its markers optional
     cmd = [sys.executable, os.path.join(ROOT, "bench", "real_table.py"), "--results", str(folder), "--readme", str(readme)]
     subprocess.run(cmd, check=True, capture_output=True)
     text = readme.read_text()
