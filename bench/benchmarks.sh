@@ -9,6 +9,7 @@
 #   bash bench/benchmarks.sh --data ../shared/data/vqa_rad --name vqa_rad --seeds 0
 #   bash bench/benchmarks.sh --data path/to/pathvqa --name pathvqa          # a parquet folder
 #   make bench-real                                  # VQA-RAD and SLAKE from ../shared/data
+#   bash bench/benchmarks.sh --data ../shared/data/slake/Slake1.0 --name slake --seeds 0 --reuse_grpo --ablation
 #
 # --data is any folder data.load reads that has train, val and test splits: VQA-RAD's OSF or MEVF
 # layout (its val split is held out of train by image, see data.py), SLAKE's Slake1.0/ (English
@@ -27,7 +28,7 @@
 # --extra_train FOLDER (repeatable) adds FOLDER's training split to what both stages train on: its
 # pseudo-labels, retrieved with the same settings, follow this dataset's in runs/real/<name>/train.jsonl
 # (SFT's data and GRPO's prompts); held-out selection and the test stay this dataset's. The README's
-# table does not use it (what it gave on VQA-RAD with SLAKE's training split: see the README).
+# table does not use it (what it gave on VQA-RAD with SLAKE's training split: docs/EXPERIMENTS.md, 2.4).
 #
 # SFT_STEPS=N and GRPO_STEPS=N (environment) shorten a run for a smoke test; the results file says so
 # through its command and metrics, so keep them unset for results you report.
