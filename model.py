@@ -364,7 +364,11 @@ class Lite0Tower(torch.nn.Module):
         self.train_blocks = getattr(config, "train_blocks", 0)
         self.n_trunk = len(self.cnn._blocks) - self.train_blocks
         width = config.out_hidden_size
-        self.proj = torch.nn.Sequential(torch.nn.LayerNorm(1280), torch.nn.Linear(1280, width), torch.nn.GELU(),
+        # global_context: each cell's features go in beside the image's mean over its cells (1280 + 1280), so
+        # every image token carries the whole image's summary, as a pooled-feature probe sees it
+        self.global_context = getattr(config, "global_context", False)
+        d = 2560 if self.global_context else 1280
+        self.proj = torch.nn.Sequential(torch.nn.LayerNorm(d), torch.nn.Linear(d, width), torch.nn.GELU(),
                                         torch.nn.Linear(width, width))  # LLaVA-1.5's projector, normed input
         self.cache, self.cache_bytes, self.cache_mb = {}, 0, getattr(config, "cache_mb", 2048)
         self.freeze_trunk()
@@ -414,7 +418,8 @@ class Lite0Tower(torch.nn.Module):
                     self.cache_bytes += f.numel() * f.element_size()
             else:
                 f = self.cache[key]
-            feats.append(f if self.train_blocks == 0 else self.head(f, cells))
+            f = f if self.train_blocks == 0 else self.head(f, cells)
+            feats.append(torch.cat([f, f.mean(0, keepdim=True).expand_as(f)], 1) if self.global_context else f)
         out = self.proj(torch.cat(feats).to(self.dtype))
         return BaseModelOutputWithPooling(last_hidden_state=out, pooler_output=out)
 
@@ -1518,13 +1523,15 @@ class StepGuard:
 
     check(step, loss, grad_norm) flags a step "non-finite" (a NaN or inf loss or gradient norm: the caller
     skips the update) or "spike" (the loss or the gradient norm over SPIKE times the median of the last
-    WINDOW unflagged steps, once there are MIN_STEPS of them: the update stands, its gradient was clipped),
-    or returns None. `clean` is False while flagged steps run on: no checkpoint is saved then. After
+    WINDOW unflagged steps, once there are MIN_STEPS of them, and over FLOOR: a loss under 0.1 nats a token or
+    a gradient norm under 1 is no blow-up, whatever its ratio to a median near zero, as a memorising SFT's
+    is; the update stands, its gradient was clipped), or returns None. `clean` is False while flagged steps run on: no checkpoint is saved then. After
     max_bad flagged steps in a row, stop() raises, naming the last good checkpoint (last_good_checkpoint);
     the ones saved after the trouble began become step_N.bad, so --resume starts from the good one.
     state() goes into each checkpoint's state.json, so a resumed run flags the same steps.
     """
     SPIKE, WINDOW, MIN_STEPS = 10.0, 20, 5
+    FLOOR = {"loss": 0.1, "grad_norm": 1.0}
 
     def __init__(self, max_bad, state=None):
         self.max_bad = max_bad
@@ -1543,8 +1550,8 @@ class StepGuard:
         flag = None
         if not all(math.isfinite(v) for v in values.values()):
             flag = "non-finite"
-        elif any(len(self.recent[k]) >= self.MIN_STEPS and v > self.SPIKE * statistics.median(self.recent[k])
-                 for k, v in values.items()):
+        elif any(len(self.recent[k]) >= self.MIN_STEPS and v > max(self.SPIKE * statistics.median(self.recent[k]),
+                                                                 self.FLOOR[k]) for k, v in values.items()):
             flag = "spike"
         if flag:
             self.streak.append(step)

@@ -833,6 +833,18 @@ def test_a_final_save_killed_midway_never_leaves_a_mix(tmp, monkeypatch):
     assert finished and outcomes[0] == "old" and outcomes[-1] == "new" and "refused" in outcomes
 
 
+def test_step_guard_ignores_ratios_near_zero():
+    # a memorising SFT (VQA-RAD at two threads): losses near 2e-4, then 0.004 (20 x the median) with a
+    # gradient norm of 0.3 (30 x): no blow-up, under the floors (0.1 nats a token, a gradient norm of 1)
+    guard = M.StepGuard(max_bad=3)
+    for step in range(1, 7):
+        assert guard.check(step, loss=2e-4, grad_norm=0.01) is None
+    assert guard.check(7, loss=0.004, grad_norm=0.3) is None and guard.clean
+    assert guard.check(8, loss=0.09, grad_norm=0.99) is None  # both just under their floors
+    assert guard.check(9, loss=0.11, grad_norm=0.01) == "spike"  # over the loss floor and 10 x its median
+    assert guard.check(10, loss=2e-4, grad_norm=1.5) == "spike"  # over the gradient floor and 10 x its median
+
+
 def test_step_guard_flags_spikes_and_names_a_checkpoint_from_before_the_trouble(tmp):
     guard = M.StepGuard(max_bad=2)
     for step, g in enumerate([1.0, 1.2, 0.8, 1.1, 0.9, 1.0], 1):
