@@ -364,11 +364,7 @@ class Lite0Tower(torch.nn.Module):
         self.train_blocks = getattr(config, "train_blocks", 0)
         self.n_trunk = len(self.cnn._blocks) - self.train_blocks
         width = config.out_hidden_size
-        # global_context: each cell's features go in beside the image's mean over its cells (1280 + 1280), so
-        # every image token carries the whole image's summary, as a pooled-feature probe sees it
-        self.global_context = getattr(config, "global_context", False)
-        d = 2560 if self.global_context else 1280
-        self.proj = torch.nn.Sequential(torch.nn.LayerNorm(d), torch.nn.Linear(d, width), torch.nn.GELU(),
+        self.proj = torch.nn.Sequential(torch.nn.LayerNorm(1280), torch.nn.Linear(1280, width), torch.nn.GELU(),
                                         torch.nn.Linear(width, width))  # LLaVA-1.5's projector, normed input
         self.cache, self.cache_bytes, self.cache_mb = {}, 0, getattr(config, "cache_mb", 2048)
         self.freeze_trunk()
@@ -418,8 +414,7 @@ class Lite0Tower(torch.nn.Module):
                     self.cache_bytes += f.numel() * f.element_size()
             else:
                 f = self.cache[key]
-            f = f if self.train_blocks == 0 else self.head(f, cells)
-            feats.append(torch.cat([f, f.mean(0, keepdim=True).expand_as(f)], 1) if self.global_context else f)
+            feats.append(f if self.train_blocks == 0 else self.head(f, cells))
         out = self.proj(torch.cat(feats).to(self.dtype))
         return BaseModelOutputWithPooling(last_hidden_state=out, pooler_output=out)
 
