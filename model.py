@@ -1518,10 +1518,10 @@ class StepGuard:
 
     check(step, loss, grad_norm) flags a step "non-finite" (a NaN or inf loss or gradient norm: the caller
     skips the update) or "spike" (the loss or the gradient norm over SPIKE times the median of the last
-    WINDOW unflagged steps, once there are MIN_STEPS of them, and over FLOOR: a loss under 0.1 nats a token or
-    a gradient norm under 1 is no blow-up, whatever its ratio to a median near zero, as a memorising SFT's
-    is; the update stands, its gradient was clipped), or returns None. `clean` is False while flagged steps run on: no checkpoint is saved then. After
-    max_bad flagged steps in a row, stop() raises, naming the last good checkpoint (last_good_checkpoint);
+    WINDOW unflagged steps, once there are MIN_STEPS of them, and over FLOOR: a loss under 0.1 nats a token
+    or a gradient norm under 1 is no blow-up, whatever its ratio to a median near zero, as a memorising
+    SFT's is; the update stands, its gradient was clipped), or returns None. `clean` is False while
+    flagged steps run on: no checkpoint is saved then. After max_bad flagged steps in a row, stop() raises, naming the last good checkpoint (last_good_checkpoint);
     the ones saved after the trouble began become step_N.bad, so --resume starts from the good one.
     state() goes into each checkpoint's state.json, so a resumed run flags the same steps.
     """
