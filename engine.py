@@ -57,6 +57,8 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+from common import print0
+from families import FAMILIES, text_model
 
 # -----------------------------------------------------------------------------
 # the decoder: the checkpoint's text weights and a static KV cache
@@ -76,7 +78,7 @@ def rotate(x, cos, sin):
 def supports(model):
     """None if the decode step below computes exactly what `model`'s text layers compute, else what it lacks.
     Checked from the modules themselves, so a family or setting it was never written for falls back."""
-    text, cfg = M.text_model(model), model.config.get_text_config()
+    text, cfg = text_model(model), model.config.get_text_config()
     kind = model.config.model_type
     if type(text.embed_tokens) is not torch.nn.Embedding:
         return "scaled embeddings"
@@ -99,7 +101,7 @@ def supports(model):
             return "attention scaled other than 1/sqrt(head_dim), or partial rotary"
         if "Gemma" in type(layer.input_layernorm).__name__:
             return "(1 + w) RMSNorm"
-    if not M.FAMILIES.get(kind, {}).get("engine"):  # tests/test_families.py checks each family it claims
+    if not FAMILIES.get(kind, {}).get("engine"):  # tests/test_families.py checks each family it claims
         return f"a test for {kind}"
     return None
 
@@ -108,7 +110,7 @@ class Decoder:
     """One decode step over N rows with a KV cache of S columns, from `model`'s own weights in `dtype`."""
 
     def __init__(self, model, N, S, dtype):
-        text = M.text_model(model)
+        text = text_model(model)
         cast = {}  # a tied lm_head is the embedding matrix: one copy at most
 
         def get(p):
@@ -201,8 +203,8 @@ def fallback(vlm, batch, group_size, max_new_tokens, temperature, seeds, ignore_
     kind = vlm.model.config.model_type
     if kind not in _FELL_BACK:
         _FELL_BACK.add(kind)
-        M.print0(f"engine: {kind} decodes on model.sample (engine.py's decode step lacks {reason}): "
-                 f"the same tokens, without the static cache's speed")
+        print0(f"engine: {kind} decodes on model.sample (engine.py's decode step lacks {reason}): "
+               f"the same tokens, without the static cache's speed")
     out = M.sample(vlm, batch, group_size, max_new_tokens, temperature, seeds, ignore_eos=ignore_eos)
     logps = M.completion_logps(vlm, batch, out["tokens"], group_size, temperature if temperature > 0 else 1.0)
     return {**out, "logps": logps * out["mask"]}

@@ -47,6 +47,7 @@ from tqdm import tqdm
 import data
 import model as M
 import rewards
+from common import SetupError, init_dist
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
 # data
@@ -253,7 +254,7 @@ def evaluate(vlm, rows, batch_size=64, max_new_tokens=128, progress=True, images
 
 
 def main(args):
-    rank, world, device = M.init_dist(args.device)
+    rank, world, device = init_dist(args.device)
     t0 = time.time()
     # --out first: a folder or a read-only path found after the last answer would lose them all
     predictions = os.path.join(os.path.dirname(os.path.abspath(args.out)), "predictions.jsonl")
@@ -306,5 +307,5 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parser.parse_args())
-    except (data.DataError, M.SetupError) as e:  # bad input, model folder or --out: one line, no traceback
+    except (data.DataError, SetupError) as e:  # bad input, model folder or --out: one line, no traceback
         raise SystemExit(f"error: {e}")

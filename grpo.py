@@ -18,28 +18,24 @@ Departures from the released code (TRL's GRPOTrainer), with their evidence in do
 - the full clipped objective (--inner_epochs, --clip_eps_high); rewards that resist hacking (rewards.py).
 - groups with no reward spread skip the reference and training passes (their advantage is 0; only
   their KL term is dropped; --train_zero_std keeps them): 3.3x faster a step on the demo (part 3).
-- rollout seeds from (seed, step, prompt, sample): resumed or on any number of ranks, the same samples.
 - held-out model selection: the final model is the evaluated step, the start included, with the best
   held-out accuracy (--keep_last: the paper's last step; --open_floor: only models whose open
   accuracy and recall hold the start's), so GRPO never hands back a model worse held out (2.2, 2.3).
 - --screen N: train only on the prompts the starting model neither always answers right nor always
   wrong, chosen once (--dynamic_sampling K filters every step, at K times the generation) (2.3).
-- T 0.5 and lr 5e-5 for the tiny model (the paper: 1.0 and 1e-6 on a pretrained 3B) (1.3, 2.2).
-Paper setting: --lr 1e-6 --kl_coef 0.04 --group_size 6 --temperature 1.0 --inner_epochs 1.
-
-Run it:
+- T 0.5 and lr 5e-5 for the tiny model (the paper: 1.0 and 1e-6 on a pretrained 3B) (1.3, 2.2); rollout
+  seeds from (seed, step, prompt, sample): resumed or on any number of ranks, the same samples.
+Paper setting: --lr 1e-6 --kl_coef 0.04 --group_size 6 --temperature 1.0 --inner_epochs 1. Run it:
     python grpo.py --ckpt runs/sft --data demo --out runs/grpo                        # CPU, demo
     torchrun --nproc_per_node=2 grpo.py --ckpt runs/sft                               # 2 processes
     torchrun --nproc_per_node=8 grpo.py --ckpt sft_out --data runs/pseudo_slake.jsonl \\
         --lr 1e-6 --prompts_per_step 48 --max_new_tokens 512 --max_pixels 200704 --grad_ckpt
-    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \\
-        grpo.py ...     # 2 nodes: the same command on each, R = 0 on HOST0, 1 on the other
+    torchrun --nnodes=2 --node_rank=R --master_addr=HOST0 ... grpo.py ...  # 2 nodes: R = 0 on HOST0, 1 on the other
     ... --bf16          # the 3B on one GPU: bf16 weights and AdamW state (optim.py), rollouts on engine.py
     ... --fsdp          # shard policy and reference (FSDP2) when one GPU cannot hold them
     ... --resume        # continue exactly from the newest checkpoint in --out (shared by all nodes)
 
-Outputs in --out: the final model (Hugging Face folder), metrics.jsonl (one record per step),
-rollouts.jsonl (a few sampled completions per step with their rewards), args.json, checkpoints/.
+Outputs in --out: the final model (a Hugging Face folder), metrics.jsonl, rollouts.jsonl, checkpoints/.
 """
 
 import argparse
@@ -59,6 +55,11 @@ import evaluate
 import model as M
 import optim
 import rewards
+from checkpoint import (TrainingStopped, load_state, resume_from, resume_or_start, save_checkpoint,
+                        save_step_checkpoint)
+from common import SetupError, allreduce_grads, clip_grad_norm, default_dtype, init_dist, print0
+from families import freeze_vision
+from fsdp import fsdp_shard
 
 # -----------------------------------------------------------------------------
 # config
@@ -342,8 +343,8 @@ def train(vlm, params, optimizer, rollouts, picked, old_logps, ref_logps, step, 
             for k, v in stats.items():
                 stats_sum[k] += v * share.item() / args.inner_epochs
         if not args.fsdp:  # FSDP has already reduce-scattered the gradients
-            M.allreduce_grads(params)
-        grad_norm = M.clip_grad_norm(params, args.grad_clip)
+            allreduce_grads(params)
+        grad_norm = clip_grad_norm(params, args.grad_clip)
         if not torch.isfinite(grad_norm):
             skipped = True
             optimizer.zero_grad(set_to_none=True)
@@ -414,7 +415,7 @@ def keep_if_best(vlm, best, step, scores, args, start=None):
                              or (args.open_floor and start is not None and not holds_open(scores, start))):
         return best
     best = {"step": step, **scores}
-    M.save_checkpoint(os.path.join(args.out, "best"), vlm, {**best, "start": start or scores})  # every rank
+    save_checkpoint(os.path.join(args.out, "best"), vlm, {**best, "start": start or scores})  # every rank
     return best
 
 
@@ -464,7 +465,7 @@ def load_rows(args):
             val_rows = data.load(args.val_data or args.data, args.val_split, limit=args.val_limit,
                                  skip_bad_rows=args.skip_bad_rows)
         except data.SplitNotFound as e:
-            M.print0(f"no held-out split for periodic eval ({e}); set --val_split or --eval_every 0")
+            print0(f"no held-out split for periodic eval ({e}); set --val_split or --eval_every 0")
     return rows, val_rows
 
 
@@ -473,7 +474,7 @@ def load_models(args, device, ckpt):
     frozen reference."""
     load_on = "cpu" if args.fsdp else device  # FSDP moves each rank's shard to `device`
     if args.fsdp and (args.bf16 or args.engine == "static"):
-        raise M.SetupError("--fsdp shards the weights: it takes neither --bf16 nor --engine static")
+        raise SetupError("--fsdp shards the weights: it takes neither --bf16 nor --engine static")
     dtype = torch.bfloat16 if args.bf16 else torch.float32  # --bf16: the reference is bf16 too
     vlm = M.load(ckpt or args.ckpt, device=load_on, dtype=dtype, texts=data.tokenizer_texts,
                  max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code)
@@ -481,15 +482,15 @@ def load_models(args, device, ckpt):
     if args.kl_coef != 0:  # the reference is the starting model, also after a resume
         ref = M.load(args.ckpt, device=load_on, texts=data.tokenizer_texts, max_pixels=args.max_pixels,
                      trust_remote_code=args.trust_remote_code).model if ckpt else copy.deepcopy(policy)
-        ref = ref.to(dtype if args.bf16 else M.default_dtype(device)).eval().requires_grad_(False)
+        ref = ref.to(dtype if args.bf16 else default_dtype(device)).eval().requires_grad_(False)
     if args.freeze_vision:
-        M.freeze_vision(policy)
+        freeze_vision(policy)
     if args.grad_ckpt:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.fsdp:  # each rank holds 1/world of the weights, gradients and optimizer state
-        M.fsdp_shard(policy)
+        fsdp_shard(policy)
         if ref is not None:
-            M.fsdp_shard(ref)
+            fsdp_shard(ref)
     return vlm, ref
 
 
@@ -511,12 +512,12 @@ def start_selection(vlm, val_rows, start, args, rank, world, device, images):
     if start:
         if not os.path.exists(os.path.join(args.out, "best", "state.json")):
             return None, None
-        best = M.load_state(os.path.join(args.out, "best"))
+        best = load_state(os.path.join(args.out, "best"))
         return best, best.pop("start")
     start_scores = held_out_scores(vlm, val_rows, args, rank, world, device, images)
     best = keep_if_best(vlm, None, 0, start_scores, args)
-    M.print0(f"held-out accuracy at the start: {best['val_accuracy']:.3f} ({len(val_rows)} rows)"
-             + (f", open {best['val_open_accuracy']:.3f}, recall {best['val_open_recall']:.3f}"
+    print0(f"held-out accuracy at the start: {best['val_accuracy']:.3f} ({len(val_rows)} rows)"
+           + (f", open {best['val_open_accuracy']:.3f}, recall {best['val_open_recall']:.3f}"
                 if best["val_open_accuracy"] is not None else ""))
     return best, start_scores
 
@@ -532,10 +533,10 @@ def screened_rows(vlm, rows, start, args, rank, world, autocast, sample, images)
         if rank == 0:
             with open(path, "w") as f:
                 json.dump({"spread": n_spread, "pool": pool}, f)
-        M.print0(f"screen: {n_spread} of {n_screened} prompts with accuracy spread; training on {len(pool)}")
+        print0(f"screen: {n_spread} of {n_screened} prompts with accuracy spread; training on {len(pool)}")
     rows = [rows[i] for i in pool]
     if len(rows) < args.prompts_per_step * max(1, args.dynamic_sampling):
-        raise M.SetupError(f"--screen kept {len(rows)} prompts, fewer than --prompts_per_step x --dynamic_sampling")
+        raise SetupError(f"--screen kept {len(rows)} prompts, fewer than --prompts_per_step x --dynamic_sampling")
     return rows
 
 
@@ -543,16 +544,16 @@ def save_final(vlm, best, start_scores, args, rank, t_start):
     """The final model at --out: the last step's, or the evaluated step that held out best (OUT/best)."""
     state = {"step": args.max_steps, "args": vars(args), **({"start": start_scores} if start_scores else {})}
     if best is None or best["step"] == args.max_steps:
-        M.save_checkpoint(args.out, vlm, {**state, "selected": best})  # every rank (FSDP gathers)
+        save_checkpoint(args.out, vlm, {**state, "selected": best})  # every rank (FSDP gathers)
     else:  # an earlier step held out better: it becomes the final model
-        M.print0(f"final model: step {best['step']}, the best held-out accuracy ({best['val_accuracy']:.3f})"
-                 + (" of those holding open answers" if args.open_floor else ""))
+        print0(f"final model: step {best['step']}, the best held-out accuracy ({best['val_accuracy']:.3f})"
+               + (" of those holding open answers" if args.open_floor else ""))
         if rank == 0:
-            M.save_checkpoint(args.out, M.load(os.path.join(args.out, "best"), dtype=vlm.model.dtype,
-                                               max_pixels=args.max_pixels), {**state, "selected": best})
+            save_checkpoint(args.out, M.load(os.path.join(args.out, "best"), dtype=vlm.model.dtype,
+                                             max_pixels=args.max_pixels), {**state, "selected": best})
     if rank == 0 and best is not None:
         shutil.rmtree(os.path.join(args.out, "best"), ignore_errors=True)
-    M.print0(f"saved {args.out} ({time.time() - t_start:.0f}s)")
+    print0(f"saved {args.out} ({time.time() - t_start:.0f}s)")
 
 
 # -----------------------------------------------------------------------------
@@ -560,15 +561,15 @@ def save_final(vlm, best, start_scores, args, rank, t_start):
 
 
 def main(args):
-    rank, world, device = M.init_dist(args.device)
+    rank, world, device = init_dist(args.device)
     torch.manual_seed(args.seed)
-    ckpt = M.resume_from(args.out) if args.resume else None  # nothing to resume: one line, nothing touched
+    ckpt = resume_from(args.out) if args.resume else None  # nothing to resume: one line, nothing touched
     data.writable_folder(args.out)
     if args.group_size < 2:
-        raise M.SetupError("--group_size must be >= 2: GRPO's advantage compares completions within a group")
+        raise SetupError("--group_size must be >= 2: GRPO's advantage compares completions within a group")
     P, G, K = args.prompts_per_step // world, args.group_size, max(1, args.dynamic_sampling)  # P: this rank's
     if P * world != args.prompts_per_step:
-        raise M.SetupError(f"--prompts_per_step {args.prompts_per_step} must be divisible by world size {world}")
+        raise SetupError(f"--prompts_per_step {args.prompts_per_step} must be divisible by world size {world}")
     weights = {"accuracy": args.w_accuracy, "format": args.w_format, "fact": args.w_fact,
                "consistency": args.w_consistency}
     judge = rewards.make_openai_judge(args.judge_url, args.judge_model) if args.judge_url else None
@@ -583,19 +584,19 @@ def main(args):
     images = data.ImageCache(vlm.fit_image)  # each image decoded and resized once, not at every use
     if len(rows) < args.prompts_per_step * K:  # a step samples K x prompts_per_step distinct rows
         need = f"--prompts_per_step {args.prompts_per_step}" + (f" x --dynamic_sampling {K}" if K > 1 else "")
-        raise M.SetupError(f"{args.data}: {len(rows)} rows, fewer than {need}")
+        raise SetupError(f"{args.data}: {len(rows)} rows, fewer than {need}")
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, args, device)
     static = args.engine == "static" or (args.engine == "auto" and device.type == "cuda" and not args.fsdp)
     sample = engine.sample if static else M.sample  # the same seeds give the same completions
-    start, guard = M.resume_or_start(args, ckpt, optimizer, policy)
+    start, guard = resume_or_start(args, ckpt, optimizer, policy)
     if rank == 0:  # the logs keep exactly the steps before `start`
         for log in ("metrics.jsonl", "rollouts.jsonl"):
             data.truncate_jsonl(os.path.join(args.out, log), start)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
-    M.print0(f"grpo: {len(rows)} prompts, {args.prompts_per_step} x {G} completions per step, "
-             f"{args.max_steps} steps, {world} rank(s), device {device}, kl_coef {args.kl_coef}")
+    print0(f"grpo: {len(rows)} prompts, {args.prompts_per_step} x {G} completions per step, "
+           f"{args.max_steps} steps, {world} rank(s), device {device}, kl_coef {args.kl_coef}")
     best, start_scores = start_selection(vlm, val_rows, start, args, rank, world, device, images)
     if args.screen:
         rows = screened_rows(vlm, rows, start, args, rank, world, autocast, sample, images)
@@ -655,12 +656,12 @@ def main(args):
         if rank == 0:
             print_step(bar, rec, step, start, t_start, args)
         if flag:
-            M.print0(f"step {step + 1}: {flag} gradient norm {grad_norm.item()}{', update skipped' if skipped else ''} "
-                     f"({len(guard.streak)}/{args.max_bad_steps} in a row)")
+            print0(f"step {step + 1}: {flag} gradient norm {grad_norm.item()}{', update skipped' if skipped else ''} "
+                   f"({len(guard.streak)}/{args.max_bad_steps} in a row)")
         guard.stop(args.out)  # max_bad flagged steps in a row: stop, naming the last good checkpoint
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.max_steps and guard.clean:
-            M.save_step_checkpoint(args.out, step + 1, vlm, {"step": step + 1, "args": vars(args),
-                                                             "guard": guard.state()}, optimizer)
+            save_step_checkpoint(args.out, step + 1, vlm, {"step": step + 1, "args": vars(args),
+                                                           "guard": guard.state()}, optimizer)
 
     save_final(vlm, best, start_scores, args, rank, t_start)
     if world > 1:
@@ -671,5 +672,5 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parser.parse_args())
-    except (data.DataError, M.SetupError, M.TrainingStopped) as e:  # bad input, setup, a stop: one line, no traceback
+    except (data.DataError, SetupError, TrainingStopped) as e:  # bad input, setup, a stop: one line, no traceback
         raise SystemExit(f"error: {e}")

@@ -476,8 +476,8 @@ class HFWriter:
     """A local Hugging Face model (folder or hub name) through model.py: text-only generation."""
 
     def __init__(self, path, max_new_tokens=96, temperature=0.0, seed=0, device="auto"):
-        import model as M  # imported here: the template path never needs torch or transformers models
-        _, _, device = M.init_dist(device)
+        import common, model as M  # imported here: the template path never needs torch or transformers models
+        _, _, device = common.init_dist(device)
         self.vlm, self.name = M.load(path, device=device, texts=data.tokenizer_texts), f"hf:{path}"
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
 

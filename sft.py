@@ -47,6 +47,10 @@ from tqdm import tqdm
 import data
 import model as M
 import optim
+from checkpoint import TrainingStopped, resume_from, resume_or_start, save_checkpoint, save_step_checkpoint
+from common import SetupError, allreduce_grads, clip_grad_norm, init_dist, print0
+from families import freeze_vision, train_lite0_blocks, vision_tower
+from fsdp import fsdp_shard
 
 # -----------------------------------------------------------------------------
 # config
@@ -126,7 +130,7 @@ def load_rows(args):
         msg = f"{args.data}: row {missing[0]['id']}: no 'target' field (is this retrieve.py's output?)"
         if not args.skip_bad_rows:
             raise data.DataError(msg)
-        M.print0(f"skipped {len(missing)} rows without a target: first: {msg}")
+        print0(f"skipped {len(missing)} rows without a target: first: {msg}")
         rows = [r for r in rows if r.get("target")]
     # the held-out slice depends on the seed only, so a resumed run holds out the same rows
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
@@ -193,10 +197,10 @@ def val_loss(vlm, val_rows, chunk, rank, world, device, autocast, images=data.lo
 
 
 def main(args):
-    rank, world, device = M.init_dist(args.device)
+    rank, world, device = init_dist(args.device)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    ckpt = M.resume_from(args.out) if args.resume else None  # nothing to resume: one line, nothing touched
+    ckpt = resume_from(args.out) if args.resume else None  # nothing to resume: one line, nothing touched
     data.writable_folder(args.out)
 
     # -------------------------------------------------------------------------
@@ -209,7 +213,7 @@ def main(args):
     texts = [t for r in train_rows for t in (r["question"], r["target"])] + \
         [p["text"] for r in train_rows[:2000] for p in r.get("evidence", [])[:1] if isinstance(p, dict)]
     if args.bf16 and args.fsdp:
-        raise M.SetupError("--bf16 is for unsharded weights: drop --fsdp (or --bf16)")
+        raise SetupError("--bf16 is for unsharded weights: drop --fsdp (or --bf16)")
     vlm = M.load(ckpt or args.model, device="cpu" if args.fsdp else device,
                  dtype=torch.bfloat16 if args.bf16 else torch.float32, texts=texts,
                  max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code)
@@ -219,11 +223,11 @@ def main(args):
     images = data.ImageCache(vlm.fit_image)  # each image decoded and resized once, not at every step
     micro = args.batch_size // (world * args.grad_accum)
     if micro * world * args.grad_accum != args.batch_size:
-        raise M.SetupError(f"--batch_size {args.batch_size} must be divisible by world_size ({world}) x "
+        raise SetupError(f"--batch_size {args.batch_size} must be divisible by world_size ({world}) x "
                          f"--grad_accum ({args.grad_accum})")
     steps_per_epoch = len(train_rows) // args.batch_size
     if steps_per_epoch == 0:
-        raise M.SetupError(f"{args.data}: {len(train_rows)} training rows, fewer than one batch of {args.batch_size}")
+        raise SetupError(f"{args.data}: {len(train_rows)} training rows, fewer than one batch of {args.batch_size}")
     max_steps = args.max_steps or int(args.epochs * steps_per_epoch)
 
     def global_batch(step):  # the same rows for a step whatever the world size, and after a resume
@@ -236,23 +240,23 @@ def main(args):
     model = vlm.model
     model.train()
     if args.train_cnn_blocks and not ckpt:  # a resumed run's config already says it
-        M.train_lite0_blocks(model, args.train_cnn_blocks)
+        train_lite0_blocks(model, args.train_cnn_blocks)
     if args.freeze_vision:
-        M.freeze_vision(model)
+        freeze_vision(model)
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.fsdp:  # each rank holds 1/world of the weights, gradients and optimizer state (moved to `device`)
-        M.fsdp_shard(model)
+        fsdp_shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    cnn = getattr(M.vision_tower(model), "cnn", None)  # tiny-lite0's pretrained CNN, when part of it trains
+    cnn = getattr(vision_tower(model), "cnn", None)  # tiny-lite0's pretrained CNN, when part of it trains
     optimizer = make_optimizer(params, args, device, [p for p in cnn.parameters() if p.requires_grad] if cnn else ())
-    start, guard = M.resume_or_start(args, ckpt, optimizer, model)
+    start, guard = resume_or_start(args, ckpt, optimizer, model)
     if rank == 0:  # the logs keep exactly the steps before `start`
         for log in ("metrics.jsonl",):
             data.truncate_jsonl(os.path.join(args.out, log), start)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    M.print0(f"sft: {len(train_rows)} train / {len(val_rows)} val rows, {M.count_params(model) / 1e6:.1f}M params, "
-             f"{max_steps} steps of {args.batch_size} ({world} ranks x {args.grad_accum} x {micro}), device {device}")
+    print0(f"sft: {len(train_rows)} train / {len(val_rows)} val rows, {M.count_params(model) / 1e6:.1f}M params, "
+           f"{max_steps} steps of {args.batch_size} ({world} ranks x {args.grad_accum} x {micro}), device {device}")
 
     def log(rec):
         if rank == 0:
@@ -271,13 +275,13 @@ def main(args):
             param_group["lr"] = lr * param_group.get("lr_scale", 1.0)
         loss = accumulate_gradients(vlm, mine, n_tokens, micro, args, step, world, device, autocast, images)
         if not args.fsdp:  # FSDP has already reduce-scattered the gradients
-            M.allreduce_grads(params)
-        grad_norm = M.clip_grad_norm(params, args.grad_clip)
+            allreduce_grads(params)
+        grad_norm = clip_grad_norm(params, args.grad_clip)
         flag = guard.check(step + 1, loss, grad_norm.item())  # non-finite: skip the update; spike: flag it
         if flag:
             skip = ", update skipped" if flag == "non-finite" else ""
-            M.print0(f"step {step + 1}: {flag} (loss {loss}, grad norm {grad_norm.item()}){skip} "
-                     f"({len(guard.streak)}/{args.max_bad_steps} in a row)")
+            print0(f"step {step + 1}: {flag} (loss {loss}, grad norm {grad_norm.item()}){skip} "
+                   f"({len(guard.streak)}/{args.max_bad_steps} in a row)")
         if flag == "non-finite":
             optimizer.zero_grad(set_to_none=True)
             log({"step": step + 1, "skipped": True, "loss": None, "lr": lr})
@@ -297,17 +301,17 @@ def main(args):
                       f"grad_norm {grad_norm.item():.2f} {(time.time() - t0) / (step + 1 - start):.2f}s/step")
         guard.stop(args.out)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < max_steps and guard.clean:
-            M.save_step_checkpoint(args.out, step + 1, vlm, {"step": step + 1, "args": vars(args),
-                                                             "guard": guard.state()}, optimizer)
+            save_step_checkpoint(args.out, step + 1, vlm, {"step": step + 1, "args": vars(args),
+                                                           "guard": guard.state()}, optimizer)
 
     # -------------------------------------------------------------------------
     # the final model, a plain Hugging Face folder at --out
     final = {"step": max_steps, "args": vars(args)}
     if val_rows:
         final["val_loss"] = val_loss(vlm, val_rows, micro * args.grad_accum, rank, world, device, autocast, images)
-        M.print0(f"final val_loss {final['val_loss']:.4f}")
-    M.save_checkpoint(args.out, vlm, final)  # every rank: under FSDP the weights are gathered first
-    M.print0(f"saved {args.out} ({time.time() - t0:.0f}s)")
+        print0(f"final val_loss {final['val_loss']:.4f}")
+    save_checkpoint(args.out, vlm, final)  # every rank: under FSDP the weights are gathered first
+    print0(f"saved {args.out} ({time.time() - t0:.0f}s)")
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -316,5 +320,5 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parser.parse_args())
-    except (data.DataError, M.SetupError, M.TrainingStopped) as e:  # bad input, setup, a stop: one line, no traceback
+    except (data.DataError, SetupError, TrainingStopped) as e:  # bad input, setup, a stop: one line, no traceback
         raise SystemExit(f"error: {e}")

@@ -92,17 +92,20 @@ def build(args, work):
     from PIL import Image
     import data
     import model as M
+    from checkpoint import save_checkpoint
+    from families import INSTRUCTION, chat_prompt
+    from scratch import TINY_IMAGE_SIZE
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     vlm = M.load(args.model, device=device, texts=data.tokenizer_texts)  # bf16 on CUDA, fp32 on CPU; both sides upcast the policy to fp32
     ckpt = work / "ckpt"
-    M.save_checkpoint(str(ckpt), vlm, {"step": 0})
+    save_checkpoint(str(ckpt), vlm, {"step": 0})
     # rows: demo questions, each padded with a fixed clinical history to ~--words words with the instruction
-    size = args.image_size or (M.TINY_IMAGE_SIZE if args.model == "tiny" else 448)
+    size = args.image_size or (TINY_IMAGE_SIZE if args.model == "tiny" else 448)
     (work / "images").mkdir(exist_ok=True)
     rows, n = [], 48
     for i, r in enumerate(data.load("demo", "train")[:n * 7:7]):  # every 7th: several images and question kinds
-        left = args.words - len(M.INSTRUCTION.split()) - len(r["question"].split())
+        left = args.words - len(INSTRUCTION.split()) - len(r["question"].split())
         question = " ".join((FILLER.split() * 4)[:max(0, left)] + [r["question"]])
         path = work / "images" / f"{i:03d}.png"
         r["image"].convert("RGB").resize((size, size), Image.BILINEAR).save(path)
@@ -122,7 +125,7 @@ def build(args, work):
         "image_size": size,
         "image_tokens": int((batch["input_ids"][0] == vlm.image_token_id).sum()),
         "prompt_tokens_mean": batch["attention_mask"].sum(1).float().mean().item(),
-        "prompt_words_mean": statistics.mean(len(f"{r['question']} {M.INSTRUCTION}".split()) for r in rows),
+        "prompt_words_mean": statistics.mean(len(f"{r['question']} {INSTRUCTION}".split()) for r in rows),
         "rows": len(rows),
     }
     if cuda:  # copy bandwidth: reads + writes of a 1 GiB buffer, the best of 12 copies
@@ -152,6 +155,9 @@ def trl_worker(args, work, run_dir, P, grad_ckpt, bf16):
     from trl import GRPOConfig, GRPOTrainer
     import model as M
     import rewards
+    from checkpoint import save_checkpoint
+    from families import INSTRUCTION, chat_prompt
+    from scratch import TINY_IMAGE_SIZE
 
     cuda = torch.cuda.is_available()
     ckpt = str(work / "ckpt")
@@ -171,7 +177,7 @@ def trl_worker(args, work, run_dir, P, grad_ckpt, bf16):
                                        {"type": "text", "text": rows[0]["question"]}]}]],
         add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"][0]
     n_img = sum(1 for t in trl_ids if t == processor.image_token_id)
-    ours_ids = tokenizer(M.chat_prompt(rows[0]["question"], n_img), add_special_tokens=False).input_ids
+    ours_ids = tokenizer(chat_prompt(rows[0]["question"], n_img), add_special_tokens=False).input_ids
     if list(trl_ids) != ours_ids:
         raise SystemExit(f"TRL's prompt differs from grpo.py's:\n{list(trl_ids)}\n{ours_ids}")
 
@@ -251,6 +257,9 @@ def decode_worker(args, work, bf16):
     from PIL import Image
     import engine
     import model as M
+    from checkpoint import save_checkpoint
+    from families import INSTRUCTION, chat_prompt
+    from scratch import TINY_IMAGE_SIZE
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     # as grpo.py holds the policy: bf16 weights (--bf16), else fp32 weights under bf16 autocast on CUDA
@@ -410,7 +419,8 @@ def git_state():
     """The commit measured, and which of the files that run changed since it (uncommitted edits)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "grpo.py", "model.py", "data.py", "rewards.py",
+        dirty = subprocess.run(["git", "status", "--porcelain", "grpo.py", "model.py", "common.py", "families.py",
+                                "fsdp.py", "checkpoint.py", "scratch.py", "lite0.py", "data.py", "rewards.py",
                                 "synthetic_cxr.py", "engine.py", "optim.py"],
                                cwd=ROOT, capture_output=True, text=True).stdout.split("\n")
         return {"commit": commit or None, "uncommitted": [line[3:] for line in dirty if line.strip()]}

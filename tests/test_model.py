@@ -6,6 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
+import common
 import model as M
 
 TEXTS = ["Is there a pleural effusion? <think>The image shows fluid at the left base.</think><answer>yes</answer>",
@@ -189,7 +191,7 @@ def test_logps_carry_gradient_and_a_step_changes_the_model(vlm):
 
 
 def test_grad_clip_zero_means_no_clipping():
-    # sft.py and grpo.py clip with M.clip_grad_norm(params, --grad_clip): 0 must leave the gradients
+    # sft.py and grpo.py clip with common.clip_grad_norm(params, --grad_clip): 0 must leave the gradients
     # alone (torch's clip_grad_norm_(params, 0) multiplies them by 0) and still report their norm
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((3, 4), (5,), (2,))]
@@ -197,17 +199,17 @@ def test_grad_clip_zero_means_no_clipping():
     for p, g in zip(params, grads):
         p.grad = g.clone()
     norm = torch.cat([g.reshape(-1) for g in grads]).norm()
-    assert torch.allclose(M.clip_grad_norm(params, 0.0), norm)
+    assert torch.allclose(common.clip_grad_norm(params, 0.0), norm)
     assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
     # a positive max_norm still clips, and returns the norm before clipping
-    assert torch.allclose(M.clip_grad_norm(params, 0.5 * norm.item()), norm)
+    assert torch.allclose(common.clip_grad_norm(params, 0.5 * norm.item()), norm)
     assert all(torch.allclose(p.grad, g * 0.5, rtol=1e-5) for p, g in zip(params, grads))
 
 
 def test_save_load_round_trip(vlm, tmp_path):
     path = str(tmp_path / "ckpt")
-    M.save_checkpoint(path, vlm, state={"step": 3})
-    assert os.path.exists(os.path.join(path, "model.safetensors")) and M.load_state(path)["step"] == 3
+    checkpoint.save_checkpoint(path, vlm, state={"step": 3})
+    assert os.path.exists(os.path.join(path, "model.safetensors")) and checkpoint.load_state(path)["step"] == 3
     assert not os.path.exists(path + ".tmp")
     again = M.load(path)
     batch = vlm.encode(images(2), QUESTIONS[:2])
@@ -233,7 +235,7 @@ def test_a_model_built_from_scratch_is_told_its_tokenizer_texts():
     """The core knows no dataset: a tiny or random model without texts is a one-line error, and texts may be
     a function, called only when a model is built (the stages pass data.tokenizer_texts)."""
     for name in ("tiny", "random:qwen2-vl-2b"):
-        with pytest.raises(M.SetupError, match="needs texts="):
+        with pytest.raises(common.SetupError, match="needs texts="):
             M.load(name, device="meta")
     calls = []
     lazy = M.load("tiny", texts=lambda: calls.append(1) or TEXTS)

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoint
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import grpo  # noqa: E402
@@ -100,7 +101,7 @@ def tmp(tmp_path_factory):
     torch.set_num_threads(1)  # like the subprocesses: the same reductions, so runs compare bitwise
     root = tmp_path_factory.mktemp("reliability")
     vlm = M.load("tiny", texts=data.tokenizer_texts)
-    M.save_checkpoint(str(root / "tiny"), vlm, {"step": 0})
+    checkpoint.save_checkpoint(str(root / "tiny"), vlm, {"step": 0})
     os.makedirs(root / "images")
     with open(root / "pseudo.jsonl", "w") as f:
         for i, r in enumerate(data.load("demo", "train")[:48]):
@@ -156,7 +157,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(stage, tmp, request):
     out = str(tmp["root"] / f"{stage}_killed")
     kill_at_step([sys.executable, f"{stage}.py", *map(str, make_args(tmp, out))], out, 3, out + ".log")
     assert not os.path.exists(os.path.join(out, "model.safetensors"))  # no final model yet
-    assert M.latest_checkpoint(out).endswith("step_0000002") or M.latest_checkpoint(out).endswith("step_0000004")
+    assert checkpoint.latest_checkpoint(out).endswith("step_0000002") or checkpoint.latest_checkpoint(out).endswith("step_0000004")
     # and as if a later save had been killed mid-write: a half-written temporary folder
     broken = os.path.join(out, "checkpoints", "step_0000006.tmp")
     os.makedirs(broken, exist_ok=True)
@@ -176,7 +177,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(stage, tmp, request):
 def test_a_checkpoint_interrupted_mid_write_is_never_used(tmp, monkeypatch):
     out = str(tmp["root"] / "interrupted")
     vlm, opt = tmp["vlm"], torch.optim.AdamW(tmp["vlm"].model.parameters())
-    M.save_step_checkpoint(out, 2, vlm, {"step": 2}, opt)
+    checkpoint.save_step_checkpoint(out, 2, vlm, {"step": 2}, opt)
 
     def killed_mid_write(obj, path, *a, **k):  # the optimizer file is half written, then the process dies
         with open(path, "wb") as f:
@@ -184,16 +185,16 @@ def test_a_checkpoint_interrupted_mid_write_is_never_used(tmp, monkeypatch):
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", killed_mid_write)
     with pytest.raises(KeyboardInterrupt):
-        M.save_step_checkpoint(out, 4, vlm, {"step": 4}, opt)
+        checkpoint.save_step_checkpoint(out, 4, vlm, {"step": 4}, opt)
     monkeypatch.undo()
     root = os.path.join(out, "checkpoints")
     assert sorted(os.listdir(root)) == ["step_0000002", "step_0000004.tmp"]
-    assert M.latest_checkpoint(out) == os.path.join(root, "step_0000002")
-    assert M.load_state(M.latest_checkpoint(out)) == {"step": 2}
-    M.load(M.latest_checkpoint(out))  # complete and loadable
+    assert checkpoint.latest_checkpoint(out) == os.path.join(root, "step_0000002")
+    assert checkpoint.load_state(checkpoint.latest_checkpoint(out)) == {"step": 2}
+    M.load(checkpoint.latest_checkpoint(out))  # complete and loadable
     # the next save replaces the leftover; old ones beyond `keep` go
     for step in (4, 6):
-        M.save_step_checkpoint(out, step, vlm, {"step": step}, opt)
+        checkpoint.save_step_checkpoint(out, step, vlm, {"step": step}, opt)
     assert sorted(os.listdir(root)) == ["step_0000004", "step_0000006"]
 
 
@@ -209,7 +210,7 @@ def test_two_processes_equal_one(tmp, sft_ref, grpo_ref):
     with torch.no_grad():
         for p in scaled.parameters():
             p.mul_(6 if p.dim() >= 2 else 1)
-    M.save_checkpoint(loud, tmp["vlm"], {"step": 0}, model=scaled)
+    checkpoint.save_checkpoint(loud, tmp["vlm"], {"step": 0}, model=scaled)
     run(evaluate, eval_args(loud, eval_ref))
     d = {k: str(tmp["root"] / f"{k}_2p") for k in ("sft", "grpo", "eval", "sft_fsdp", "grpo_fsdp")}
     runs = [("sft", sft_args(tmp, d["sft"])), ("grpo", grpo_args(tmp, d["grpo"])),
@@ -272,7 +273,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp):
                             f"{last_good} (set aside as *.bad, the step after each flagged or its weights not "
                             f"finite: step_0000003). Lower --lr and --resume.")
     assert sorted(os.listdir(root)) == ["step_0000001", "step_0000003.bad"]
-    assert M.latest_checkpoint(out) == last_good  # what --resume continues from
+    assert checkpoint.latest_checkpoint(out) == last_good  # what --resume continues from
     recs = records(out)
     assert [(r["step"], r.get("skipped", False)) for r in recs] == [
         (1, False), (2, True), (3, False), (4, True), (5, True), (6, True)]
@@ -495,7 +496,7 @@ def test_nothing_unsafe_is_loaded(tmp):
     with open(folder / "optimizer.pt", "wb") as f:
         pickle.dump(Boom(str(marker)), f, protocol=2)
     with pytest.raises(ValueError, match="optimizer.pt: cannot load it as tensors .UnpicklingError"):
-        M.load_optimizer(str(folder), torch.optim.AdamW(tmp["vlm"].model.parameters()))
+        checkpoint.load_optimizer(str(folder), torch.optim.AdamW(tmp["vlm"].model.parameters()))
     # remote code: a config that asks for its own Python is refused unless --trust_remote_code
     custom = tmp["root"] / "custom"
     os.makedirs(custom)
@@ -757,13 +758,13 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(tmp, sft_ref):
     # written by hand, not by a save (which renames a whole folder): a torn optimizer.pt, a broken state.json
     out = str(tmp["root"] / "damaged")
     shutil.copytree(sft_ref, out)
-    newest = M.latest_checkpoint(out)
+    newest = checkpoint.latest_checkpoint(out)
     with open(os.path.join(newest, "optimizer.pt"), "r+b") as f:
         f.truncate(1000)
     with pytest.raises(ValueError) as e:
         run(sft, sft_args(tmp, out, "--resume"))
     one_line(e, "optimizer.pt: cannot load it as tensors", "delete that checkpoint")
-    shutil.copy(os.path.join(M.latest_checkpoint(sft_ref), "optimizer.pt"), newest)
+    shutil.copy(os.path.join(checkpoint.latest_checkpoint(sft_ref), "optimizer.pt"), newest)
     with open(os.path.join(newest, "state.json"), "w") as f:
         f.write('{"step": 4, "ar')
     with pytest.raises(ValueError) as e:
@@ -798,7 +799,7 @@ def test_a_final_save_killed_midway_never_leaves_a_mix(tmp, monkeypatch):
     for kill_at in range(100):
         for d in (out, out + ".tmp"):
             shutil.rmtree(d, ignore_errors=True)
-        M.save_checkpoint(out, old, {"step": 1})
+        checkpoint.save_checkpoint(out, old, {"step": 1})
         open(os.path.join(out, "metrics.jsonl"), "w").close()
         left = [kill_at]
 
@@ -812,7 +813,7 @@ def test_a_final_save_killed_midway_never_leaves_a_mix(tmp, monkeypatch):
         monkeypatch.setattr(os, "replace", dies("replace"))
         monkeypatch.setattr(os, "remove", dies("remove"))
         try:
-            M.save_checkpoint(out, new, {"step": 2})
+            checkpoint.save_checkpoint(out, new, {"step": 2})
             finished = True
         except KeyboardInterrupt:
             finished = False
@@ -836,7 +837,7 @@ def test_a_final_save_killed_midway_never_leaves_a_mix(tmp, monkeypatch):
 def test_step_guard_ignores_ratios_near_zero():
     # a memorising SFT (VQA-RAD at two threads): losses near 2e-4, then 0.004 (20 x the median) with a
     # gradient norm of 0.3 (30 x): no blow-up, under the floors (0.1 nats a token, a gradient norm of 1)
-    guard = M.StepGuard(max_bad=3)
+    guard = checkpoint.StepGuard(max_bad=3)
     for step in range(1, 7):
         assert guard.check(step, loss=2e-4, grad_norm=0.01) is None
     assert guard.check(7, loss=0.004, grad_norm=0.3) is None and guard.clean
@@ -846,13 +847,13 @@ def test_step_guard_ignores_ratios_near_zero():
 
 
 def test_step_guard_flags_spikes_and_names_a_checkpoint_from_before_the_trouble(tmp):
-    guard = M.StepGuard(max_bad=2)
+    guard = checkpoint.StepGuard(max_bad=2)
     for step, g in enumerate([1.0, 1.2, 0.8, 1.1, 0.9, 1.0], 1):
         assert guard.check(step, loss=2.0, grad_norm=g) is None
     assert guard.check(7, loss=2.0, grad_norm=50.0) == "spike"  # over 10 x the median
     assert not guard.clean
     assert guard.check(8, loss=2.1, grad_norm=1.0) is None and guard.clean  # one spike: the run goes on
-    resumed = M.StepGuard(max_bad=2, state=json.loads(json.dumps(guard.state())))  # as state.json holds it
+    resumed = checkpoint.StepGuard(max_bad=2, state=json.loads(json.dumps(guard.state())))  # as state.json holds it
     assert resumed.check(9, loss=40.0, grad_norm=1.0) == guard.check(9, loss=40.0, grad_norm=1.0) == "spike"
     assert guard.check(10, loss=float("nan"), grad_norm=1.0) == "non-finite"
     out = str(tmp["root"] / "guard")
@@ -867,7 +868,7 @@ def test_step_guard_flags_spikes_and_names_a_checkpoint_from_before_the_trouble(
     assert "steps 9-10" in str(e.value) and f"Last good checkpoint: {out}/checkpoints/step_0000005 " in str(e.value)
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == [
         "step_0000005", "step_0000007.bad", "step_0000008.bad"]
-    assert M.latest_checkpoint(out).endswith("step_0000005")
+    assert checkpoint.latest_checkpoint(out).endswith("step_0000005")
 
 
 def test_an_exploding_update_stops_naming_a_checkpoint_that_is_good(tmp):
@@ -879,7 +880,7 @@ def test_an_exploding_update_stops_naming_a_checkpoint_that_is_good(tmp):
     run(sft, argv + ["--max_steps", 3])
     with pytest.raises(RuntimeError) as e:
         run(sft, argv + ["--max_steps", 8, "--resume", "--lr", 1e30])
-    good = M.latest_checkpoint(out)
+    good = checkpoint.latest_checkpoint(out)
     assert f"Last good checkpoint: {good}" in str(e.value) and good.endswith("step_0000002")
     assert max(w.abs().max().item() for w in weights(good).values()) < 100
     assert os.path.exists(os.path.join(out, "checkpoints", "step_0000003.bad"))  # the ~1e30 one, set aside

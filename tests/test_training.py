@@ -4,6 +4,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import checkpoint
 import data
 import model as M
 import sft
@@ -122,7 +123,7 @@ def test_bf16_mode_trains_grpo_and_sft_in_bf16(tmp_path):
     _run(sft, ["--data", tmp_path / "pseudo.jsonl", "--model", "tiny", "--out", tmp_path / "sft", "--batch_size", 4,
                "--max_steps", 3, "--val_frac", 0.0, "--warmup", 1, "--lr", 1e-4, "--bf16", "--save_every", 2])
     # the weights both runs started from
-    M.save_checkpoint(str(tmp_path / "start"), M.load("tiny", texts=data.tokenizer_texts))
+    checkpoint.save_checkpoint(str(tmp_path / "start"), M.load("tiny", texts=data.tokenizer_texts))
     start = load_file(tmp_path / "start" / "model.safetensors")
     for out in (tmp_path / "grpo", tmp_path / "sft"):
         w = load_file(out / "model.safetensors")
@@ -179,8 +180,8 @@ def test_grpo_final_model_is_the_evaluated_step_with_the_best_held_out_accuracy(
 
 def test_held_out_scores_are_evaluates_metrics(monkeypatch):
     """grpo's held-out accuracy, open accuracy and open recall are evaluate.py's on the same predictions."""
-    import grpo
     import evaluate
+    import grpo
     rows = [{"question": "q", "answer": a, "answer_type": t} for a, t in
             [("yes", "closed"), ("left lung", "open"), ("liver", "open"), ("no", "closed")]]
     texts = ["<answer>yes</answer>", "<answer>lung</answer>", "<answer>liver</answer>", "<answer>yes</answer>"]
