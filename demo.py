@@ -86,6 +86,16 @@ def pval(p):
     return "< 0.001" if p < 0.001 else f"= {p:.3f}"
 
 
+def verdict(change, alpha=0.05):
+    """What a paired test says, in words, either way: fixed / broken answers and their exact McNemar p."""
+    fixed, broken, p = change["fixed"], change["broken"], change["p"]
+    counts = f"fixed {fixed}, broke {broken} (McNemar p {pval(p)})"
+    if p < alpha and fixed != broken:
+        more, fewer = ("fixed", "broke") if fixed > broken else ("broke", "fixed")
+        return f"{counts}: it {more} more answers than it {fewer}, more often than chance would (p < {alpha})"
+    return f"{counts}: no more than chance would give (p >= {alpha}); this run shows no change either way"
+
+
 def read_jsonl(path):
     """The records of a JSONL file, through data.py's one reader; a line a killed run left torn is left out."""
     import data
@@ -199,8 +209,7 @@ def results_html(report):
     html.append("</table>")
     if report.get("grpo_vs_sft"):
         c = report["grpo_vs_sft"]
-        html.append(f"<p>GRPO against SFT on the same questions: {c['fixed']} answers fixed, {c['broken']} broken "
-                    f"(exact McNemar p {pval(c['p'])}).</p>")
+        html.append(f"<p>GRPO against SFT on the same questions: {escape(verdict(c))}.</p>")
     if report.get("seconds"):
         times = ", ".join(f"{escape(k)} {v}" for k, v in report["seconds"].items())
         html.append(f"<p class=note>seconds per stage: {times}; total {report.get('total_seconds')}</p>")
@@ -209,7 +218,9 @@ def results_html(report):
 
 def rollouts_html(folder, report):
     """A few test questions with both models' completions and rewards (the model's text escaped: never markup)."""
-    sft, grpo = (read_jsonl(os.path.join(folder, d, "predictions.jsonl")) for d in ("eval_sft", "eval_grpo"))
+    from evaluate import find_predictions  # the file each metrics.json names
+    sft, grpo = (read_jsonl(find_predictions(os.path.join(folder, d, "metrics.json")))
+                 for d in ("eval_sft", "eval_grpo"))
     picked = pick_rollouts(sft, grpo)
     if not picked:
         return ""
@@ -282,7 +293,7 @@ def main(args):
     results = {"base": evaluate_ckpt("tiny", os.path.join(out, "eval_base"), "eval_base", seconds, fresh),
                "sft": evaluate_ckpt(sft_dir, os.path.join(out, "eval_sft"), "eval_sft", seconds, fresh),
                "grpo": evaluate_ckpt(grpo_dir, os.path.join(out, "eval_grpo"), "eval_grpo", seconds, fresh)}
-    change = paired(os.path.join(out, "eval_sft"), os.path.join(out, "eval_grpo"))
+    change = paired(os.path.join(out, "eval_sft", "metrics.json"), os.path.join(out, "eval_grpo", "metrics.json"))
     selected = json.load(open(os.path.join(grpo_dir, "state.json"))).get("selected")  # held-out model selection
     report = {**results, "grpo_vs_sft": change, "grpo_selected": selected, "seconds": seconds,
               "total_seconds": round(sum(seconds.values()), 1)}
@@ -293,8 +304,7 @@ def main(args):
     table({"base (untrained)": results["base"], "after SFT": results["sft"], "after SFT + GRPO": results["grpo"]},
           f"held-out demo test split (n={results['grpo']['n']}); baselines: question-only "
           f"{b.get('question_only', float('nan')):.3f}, majority {b.get('majority', float('nan')):.3f}")
-    print(f"GRPO vs SFT on the same {results['grpo']['n']} questions: fixed {change['fixed']}, broke "
-          f"{change['broken']} (McNemar p {pval(change['p'])}; below 0.05: more than chance)")
+    print(f"GRPO vs SFT on the same {results['grpo']['n']} questions: {verdict(change)}")
     print("seconds per stage: " + ", ".join(f"{k} {v}" for k, v in seconds.items()) +
           f"; total {report['total_seconds']} (stage times; this run took {time.time() - t0:.0f}s)")
     print(f"wrote {' and '.join(p for p in (curves, page) if p)} (open the page in a browser)")
@@ -325,7 +335,8 @@ def ablation(args):
     dirs = {"SFT + GRPO": os.path.join(main_out, "eval_grpo")}
     dirs.update({name: os.path.join(folder(name), "eval") for name in variants})
     from evaluate import paired
-    vs_sft = {name: paired(os.path.join(main_out, "eval_sft"), d) for name, d in dirs.items()}
+    vs_sft = {name: paired(os.path.join(main_out, "eval_sft", "metrics.json"), os.path.join(d, "metrics.json"))
+              for name, d in dirs.items()}
     with open(os.path.join(out, "ablation.json"), "w") as f:
         json.dump({**results, "vs_sft": vs_sft, "seconds": seconds}, f, indent=1)
     table(results, "ablation on the held-out demo test split")

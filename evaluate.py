@@ -1,5 +1,5 @@
 """
-evaluate.py: greedy decoding on a test split -> metrics JSON, predictions.jsonl and a table.
+evaluate.py: greedy decoding on a test split -> metrics JSON, its predictions JSONL and a table.
 
 The protocol (the MEDFACT-R1 paper released no evaluation code; this is the common one):
 - answers are normalised with rewards.normalize_answer (case, whitespace, punctuation,
@@ -25,12 +25,15 @@ Run it:
     python evaluate.py --ckpt runs/grpo --data ../shared/data/slake --split test --out runs/slake.json
     torchrun --nproc_per_node=8 evaluate.py --ckpt PATH --data vqa-rad --out runs/vqa_rad.json
     (several nodes: torchrun --nnodes=2 --node_rank=R --master_addr=HOST0 --master_port=29500 ...)
-Writes FILE.json: {"dataset", "split", "n", "accuracy", "closed_accuracy", "open_accuracy",
-"open_recall", "format", "fact", "consistency", "by_category", "baselines", ...}, each in [0, 1]
-or null when no row applies, and predictions.jsonl in the same folder. --out is checked before
-anything else runs (a folder, a path under a file or one it cannot write: one line), and each
-batch's images are decoded when its turn comes: memory does not grow with the split
-(bench/eval_memory.py; docs/EXPERIMENTS.md, part 3).
+Writes FILE.predictions.jsonl (one line per row: the completion, the answer and its scores), then
+FILE.json: {"dataset", "split", "n", "accuracy", "closed_accuracy", "open_accuracy", "open_recall",
+"format", "fact", "consistency", "by_category", "predictions" (that file's name), "baselines", ...},
+each in [0, 1] or null when no row applies. Both are on disk before the baselines run; FILE.json is
+then rewritten with them, so a failure there (one line) loses nothing else. Two evaluations into one
+folder (sft.json, grpo.json) keep two predictions files, and paired(a, b) takes either metrics JSON
+(or a folder: its metrics.json). --out is checked before anything else runs (a folder, a path under
+a file or one it cannot write: one line), and each batch's images are decoded when its turn comes:
+memory does not grow with the split (bench/eval_memory.py; docs/EXPERIMENTS.md, part 3).
 """
 
 import argparse
@@ -66,7 +69,7 @@ parser.add_argument("--batch_size", type=int, default=64, help="prompts decoded 
 parser.add_argument("--trust_remote_code", action="store_true", help="run a checkpoint's own Python code")
 # output
 parser.add_argument("--out", default="runs/eval/metrics.json",
-                    help="metrics JSON; predictions.jsonl goes to the same folder")
+                    help="metrics JSON; its predictions go beside it: X.json -> X.predictions.jsonl")
 parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) or a torch device")
 parser.add_argument("--quiet", action="store_true", help="no progress bar and no table")
 
@@ -111,13 +114,17 @@ def question_grams(question):
     return set(words) | {f"{a} {b}" for a, b in zip(words, words[1:])}
 
 
-def question_classifier(train_rows, val_rows=None, lambdas=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0), max_features=4096):
+def question_classifier(train_rows, val_rows=None, lambdas=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0),
+                        max_features=4096, chunk=1024):
     """A trained question-only model: ridge regression from a question's words and bigrams (binary, unit
     norm; those seen in at least two training questions, the max_features most frequent) onto one-hot
     training answers, predicting the best-scoring answer of the row's answer type. The regularisation is
     chosen on `val_rows` (None: every 10th training row is held out for it, then the model is refit on
     all). Closed form through one eigendecomposition of X'X, so every lambda costs a matrix product:
-    deterministic, seconds on a CPU. Returns predict(row) -> normalised answer, with .lam the choice."""
+    deterministic, seconds on a CPU. X'X (d, d) and X'Y (d, answers) are summed from each row's few
+    nonzeros and rows are scored `chunk` at a time, so memory does not grow with the rows (a dense X costs
+    32 KB a row, and a one-hot Y 8 bytes per answer a row). Returns predict(row) -> normalised answer,
+    with .lam the choice and .many(rows) -> [answer], the same for many rows at once."""
     import numpy as np
     norm = rewards.normalize_answer
     if val_rows is None:
@@ -128,48 +135,59 @@ def question_classifier(train_rows, val_rows=None, lambdas=(0.003, 0.01, 0.03, 0
     counts = collections.Counter(g for r in train_rows for g in question_grams(r["question"]))
     vocab = sorted((g for g, c in counts.items() if c >= 2), key=lambda g: (-counts[g], g))[:max_features]
     index = {g: i for i, g in enumerate(vocab)}
+    d = len(vocab) + 1  # the grams and a constant
     answers = sorted({norm(r["answer"]) for r in train_rows})
     column = {a: j for j, a in enumerate(answers)}
     allowed = {}  # answer type -> the answers seen with it in training (a closed question gets a closed answer)
     for r in train_rows:
         allowed.setdefault(r["answer_type"], set()).add(column[norm(r["answer"])])
     masks = {t: np.isin(np.arange(len(answers)), sorted(js)) for t, js in allowed.items()}
+    anything = np.ones(len(answers), dtype=bool)  # an answer type unseen in training: no mask
 
-    def features(rows):  # (n, d + 1): the grams, unit norm, and a constant
-        x = np.zeros((len(rows), len(vocab) + 1))
+    def nonzeros(row):  # a row of X as (columns, values): its grams at unit norm, then the constant 1
+        cols = sorted({index[g] for g in question_grams(row["question"]) if g in index})
+        values = np.full(len(cols) + 1, 1.0 / max(math.sqrt(len(cols)), 1.0))
+        values[-1] = 1.0
+        return np.array(cols + [d - 1]), values
+
+    def features(rows):  # (len(rows), d): X for one chunk of rows
+        x = np.zeros((len(rows), d))
         for i, r in enumerate(rows):
-            x[i, [index[g] for g in question_grams(r["question"]) if g in index]] = 1.0
-            x[i, :-1] /= max(np.linalg.norm(x[i, :-1]), 1.0)
-            x[i, -1] = 1.0
+            cols, values = nonzeros(r)
+            x[i, cols] = values
         return x
 
-    def fit(rows):  # the eigendecomposition of X'X, and X'Y
-        x = features(rows)
-        y = np.zeros((len(rows), len(answers)))
-        y[np.arange(len(rows)), [column[norm(r["answer"])] for r in rows]] = 1.0
-        e, q = np.linalg.eigh(x.T @ x)
-        return e, q, q.T @ (x.T @ y)
+    def fit(rows):  # the eigendecomposition of X'X, and Q'X'Y
+        xtx, xty = np.zeros((d, d)), np.zeros((d, len(answers)))
+        for r in rows:
+            cols, values = nonzeros(r)
+            xtx[np.ix_(cols, cols)] += np.outer(values, values)
+            xty[cols, column[norm(r["answer"])]] += values  # Y is one-hot: the row adds to its answer's column
+        e, q = np.linalg.eigh(xtx)
+        return e, q, q.T @ xty
 
-    def predictions(model, lam, x, rows):
+    def predictions(model, lams, rows):  # {lam: [answer per row]}, scoring `chunk` rows at a time
         e, q, qty = model
-        scores = (x @ q) @ (qty / (e + lam)[:, None])  # X (X'X + lam I)^-1 X'Y
-        out = []
-        for s, r in zip(scores, rows):
-            mask = masks.get(r["answer_type"])
-            s = np.where(mask, s, -np.inf) if mask is not None else s
-            out.append(answers[int(np.argmax(s))])
+        out = {lam: [] for lam in lams}
+        for i in range(0, len(rows), chunk):
+            part = rows[i:i + chunk]
+            xq = features(part) @ q  # (chunk, d)
+            mask = np.array([masks.get(r["answer_type"], anything) for r in part])  # (chunk, answers)
+            for lam in lams:
+                scores = xq @ (qty / (e + lam)[:, None])  # X (X'X + lam I)^-1 X'Y: (chunk, answers)
+                out[lam] += [answers[j] for j in np.where(mask, scores, -np.inf).argmax(axis=1)]
         return out
 
-    model, x_val = fit(fit_rows), features(val_rows)
+    model = fit(fit_rows)
     gold = [norm(r["answer"]) for r in val_rows]
-    score = lambda lam: sum(p == g for p, g in zip(predictions(model, lam, x_val, val_rows), gold))
-    lam = max(lambdas, key=lambda l: (score(l), l)) if val_rows else 1.0  # ties: the smoother model
+    right = {lam: sum(p == g for p, g in zip(ps, gold)) for lam, ps in predictions(model, lambdas, val_rows).items()}
+    lam = max(lambdas, key=lambda l: (right[l], l)) if val_rows else 1.0  # ties: the smoother model
     if fit_rows is not train_rows:
         model = fit(train_rows)
 
     def predict(row):
-        return predictions(model, lam, features([row]), [row])[0]
-    predict.lam = lam
+        return predictions(model, [lam], [row])[lam][0]
+    predict.lam, predict.many = lam, lambda rows: predictions(model, [lam], rows)[lam]
     return predict
 
 
@@ -196,10 +214,13 @@ def baselines(train_rows, rows, val_rows=None):
         c = by_question.get(norm(r["question"]))
         return c.most_common(1)[0][0] if c else majority(r)
 
-    trained = question_classifier(train_rows, val_rows) if train_rows else majority
-    out = {name: mean(float(f(r) == norm(r["answer"])) for r in rows)
-           for name, f in (("majority", majority), ("question_only", prior), ("question_trained", trained))}
-    out["closed_majority"] = mean(float(majority(r) == norm(r["answer"])) for r in rows if r["answer_type"] == "closed")
+    guesses = {"majority": [majority(r) for r in rows], "question_only": [prior(r) for r in rows]}
+    guesses["question_trained"] = (question_classifier(train_rows, val_rows).many(rows) if train_rows
+                                   else guesses["majority"])
+    gold = [norm(r["answer"]) for r in rows]
+    out = {name: mean(float(p == g) for p, g in zip(ps, gold)) for name, ps in guesses.items()}
+    out["closed_majority"] = mean(float(p == g) for p, g, r in zip(guesses["majority"], gold, rows)
+                                  if r["answer_type"] == "closed")
     return out
 
 
@@ -208,11 +229,29 @@ def strongest_prior(b):
     return max(v for k, v in b.items() if k in ("question_only", "question_trained") and v is not None)
 
 
-def paired(before_dir, after_dir):
-    """Two models on the same questions (their predictions.jsonl, matched by row id): how many answers
-    the second fixed and broke, and the exact two-sided McNemar p-value: is the change more than chance?"""
-    read = lambda d: {r["id"]: r["exact"] for _, r, _ in data.read_jsonl(os.path.join(d, "predictions.jsonl"))}
-    a, b = read(before_dir), read(after_dir)
+def predictions_file(out):
+    """Where the predictions of metrics JSON `out` go: named after it, so two evaluations into one folder
+    (sft.json, grpo.json) keep two files. runs/x/metrics.json -> runs/x/metrics.predictions.jsonl."""
+    return (out[:-len(".json")] if out.endswith(".json") else out) + ".predictions.jsonl"
+
+
+def find_predictions(path):
+    """The predictions file of an evaluation, given its metrics JSON or the folder holding metrics.json: the
+    file that JSON names, else predictions.jsonl beside it (evaluations before #34 wrote that name)."""
+    metrics = os.path.join(path, "metrics.json") if os.path.isdir(path) else path
+    name = "predictions.jsonl"
+    if os.path.isfile(metrics):
+        with open(metrics) as f:
+            name = json.load(f).get("predictions", name)
+    return os.path.join(os.path.dirname(metrics), name)
+
+
+def paired(before, after):
+    """Two models on the same questions (each a metrics JSON or its folder; their predictions matched by row
+    id): how many answers the second fixed and broke, and the exact two-sided McNemar p-value: is the change
+    more than chance?"""
+    read = lambda p: {r["id"]: r["exact"] for _, r, _ in data.read_jsonl(find_predictions(p))}
+    a, b = read(before), read(after)
     fixed = sum(1 for k in a if not a[k] and b.get(k))
     broken = sum(1 for k in a if a[k] and not b.get(k))
     return {"fixed": fixed, "broken": broken, "p": round(mcnemar(fixed, broken), 6)}
@@ -253,13 +292,40 @@ def evaluate(vlm, rows, batch_size=64, max_new_tokens=128, progress=True, images
     return completions, [grade(c, r) for c, r in zip(completions, rows)]
 
 
+def write_json(path, res):
+    """PATH.tmp, then renamed over PATH: a kill never leaves half a metrics file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def reference_baselines(args, rows):
+    """baselines() of the evaluated rows from the dataset's training split, or None and one printed line. A
+    reference line, not the result: a bad training row skips, a missing split only warns, and any failure
+    (a MemoryError too) leaves the metrics and predictions already written."""
+    try:
+        train = data.load(args.data, "train", lang=args.lang, skip_bad_rows=True)
+        val = None  # the trained baseline's regularisation: chosen on val (else on a slice of train)
+        if args.split != "val":
+            try:
+                val = data.load(args.data, "val", lang=args.lang, skip_bad_rows=True) or None
+            except (data.DataError, FileNotFoundError):
+                pass
+        return baselines(train, rows, val)
+    except (data.DataError, FileNotFoundError) as e:
+        print(f"baselines skipped: {e}")
+    except Exception as e:  # a MemoryError too: whatever goes wrong here, the run's own results stay
+        print(f"baselines failed ({e!r}); {args.out} has the metrics without them")
+    return None
+
+
 def main(args):
     rank, world, device = init_dist(args.device)
     t0 = time.time()
     # --out first: a folder or a read-only path found after the last answer would lose them all
-    predictions = os.path.join(os.path.dirname(os.path.abspath(args.out)), "predictions.jsonl")
+    predictions = predictions_file(args.out)
     data.writable_file(args.out)
-    data.writable_file(predictions, flag="--out's predictions.jsonl")
+    data.writable_file(predictions, flag="--out's predictions file")
     rows = data.load(args.data, args.split, lang=args.lang, skip_bad_rows=args.skip_bad_rows, limit=args.limit)
     vlm = M.load(args.ckpt, device=device, texts=data.tokenizer_texts, max_pixels=args.max_pixels,
                  trust_remote_code=args.trust_remote_code)
@@ -275,28 +341,18 @@ def main(args):
         order = sorted((i, c, g) for m, cs, gs in parts for i, c, g in zip(m, cs, gs))
         completions, graded = [c for _, c, _ in order], [g for _, _, g in order]
     if rank == 0:
-        res = {"dataset": rows[0]["dataset"] if rows else args.data, "split": args.split, "ckpt": args.ckpt,
-               **summarize(rows, graded)}
-        if not args.no_baselines:
-            try:  # a reference line, not the result: a bad training row skips, a missing split only warns
-                train = data.load(args.data, "train", lang=args.lang, skip_bad_rows=True)
-                val = None  # the trained baseline's regularisation: chosen on val (else on a slice of train)
-                if args.split != "val":
-                    try:
-                        val = data.load(args.data, "val", lang=args.lang, skip_bad_rows=True) or None
-                    except (data.DataError, FileNotFoundError):
-                        pass
-                res["baselines"] = baselines(train, rows, val)
-            except (data.DataError, FileNotFoundError) as e:
-                print(f"baselines skipped: {e}")
-        res["seconds"] = time.time() - t0
-        with open(args.out + ".tmp", "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(args.out + ".tmp", args.out)
-        # one line per row, in the rows' order: what bench/demo_flips.py and demo.py's paired test compare
+        # the answers go to disk before the baselines run: a failure there must not lose the decoding.
+        # One line per row, in the rows' order: what paired() and bench/demo_flips.py compare
         data.write_jsonl(predictions, ({"id": r.get("id"), "question": r["question"], "gold": r["answer"],
                                         "answer_type": r["answer_type"], "category": r.get("category"),
                                         "completion": c, **g} for r, c, g in zip(rows, completions, graded)))
+        res = {"dataset": rows[0]["dataset"] if rows else args.data, "split": args.split, "ckpt": args.ckpt,
+               **summarize(rows, graded), "predictions": os.path.basename(predictions), "seconds": time.time() - t0}
+        write_json(args.out, res)
+        b = None if args.no_baselines else reference_baselines(args, rows)
+        if b is not None:
+            res.update(baselines=b, seconds=time.time() - t0)
+            write_json(args.out, res)  # again, with them
         if not args.quiet:
             print_table(res)
     if world > 1:

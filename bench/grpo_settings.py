@@ -62,8 +62,8 @@ def main(args):
             for s in ("val", "test"):
                 acc = evaluate(d, s, os.path.join(d, f"eval_{s}"), args.no_run)
                 if acc is not None:
-                    rows[seed][s] = {"accuracy": acc, **paired(os.path.join(args.runs, f"sft_{s}"),
-                                                                 os.path.join(d, f"eval_{s}"))}
+                    rows[seed][s] = {"accuracy": acc, **paired(os.path.join(args.runs, f"sft_{s}", "metrics.json"),
+                                                                 os.path.join(d, f"eval_{s}", "metrics.json"))}
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -18,8 +18,11 @@ spec.loader.exec_module(demo)
 
 
 def write(folder, exact):
+    """An evaluate.py folder as it writes one: metrics.json, naming its predictions file."""
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "predictions.jsonl"), "w") as f:
+    with open(os.path.join(folder, "metrics.json"), "w") as f:
+        json.dump({"predictions": "metrics.predictions.jsonl"}, f)
+    with open(os.path.join(folder, "metrics.predictions.jsonl"), "w") as f:
         for i, e in enumerate(exact):
             f.write(json.dumps({"id": f"q{i}", "exact": float(e)}) + "\n")
 
@@ -61,15 +64,18 @@ def fake_run(folder):
                  "format": 1.0, "fact": 0.5, "consistency": 1.0,
                  "completion": f"<think>{who} reasons {n}.</think><answer>{'yes' if e else 'no'}</answer>"}
                 for n, (i, e) in enumerate(zip(ids, exact))]
-    dump(os.path.join(folder, "eval_sft", "predictions.jsonl"), preds(sft_exact, "SFT"))
     grpo = preds(grpo_exact, "GRPO")
     grpo[1]["completion"] = "<img src=x onerror=alert(1)>"  # the model's text is text, never markup
-    dump(os.path.join(folder, "eval_grpo", "predictions.jsonl"), grpo)
+    for stage, records in (("eval_sft", preds(sft_exact, "SFT")), ("eval_grpo", grpo)):  # as evaluate.py names them
+        dump(os.path.join(folder, stage, "metrics.predictions.jsonl"), records)
+        with open(os.path.join(folder, stage, "metrics.json"), "w") as f:
+            json.dump({"predictions": "metrics.predictions.jsonl"}, f)
     res = lambda acc: {"dataset": "demo", "split": "test", "n": 4, **{k: acc for k in demo.KEYS},  # noqa: E731
                        "baselines": {"majority": 0.25, "question_only": 0.5}}
     with open(os.path.join(folder, "report.json"), "w") as f:
         json.dump({"base": res(0.0), "sft": res(0.5), "grpo": res(0.75),
-                   "grpo_vs_sft": evaluate.paired(os.path.join(folder, "eval_sft"), os.path.join(folder, "eval_grpo")),
+                   "grpo_vs_sft": evaluate.paired(os.path.join(folder, "eval_sft", "metrics.json"),
+                                                  os.path.join(folder, "eval_grpo", "metrics.json")),
                    "seconds": {"sft": 1.0}, "total_seconds": 1.0}, f)
 
 
@@ -88,7 +94,7 @@ def test_report_is_one_self_contained_page_with_table_and_rollouts(tmp_path):
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
     # the results table: one row per model, the baselines, the paired comparison
     for text in ("<table>", "after SFT + GRPO", "<td>0.750</td>", "<td>0.500</td>", "question-only baseline",
-                 "2 answers fixed, 1 broken"):
+                 "fixed 2, broke 1 (McNemar p = 1.000): no more than chance"):
         assert text in page, text
     # rollouts before and after GRPO, with their rewards; the model's text escaped, never markup
     assert page.count("fixed by GRPO") == 2 and page.count("broken by GRPO") == 1 and page.count("unchanged") == 1
@@ -117,3 +123,15 @@ def test_plot_without_metrics_is_one_line(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.strip().count("\n") == 0 and "no sft/metrics.jsonl or grpo/metrics.jsonl" in run.stderr
+
+
+@pytest.mark.parametrize("fixed, broken, p, says", [
+    (33, 9, 0.0002, "it fixed more answers than it broke, more often than chance would (p < 0.05)"),
+    (9, 33, 0.0002, "it broke more answers than it fixed, more often than chance would (p < 0.05)"),
+    (19, 9, 0.087, "no more than chance would give (p >= 0.05); this run shows no change either way"),
+    (9, 19, 0.087, "no more than chance would give (p >= 0.05)")])
+def test_the_verdict_says_what_the_p_value_means_in_both_directions(fixed, broken, p, says):
+    text = demo.verdict({"fixed": fixed, "broken": broken, "p": p})
+    assert says in text and f"fixed {fixed}, broke {broken}" in text
+    assert ("more often than chance" in text) == (p < 0.05)  # p 0.087 never reads as a significant gain
+

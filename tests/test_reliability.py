@@ -233,8 +233,8 @@ def test_two_processes_equal_one(tmp, sft_ref, grpo_ref):
     assert "resumed from" in log.read_text() and len(records(d["sft_fsdp"])) == 6
     one, two = (json.load(open(os.path.join(p, "metrics.json"))) for p in (eval_ref, d["eval"]))
     assert {k: v for k, v in one.items() if k not in TIMING} == {k: v for k, v in two.items() if k not in TIMING}
-    predictions = records(eval_ref, "predictions.jsonl")
-    assert predictions == records(d["eval"], "predictions.jsonl") and len(predictions) == 10
+    predictions = records(eval_ref, "metrics.predictions.jsonl")
+    assert predictions == records(d["eval"], "metrics.predictions.jsonl") and len(predictions) == 10
     assert len({p["completion"] for p in predictions}) == 10  # so rows gathered out of order would show
 
 
