@@ -20,6 +20,7 @@ import shutil
 import statistics
 
 import torch
+import torch.distributed as dist
 
 from common import CheckpointNotFound, SetupError, is_main, print0
 from families import CHAT_TEMPLATE, build_processor
@@ -50,9 +51,11 @@ def hf_processor(vlm):
     return PaddleOCRVLProcessor(vlm.image_processor, tokenizer, chat_template=CHAT_TEMPLATE)
 
 
-def save_checkpoint(path, vlm, state=None, optimizer=None, model=None):
+def save_checkpoint(path, vlm, state=None, optimizer=None, model=None, attach=None):
     """Write `path` atomically: config, model.safetensors, the processor (hf_processor: tokenizer, image
     processor, chat template), state.json, and optimizer.pt (tensors only; loaded back with weights_only=True).
+    `attach` {name: folder}: folders that go into the checkpoint as path/name, in the same commit (hard
+    links where the file system allows, so a snapshot of a model costs no disk).
 
     Every rank calls it; rank 0 writes. Under FSDP the full weights and optimizer state are first
     gathered (a collective), so optimizer.pt is keyed by parameter name, not by position.
@@ -81,10 +84,22 @@ def save_checkpoint(path, vlm, state=None, optimizer=None, model=None):
     vlm.image_processor.save_pretrained(tmp)  # preprocessor_config.json, which load() reads
     if optim is not None:
         torch.save(optim, os.path.join(tmp, "optimizer.pt"))
+    for name, folder in (attach or {}).items():
+        copy_folder(folder, os.path.join(tmp, name))
     if state is not None:
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(state, f, indent=1)
     _commit(tmp, path)
+
+
+def copy_folder(src, dst):
+    """`src` as `dst`: hard links (no disk; every save replaces files, never writes into one), else copies."""
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:  # another file system, or none that links
+            shutil.copy2(a, b)
+    shutil.copytree(src, dst, copy_function=link)
 
 
 def _is_weights(name):
@@ -142,11 +157,11 @@ def remove_checkpoints(out):
         shutil.rmtree(root)
 
 
-def save_step_checkpoint(out, step, vlm, state, optimizer, model=None, keep=2):
+def save_step_checkpoint(out, step, vlm, state, optimizer, model=None, keep=2, attach=None):
     """out/checkpoints/step_N, atomically; older ones beyond `keep` are deleted after it exists."""
     root = os.path.join(out, "checkpoints")
     os.makedirs(root, exist_ok=True)
-    save_checkpoint(os.path.join(root, f"step_{step:07d}"), vlm, state, optimizer, model)
+    save_checkpoint(os.path.join(root, f"step_{step:07d}"), vlm, state, optimizer, model, attach)
     if not is_main():
         return
     done = sorted(d for d in os.listdir(root) if d.startswith("step_") and d[5:].isdigit())
@@ -233,17 +248,21 @@ def last_good_checkpoint(out, trouble):
     it is good if step N + 1 came before the trouble (N <= trouble - 2) and its weights are all finite. The
     newer ones are renamed step_N.bad on rank 0. A flagged step saves none, so only the checkpoint of step
     trouble - 1 can be set aside for its step (and any with non-finite weights): keep=2 still holds one
-    from before it."""
+    from before it. Under torchrun rank 0 alone reads the weights and renames; the others get its answer."""
     good, aside = None, []
-    for ckpt in checkpoints(out):
-        if good is None and int(os.path.basename(ckpt)[5:]) <= trouble - 2 and _finite_weights(ckpt):
-            good = ckpt
-        elif good is None:
-            aside.append(ckpt)
     if is_main():
+        for ckpt in checkpoints(out):
+            if good is None and int(os.path.basename(ckpt)[5:]) <= trouble - 2 and _finite_weights(ckpt):
+                good = ckpt
+            elif good is None:
+                aside.append(ckpt)
         for ckpt in aside:
             shutil.rmtree(ckpt + ".bad", ignore_errors=True)
             os.replace(ckpt, ckpt + ".bad")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        answer = [(good, aside)]
+        dist.broadcast_object_list(answer, src=0)
+        good, aside = answer[0]
     return good, aside
 
 

@@ -55,7 +55,7 @@ import evaluate
 import model as M
 import optim
 import rewards
-from checkpoint import (TrainingStopped, load_state, resume_from, resume_or_start, save_checkpoint,
+from checkpoint import (TrainingStopped, copy_folder, load_state, resume_from, resume_or_start, save_checkpoint,
                         save_step_checkpoint)
 from common import SetupError, allreduce_grads, clip_grad_norm, default_dtype, init_dist, print0
 from families import freeze_vision
@@ -123,7 +123,7 @@ parser.add_argument("--no_std_scale", action="store_true", help="advantages r - 
 parser.add_argument("--token_level", action="store_true", help="average the loss over all tokens, not sequences")
 parser.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
 parser.add_argument("--max_steps", type=int, default=60, help="optimizer steps")
-parser.add_argument("--seed", type=int, default=0, help="the prompt order and every rollout's sampling seed")
+parser.add_argument("--seed", type=int, default=0, help="the prompt order, every rollout's sampling seed (and a from-scratch model's init)")
 # logging and checkpoints
 parser.add_argument("--out", default="runs/grpo", help="the final model, metrics.jsonl, rollouts.jsonl, checkpoints/")
 parser.add_argument("--eval_every", type=int, default=20, help="greedy held-out accuracy every N steps (0: off)")
@@ -382,12 +382,20 @@ def record(vlm, rollouts, advantages, stats_sum, world, device):
 
 def held_out_scores(vlm, val_rows, args, rank, world, device, images=data.load_image):
     """Greedy scores on the held-out rows, evaluate.py's metrics, shared over ranks: {"val_accuracy",
-    "val_open_accuracy", "val_open_recall"} (the open ones None when no row is open)."""
+    "val_open_accuracy", "val_open_recall"} (the open ones None when no row is open). Decoded in the dtype
+    evaluate.py loads the saved model in (bf16 on CUDA): an fp32 policy through a copy (FSDP: bf16 autocast)."""
     vlm.model.eval()
     mine, n = val_rows[rank::world], math.ceil(len(val_rows) / world)
     padded = (mine + val_rows[:1] * n)[:n]  # as many forwards on every rank (FSDP), the repeats not scored
-    texts = M.generate(vlm, [images(r) for r in padded], [r["question"] for r in padded],
-                       args.max_new_tokens, batch_size=64)[:len(mine)]
+    scored, autocast = vlm, torch.autocast(device.type, enabled=False)
+    if next(vlm.model.parameters()).dtype != default_dtype(device) and args.fsdp:
+        autocast = torch.autocast(device.type, dtype=default_dtype(device))
+    elif next(vlm.model.parameters()).dtype != default_dtype(device):
+        scored = copy.copy(vlm)
+        scored.model = copy.deepcopy(vlm.model).to(default_dtype(device))
+    with autocast:
+        texts = M.generate(scored, [images(r) for r in padded], [r["question"] for r in padded],
+                           args.max_new_tokens, batch_size=64)[:len(mine)]
     graded = [evaluate.grade(t, r) for t, r in zip(texts, mine)]
     open_ = [g for g in graded if g["recall"] is not None]  # grade gives open rows a recall
     sums = torch.tensor([sum(g["exact"] for g in graded), len(graded), sum(g["exact"] for g in open_),
@@ -447,11 +455,6 @@ def print_step(bar, rec, step, start, t_start, args):
               f"{rec['t_step']:.1f}s (gen {rec['t_generate']:.1f}) eta {eta:.0f}s")
 
 
-def append_jsonl(args, name, records, rank):
-    if rank == 0:
-        data.append_jsonl(os.path.join(args.out, name), records)
-
-
 # -----------------------------------------------------------------------------
 # setup: data, policy, frozen reference, optimizer
 
@@ -477,11 +480,12 @@ def load_models(args, device, ckpt):
         raise SetupError("--fsdp shards the weights: it takes neither --bf16 nor --engine static")
     dtype = torch.bfloat16 if args.bf16 else torch.float32  # --bf16: the reference is bf16 too
     vlm = M.load(ckpt or args.ckpt, device=load_on, dtype=dtype, texts=data.tokenizer_texts,
-                 max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code)
+                 max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code, seed=args.seed)
     policy, ref = vlm.model, None
+    disable_dropout(policy)  # rollouts, old_logps and the reference run in eval mode: train mode must match
     if args.kl_coef != 0:  # the reference is the starting model, also after a resume
         ref = M.load(args.ckpt, device=load_on, texts=data.tokenizer_texts, max_pixels=args.max_pixels,
-                     trust_remote_code=args.trust_remote_code).model if ckpt else copy.deepcopy(policy)
+                     trust_remote_code=args.trust_remote_code, seed=args.seed).model if ckpt else copy.deepcopy(policy)
         ref = ref.to(dtype if args.bf16 else default_dtype(device)).eval().requires_grad_(False)
     if args.freeze_vision:
         freeze_vision(policy)
@@ -494,6 +498,17 @@ def load_models(args, device, ckpt):
     return vlm, ref
 
 
+def disable_dropout(model):
+    """Dropout off (TRL's disable_dropout): rollouts and old_logps run in eval mode, so the training forward
+    must see the same policy (the first inner epoch's ratio 1). Attention layers keep a float, not a module."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
 def make_optimizer(params, args, device):
     """AdamW; --bf16: optim.py's, bf16 moments with stochastic rounding."""
     if args.bf16:
@@ -502,18 +517,22 @@ def make_optimizer(params, args, device):
                              fused=device.type == "cuda")
 
 
-def start_selection(vlm, val_rows, start, args, rank, world, device, images):
+def start_selection(vlm, val_rows, ckpt, args, rank, world, device, images):
     """Held-out model selection (not --keep_last): the starting model is a candidate too, so GRPO can
     never hand back a model that does worse on the held-out split than the one it started from.
-    Returns (best so far, the starting model's scores), both None without selection; a resumed run
-    reads them back from OUT/best."""
+    Returns (best so far, the starting model's scores), both None without selection. A resumed run takes
+    them, and OUT/best, from its checkpoint: never a best from after it, from a trajectory not reproduced."""
     if not (val_rows and args.eval_every and not args.keep_last):
         return None, None
-    if start:
-        if not os.path.exists(os.path.join(args.out, "best", "state.json")):
+    if ckpt:
+        state, best_dir = load_state(ckpt), os.path.join(args.out, "best")
+        if "best" not in state:  # written before checkpoints kept the selection: the last step, as --keep_last
             return None, None
-        best = load_state(os.path.join(args.out, "best"))
-        return best, best.pop("start")
+        if rank == 0:
+            shutil.rmtree(best_dir, ignore_errors=True)
+            if state["best"] is not None:
+                copy_folder(os.path.join(ckpt, "best"), best_dir)
+        return state["best"], state["start_scores"]
     start_scores = held_out_scores(vlm, val_rows, args, rank, world, device, images)
     best = keep_if_best(vlm, None, 0, start_scores, args)
     print0(f"held-out accuracy at the start: {best['val_accuracy']:.3f} ({len(val_rows)} rows)"
@@ -567,6 +586,8 @@ def main(args):
     data.writable_folder(args.out)
     if args.group_size < 2:
         raise SetupError("--group_size must be >= 2: GRPO's advantage compares completions within a group")
+    if args.inner_epochs < 1:
+        raise SetupError(f"--inner_epochs {args.inner_epochs}: must be >= 1 (optimisation passes over each batch)")
     P, G, K = args.prompts_per_step // world, args.group_size, max(1, args.dynamic_sampling)  # P: this rank's
     if P * world != args.prompts_per_step:
         raise SetupError(f"--prompts_per_step {args.prompts_per_step} must be divisible by world size {world}")
@@ -597,7 +618,7 @@ def main(args):
                 else torch.autocast("cpu", enabled=False))
     print0(f"grpo: {len(rows)} prompts, {args.prompts_per_step} x {G} completions per step, "
            f"{args.max_steps} steps, {world} rank(s), device {device}, kl_coef {args.kl_coef}")
-    best, start_scores = start_selection(vlm, val_rows, start, args, rank, world, device, images)
+    best, start_scores = start_selection(vlm, val_rows, ckpt, args, rank, world, device, images)
     if args.screen:
         rows = screened_rows(vlm, rows, start, args, rank, world, autocast, sample, images)
 
@@ -650,18 +671,20 @@ def main(args):
             rec.update(scores)
             if best is not None:
                 best = keep_if_best(vlm, best, step + 1, scores, args, start_scores)
-        append_jsonl(args, "metrics.jsonl", [rec], rank)
-        append_jsonl(args, "rollouts.jsonl", readable_rollouts(rollouts, step, args), rank)
         bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=f"{rec['reward_accuracy']:.2f}")
         if rank == 0:
+            data.append_jsonl(os.path.join(args.out, "metrics.jsonl"), [rec])
+            data.append_jsonl(os.path.join(args.out, "rollouts.jsonl"), readable_rollouts(rollouts, step, args))
             print_step(bar, rec, step, start, t_start, args)
         if flag:
             print0(f"step {step + 1}: {flag} gradient norm {grad_norm.item()}{', update skipped' if skipped else ''} "
                    f"({len(guard.streak)}/{args.max_bad_steps} in a row)")
         guard.stop(args.out)  # max_bad flagged steps in a row: stop, naming the last good checkpoint
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.max_steps and guard.clean:
+            selection = {"best": best, "start_scores": start_scores}  # and OUT/best beside it (hard links)
             save_step_checkpoint(args.out, step + 1, vlm, {"step": step + 1, "args": vars(args),
-                                                           "guard": guard.state()}, optimizer)
+                                                           "guard": guard.state(), **selection}, optimizer,
+                                 attach={"best": os.path.join(args.out, "best")} if best else None)
 
     save_final(vlm, best, start_scores, args, rank, t_start)
     if world > 1:

@@ -216,7 +216,7 @@ def main(args):
         raise SetupError("--bf16 is for unsharded weights: drop --fsdp (or --bf16)")
     vlm = M.load(ckpt or args.model, device="cpu" if args.fsdp else device,
                  dtype=torch.bfloat16 if args.bf16 else torch.float32, texts=texts,
-                 max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code)
+                 max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code, seed=args.seed)
     # its image decodes and its prompt fits, or a one-line error (--skip_bad_rows: skipped and counted)
     train_rows = data.check_rows(vlm, train_rows, args.skip_bad_rows, target=True)
     val_rows = data.check_rows(vlm, val_rows, args.skip_bad_rows, target=True)
