@@ -1,9 +1,10 @@
 """
-scratch.py: models built from scratch, with no download: `tiny` (a ~1.5M-parameter Qwen2.5-VL for CPU runs
-and tests), `tiny-lite0` (tiny with an ImageNet-pretrained EfficientNet-Lite0 tower), a tiny random model of
-every other family (TINY_FAMILIES), and the published architectures with random weights
-(`random:qwen2.5-vl-3b`, ...: CONFIGS, PUBLISHED); each with a byte-level BPE tokenizer trained on the texts
-the stage passes (data.tokenizer_texts: the demo's). model.load calls build() for these names.
+scratch.py: models built from scratch, with no download: `tiny` (a Qwen2.5-VL for CPU runs and tests, 1.7M
+parameters on the demo: sft.py prints the count), `tiny-lite0` (tiny with an ImageNet-pretrained
+EfficientNet-Lite0 tower), a tiny random model of every other family (TINY_FAMILIES), and the published
+architectures with random weights (`random:qwen2.5-vl-3b`, ...: CONFIGS, PUBLISHED); each with a byte-level
+BPE tokenizer trained on the texts the stage passes (data.tokenizer_texts: the demo's). model.load calls
+build() for these names, its initial weights drawn from the stage's --seed.
 """
 
 import json
@@ -94,7 +95,8 @@ CONFIGS = {
 
 
 def tiny_config(vocab_size):
-    """A ~1.5M-parameter Qwen2.5-VL: the same code paths as the 3B, fast on a 2-core CPU."""
+    """A small Qwen2.5-VL (1.7M parameters with the demo's tokenizer; sft.py prints the count): the same code
+    paths as the 3B, fast on a 2-core CPU."""
     # init std 0.08 ~ 1/sqrt(128), not Qwen's 0.02 (tuned for width 2048): from 0.02, attention
     # starts uniform and the tiny model needs ~2-3x more steps before it starts reading the image
     return dict(

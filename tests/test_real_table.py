@@ -1,4 +1,5 @@
-"""bench/real_table.py: the README's real-benchmark table is read from the results files, hand-worked."""
+"""bench/real_table.py: the README's real-benchmark table is read from the results files, hand-worked; the commands
+the results record (benchmarks.sh, demo_seeds.py) and the table shows are relative to the repo root."""
 
 import json
 import os
@@ -75,3 +76,30 @@ def test_the_readme_is_rewritten_between_its_markers_only(tmp_path):
     readme.write_text("no markers\n")
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode != 0 and "no table markers" in out.stderr and readme.read_text() == "no markers\n"
+
+
+def test_commands_are_shown_as_a_reader_pastes_them_at_the_repo_root():
+    root = "/home/me/medfact"  # what the run recorded on its machine
+    command = ("bash bench/benchmarks.sh --data /home/me/shared/data/vqa_rad --name vqa_rad --out /home/me/medfact/runs/real "
+               "--results=/home/me/medfact/runs/r.json --corpus /data/kg --extra_train ../shared/data/slake/Slake1.0")
+    assert real_table.relative(command, root) == (
+        "bash bench/benchmarks.sh --data ../shared/data/vqa_rad --name vqa_rad --out runs/real --results=runs/r.json "
+        "--corpus /data/kg --extra_train ../shared/data/slake/Slake1.0")  # a path elsewhere stays as recorded
+
+
+def test_benchmarks_sh_records_its_command_relative_to_the_repo_root(tmp_path):
+    # given from another folder: --data relative to it, --results absolute in the repo; PY=false stops the run
+    # at its first step, after it has logged the command it records
+    data = os.path.relpath(os.path.join(ROOT, "tests"), tmp_path)
+    cmd = ["bash", os.path.join(ROOT, "bench", "benchmarks.sh"), "--data", data, "--name", "toy", "--results",
+           os.path.join(ROOT, "runs", "toy.json"), "--out", str(tmp_path / "runs"), "--corpus", "cxr-glossary"]
+    out = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "PY": "false"}, capture_output=True, text=True)
+    assert out.returncode != 0 and "command: bash bench/benchmarks.sh --data tests --name toy --results runs/toy.json --out " \
+        in out.stderr, out.stderr
+    assert not os.path.exists(os.path.join(ROOT, "runs", "toy.json"))
+
+
+def test_demo_seeds_records_its_command_relative_to_the_repo_root():
+    import demo_seeds
+    argv = ["--seeds", "0", "--out", os.path.join(ROOT, "bench", "results", "x.json"), "--runs", "runs/demo_seeds"]
+    assert demo_seeds.command(argv) == "python bench/demo_seeds.py --seeds 0 --out bench/results/x.json --runs runs/demo_seeds"
