@@ -168,12 +168,12 @@ def test_only_rank_0_reads_and_renames_checkpoints_on_the_stop_path(tmp_path, mo
     read = []
     monkeypatch.setattr(checkpoint, "_finite_weights", lambda folder: read.append(folder) or True)
     monkeypatch.setitem(common._DIST, "rank", 1)  # this process is rank 1 of 2
-    monkeypatch.setattr(checkpoint.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(checkpoint.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
 
     def broadcast(objects, src):  # rank 0's answer
         objects[0] = (str(step), [])
-    monkeypatch.setattr(checkpoint.dist, "broadcast_object_list", broadcast)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast)
     assert checkpoint.last_good_checkpoint(str(tmp_path), 3) == (str(step), [])  # step 2 set aside on rank 0
     assert read == [] and step.exists()  # rank 1 read no weights and renamed nothing
 
