@@ -38,6 +38,7 @@ memory does not grow with the split (bench/eval_memory.py; docs/EXPERIMENTS.md, 
 
 import argparse
 import collections
+import copy
 import json
 import math
 import os
@@ -50,7 +51,7 @@ from tqdm import tqdm
 import data
 import model as M
 import rewards
-from common import SetupError, init_dist
+from common import SetupError, default_dtype, init_dist
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
 # data
@@ -317,6 +318,35 @@ def reference_baselines(args, rows):
     except Exception as e:  # a MemoryError too: whatever goes wrong here, the run's own results stay
         print(f"baselines failed ({e!r}); {args.out} has the metrics without them")
     return None
+
+
+def held_out_scores(vlm, rows, max_new_tokens, rank, world, device, images=data.load_image, fsdp=False):
+    """grpo.py's held-out model selection: greedy scores on `rows`, this module's metrics, shared over ranks:
+    {"val_accuracy", "val_open_accuracy", "val_open_recall"} (the open ones None when no row is open).
+    Decoded as this script will score the saved model, in the dtype it loads it in (bf16 on CUDA): an fp32
+    policy through a copy in that dtype (under FSDP, which shards an fp32 policy, through bf16 autocast)."""
+    vlm.model.eval()
+    mine, n = rows[rank::world], math.ceil(len(rows) / world)
+    padded = (mine + rows[:1] * n)[:n]  # as many forwards on every rank (FSDP), the repeats not scored
+    scored, autocast, dtype = vlm, torch.autocast(device.type, enabled=False), default_dtype(device)
+    if next(vlm.model.parameters()).dtype != dtype and fsdp:
+        autocast = torch.autocast(device.type, dtype=dtype)
+    elif next(vlm.model.parameters()).dtype != dtype:
+        scored = copy.copy(vlm)
+        scored.model = copy.deepcopy(vlm.model).to(dtype)
+    with autocast:
+        texts = M.generate(scored, [images(r) for r in padded], [r["question"] for r in padded],
+                           max_new_tokens, batch_size=64)[:len(mine)]
+    graded = [grade(t, r) for t, r in zip(texts, mine)]
+    open_ = [g for g in graded if g["recall"] is not None]  # grade gives open rows a recall
+    sums = torch.tensor([sum(g["exact"] for g in graded), len(graded), sum(g["exact"] for g in open_),
+                         sum(g["recall"] for g in open_), len(open_)], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(sums)
+    vlm.model.train()
+    exact, n, open_exact, open_recall, n_open = sums.tolist()
+    return {"val_accuracy": exact / n, "val_open_accuracy": open_exact / n_open if n_open else None,
+            "val_open_recall": open_recall / n_open if n_open else None}
 
 
 def main(args):

@@ -41,7 +41,6 @@ Outputs in --out: the final model (a Hugging Face folder), metrics.jsonl, rollou
 import argparse
 import copy
 import json
-import math
 import os
 import shutil
 import time
@@ -51,13 +50,13 @@ from tqdm import tqdm
 
 import data
 import engine
-import evaluate
 import model as M
 import optim
 import rewards
 from checkpoint import (TrainingStopped, copy_folder, load_state, resume_from, resume_or_start, save_checkpoint,
                         save_step_checkpoint)
 from common import SetupError, allreduce_grads, clip_grad_norm, default_dtype, init_dist, print0
+from evaluate import held_out_scores
 from families import freeze_vision
 from fsdp import fsdp_shard
 
@@ -380,34 +379,6 @@ def record(vlm, rollouts, advantages, stats_sum, world, device):
     return {**rec, "trained": trained}
 
 
-def held_out_scores(vlm, val_rows, args, rank, world, device, images=data.load_image):
-    """Greedy scores on the held-out rows, evaluate.py's metrics, shared over ranks: {"val_accuracy",
-    "val_open_accuracy", "val_open_recall"} (the open ones None when no row is open). Decoded in the dtype
-    evaluate.py loads the saved model in (bf16 on CUDA): an fp32 policy through a copy (FSDP: bf16 autocast)."""
-    vlm.model.eval()
-    mine, n = val_rows[rank::world], math.ceil(len(val_rows) / world)
-    padded = (mine + val_rows[:1] * n)[:n]  # as many forwards on every rank (FSDP), the repeats not scored
-    scored, autocast = vlm, torch.autocast(device.type, enabled=False)
-    if next(vlm.model.parameters()).dtype != default_dtype(device) and args.fsdp:
-        autocast = torch.autocast(device.type, dtype=default_dtype(device))
-    elif next(vlm.model.parameters()).dtype != default_dtype(device):
-        scored = copy.copy(vlm)
-        scored.model = copy.deepcopy(vlm.model).to(default_dtype(device))
-    with autocast:
-        texts = M.generate(scored, [images(r) for r in padded], [r["question"] for r in padded],
-                           args.max_new_tokens, batch_size=64)[:len(mine)]
-    graded = [evaluate.grade(t, r) for t, r in zip(texts, mine)]
-    open_ = [g for g in graded if g["recall"] is not None]  # grade gives open rows a recall
-    sums = torch.tensor([sum(g["exact"] for g in graded), len(graded), sum(g["exact"] for g in open_),
-                         sum(g["recall"] for g in open_), len(open_)], dtype=torch.float64, device=device)
-    if world > 1:
-        torch.distributed.all_reduce(sums)
-    vlm.model.train()
-    exact, n, open_exact, open_recall, n_open = sums.tolist()
-    return {"val_accuracy": exact / n, "val_open_accuracy": open_exact / n_open if n_open else None,
-            "val_open_recall": open_recall / n_open if n_open else None}
-
-
 def holds_open(scores, start):
     """--open_floor: open accuracy and open recall held out at least as well as by the starting model."""
     return all(scores[k] is None or start[k] is None or scores[k] >= start[k]
@@ -533,7 +504,7 @@ def start_selection(vlm, val_rows, ckpt, args, rank, world, device, images):
             if state["best"] is not None:
                 copy_folder(os.path.join(ckpt, "best"), best_dir)
         return state["best"], state["start_scores"]
-    start_scores = held_out_scores(vlm, val_rows, args, rank, world, device, images)
+    start_scores = held_out_scores(vlm, val_rows, args.max_new_tokens, rank, world, device, images, args.fsdp)
     best = keep_if_best(vlm, None, 0, start_scores, args)
     print0(f"held-out accuracy at the start: {best['val_accuracy']:.3f} ({len(val_rows)} rows)"
            + (f", open {best['val_open_accuracy']:.3f}, recall {best['val_open_recall']:.3f}"
@@ -667,7 +638,7 @@ def main(args):
         if device.type == "cuda":
             rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         if args.eval_every and val_rows and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
-            scores = held_out_scores(vlm, val_rows, args, rank, world, device, images)
+            scores = held_out_scores(vlm, val_rows, args.max_new_tokens, rank, world, device, images, args.fsdp)
             rec.update(scores)
             if best is not None:
                 best = keep_if_best(vlm, best, step + 1, scores, args, start_scores)

@@ -4,7 +4,6 @@ first inner epoch's ratio is 1 with dropout in the model; held-out selection dec
 a resumed run never hands back a best model from after its checkpoint; only rank 0 reads and renames
 checkpoints on the stop path; --inner_epochs 0 is a one-line refusal; --seed draws a from-scratch model's
 initial weights."""
-import argparse
 import datetime
 import json
 import os
@@ -16,6 +15,7 @@ import torch.multiprocessing as mp
 import checkpoint
 import common
 import data
+import evaluate
 import grpo
 import model as M
 import sft
@@ -112,13 +112,12 @@ def test_held_out_selection_decodes_in_the_dtype_evaluate_loads_the_model_in(mon
         seen.append(next(v.model.parameters()).dtype)
         return ["<answer>yes</answer>"] * len(questions)
     monkeypatch.setattr(M, "generate", generate)
-    monkeypatch.setattr(grpo, "default_dtype", lambda device: torch.bfloat16)  # evaluate.py's dtype on CUDA
-    args = argparse.Namespace(max_new_tokens=8, fsdp=False)
-    scores = grpo.held_out_scores(vlm, rows, args, 0, 1, torch.device("cpu"), images=lambda r: None)
+    monkeypatch.setattr(evaluate, "default_dtype", lambda device: torch.bfloat16)  # evaluate.py's on CUDA
+    scores = evaluate.held_out_scores(vlm, rows, 8, 0, 1, torch.device("cpu"), images=lambda r: None)
     assert seen == [torch.bfloat16] and scores["val_accuracy"] == 1.0
     assert next(vlm.model.parameters()).dtype == torch.float32  # the policy itself is untouched
-    monkeypatch.setattr(grpo, "default_dtype", lambda device: torch.float32)  # CPU: the policy as it is
-    grpo.held_out_scores(vlm, rows, args, 0, 1, torch.device("cpu"), images=lambda r: None)
+    monkeypatch.setattr(evaluate, "default_dtype", lambda device: torch.float32)  # CPU: the policy as it is
+    evaluate.held_out_scores(vlm, rows, 8, 0, 1, torch.device("cpu"), images=lambda r: None)
     assert seen[-1] == torch.float32
 
 

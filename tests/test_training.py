@@ -181,7 +181,6 @@ def test_grpo_final_model_is_the_evaluated_step_with_the_best_held_out_accuracy(
 def test_held_out_scores_are_evaluates_metrics(monkeypatch):
     """grpo's held-out accuracy, open accuracy and open recall are evaluate.py's on the same predictions."""
     import evaluate
-    import grpo
     rows = [{"question": "q", "answer": a, "answer_type": t} for a, t in
             [("yes", "closed"), ("left lung", "open"), ("liver", "open"), ("no", "closed")]]
     texts = ["<answer>yes</answer>", "<answer>lung</answer>", "<answer>liver</answer>", "<answer>yes</answer>"]
@@ -189,8 +188,7 @@ def test_held_out_scores_are_evaluates_metrics(monkeypatch):
     class Fake:
         model = torch.nn.Linear(1, 1)
     monkeypatch.setattr(M, "generate", lambda vlm, images, questions, *a, **k: texts[:len(questions)])
-    got = grpo.held_out_scores(Fake(), rows, argparse.Namespace(max_new_tokens=8), 0, 1, torch.device("cpu"),
-                               images=lambda r: None)
+    got = evaluate.held_out_scores(Fake(), rows, 8, 0, 1, torch.device("cpu"), images=lambda r: None)
     want = evaluate.summarize(rows, [evaluate.grade(t, r) for t, r in zip(texts, rows)])
     assert got == {"val_accuracy": want["accuracy"], "val_open_accuracy": want["open_accuracy"],
                    "val_open_recall": want["open_recall"]}
