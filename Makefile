@@ -28,7 +28,13 @@ bench-real: $(STAMP)
 	bash bench/benchmarks.sh --data $(DATA)/slake/Slake1.0 --name slake --reuse_grpo  # both results files, all three seeds
 	$(PY) bench/real_table.py --readme README.md
 
-test: $(STAMP)
+TEST_STAMP := $(VENV)/.installed-test
+
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $(TEST_STAMP)
+
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q tests
 
 clean:
