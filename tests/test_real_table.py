@@ -103,3 +103,25 @@ def test_demo_seeds_records_its_command_relative_to_the_repo_root():
     import demo_seeds
     argv = ["--seeds", "0", "--out", os.path.join(ROOT, "bench", "results", "x.json"), "--runs", "runs/demo_seeds"]
     assert demo_seeds.command(argv) == "python bench/demo_seeds.py --seeds 0 --out bench/results/x.json --runs runs/demo_seeds"
+
+
+def test_demo_seeds_pools_the_paired_counts_over_seeds():
+    import demo_seeds
+    from evaluate import mcnemar
+    run = lambda seed, sft, grpo, f, b, cf, cb: {  # noqa: E731
+        "seed": seed, "threads": 2, "sft": sft, "grpo": grpo, "wall_seconds": 600,
+        "paired": {"fixed": f, "broken": b, "p": mcnemar(f, b)},
+        "control": {"accuracy": 0.94, "vs_sft": {"fixed": 5, "broken": 5, "p": 1.0},
+                    "grpo_vs_control": {"fixed": cf, "broken": cb, "p": mcnemar(cf, cb)}}}
+    results = [run(0, 0.90, 0.95, 20, 4, 9, 3), run(1, 0.92, 0.96, 12, 2, 4, 4)]
+    pooled = demo_seeds.pool(results)
+    assert pooled["grpo_vs_sft"] == {"fixed": 32, "broken": 6, "p": round(mcnemar(32, 6), 6)}
+    assert pooled["grpo_vs_control"] == {"fixed": 13, "broken": 7, "p": round(mcnemar(13, 7), 6)}
+    assert pooled["control_vs_sft"] == {"fixed": 10, "broken": 10, "p": 1.0}
+    assert (pooled["sft"], pooled["grpo"], pooled["control"]) == (0.91, 0.955, 0.94)
+    assert mcnemar(32, 6) < 0.001  # 38 flips, 6 against: far from a coin's 19
+    text = demo_seeds.table(results, pooled)
+    assert "| pooled | | 0.910 | 0.955 | 0.940 | 32 / 6 (< 0.001) | 13 / 7 (0.263) | |" in text
+    assert "| 0 | 2 | 0.900 | 0.950 | 0.940 | 20 / 4 (0.002) | 9 / 3 (0.146) | 10.0 |" in text
+    del results[0]["control"]  # a run without the control: no pooled control row, no crash
+    assert "grpo_vs_control" not in demo_seeds.pool(results) and "| - |" in demo_seeds.table(results, demo_seeds.pool(results))
