@@ -153,6 +153,14 @@ def make_optimizer(params, args, device, pretrained_params=()):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
+def global_batch(rows, step, args):
+    """The rows of `step`, the same whatever the world size and after a resume: consecutive batches of a
+    permutation drawn afresh, from the seed, every data epoch."""
+    data_epoch, i = divmod(step, len(rows) // args.batch_size)
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed + 1 + data_epoch))
+    return [rows[j] for j in perm[i * args.batch_size:(i + 1) * args.batch_size].tolist()]
+
+
 def lr_at(step, args, max_steps):
     """Linear warmup, then cosine decay to min_lr_frac * lr."""
     if step < args.warmup:
@@ -230,11 +238,6 @@ def main(args):
         raise SetupError(f"{args.data}: {len(train_rows)} training rows, fewer than one batch of {args.batch_size}")
     max_steps = args.max_steps or int(args.epochs * steps_per_epoch)
 
-    def global_batch(step):  # the same rows for a step whatever the world size, and after a resume
-        data_epoch, i = divmod(step, steps_per_epoch)
-        perm = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed + 1 + data_epoch))
-        return [train_rows[j] for j in perm[i * args.batch_size:(i + 1) * args.batch_size].tolist()]
-
     # -------------------------------------------------------------------------
     # optimizer; resume restores it and the step (the data position) too
     model = vlm.model
@@ -267,7 +270,7 @@ def main(args):
     bar = tqdm(range(start, max_steps), initial=start, total=max_steps, disable=rank != 0, desc="sft")
     t0 = time.time()
     for step in bar:
-        rows_g = global_batch(step)
+        rows_g = global_batch(train_rows, step, args)
         n_tokens = n_target_tokens(vlm, rows_g)  # the loss is a mean over the global batch's target tokens
         mine = rows_g[rank * micro * args.grad_accum:(rank + 1) * micro * args.grad_accum]
         lr = lr_at(step, args, max_steps)
