@@ -59,6 +59,7 @@ from common import SetupError, allreduce_grads, clip_grad_norm, default_dtype, i
 from evaluate import held_out_scores
 from families import freeze_vision
 from fsdp import fsdp_shard
+from tracker import Tracker
 
 # -----------------------------------------------------------------------------
 # config
@@ -135,6 +136,10 @@ parser.add_argument("--open_floor", action="store_true",
 parser.add_argument("--save_every", type=int, default=0, help="resumable checkpoint every N steps (0: never)")
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
 parser.add_argument("--rollouts_per_step", type=int, default=2, help="completions written to rollouts.jsonl")
+parser.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "trackio"], default="none",
+                    help="also log metrics.jsonl and a table of rollouts.jsonl's completions there (tracker.py)")
+parser.add_argument("--log_completions_every", type=int, default=10, help="that table every N steps and at the first")
+parser.add_argument("--project", default=None, help="wandb/trackio project ($WANDB_PROJECT/$TRACKIO_PROJECT, medfact)")
 parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) or a torch device")
 parser.add_argument("--max_bad_steps", type=int, default=3,
                     help="stop after this many flagged steps (non-finite or spike) in a row")
@@ -585,6 +590,7 @@ def main(args):
     if rank == 0:  # the logs keep exactly the steps before `start`
         for log in ("metrics.jsonl", "rollouts.jsonl"):
             data.truncate_jsonl(os.path.join(args.out, log), start)
+    tracker = Tracker(args, start)  # --report_to: the same records, on rank 0 (a missing package: one line)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
     print0(f"grpo: {len(rows)} prompts, {args.prompts_per_step} x {G} completions per step, "
@@ -645,7 +651,9 @@ def main(args):
         bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=f"{rec['reward_accuracy']:.2f}")
         if rank == 0:
             data.append_jsonl(os.path.join(args.out, "metrics.jsonl"), [rec])
-            data.append_jsonl(os.path.join(args.out, "rollouts.jsonl"), readable_rollouts(rollouts, step, args))
+            shown = readable_rollouts(rollouts, step, args)
+            data.append_jsonl(os.path.join(args.out, "rollouts.jsonl"), shown)
+            tracker.log(rec, shown)
             print_step(bar, rec, step, start, t_start, args)
         if flag:
             print0(f"step {step + 1}: {flag} gradient norm {grad_norm.item()}{', update skipped' if skipped else ''} "
@@ -658,6 +666,7 @@ def main(args):
                                  attach={"best": os.path.join(args.out, "best")} if best else None)
 
     save_final(vlm, best, start_scores, args, rank, t_start)
+    tracker.close()
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -51,6 +51,7 @@ from checkpoint import TrainingStopped, resume_from, resume_or_start, save_check
 from common import SetupError, allreduce_grads, clip_grad_norm, init_dist, print0
 from families import freeze_vision, train_lite0_blocks, vision_tower
 from fsdp import fsdp_shard
+from tracker import Tracker
 
 # -----------------------------------------------------------------------------
 # config
@@ -89,6 +90,9 @@ parser.add_argument("--log_every", type=int, default=10, help="print a line ever
 parser.add_argument("--eval_every", type=int, default=100, help="held-out loss every N steps (0: only at the end)")
 parser.add_argument("--save_every", type=int, default=0, help="resumable checkpoint every N steps (0: never)")
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+parser.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "trackio"], default="none",
+                    help="also log metrics.jsonl's records there (tracker.py)")
+parser.add_argument("--project", default=None, help="wandb/trackio project ($WANDB_PROJECT/$TRACKIO_PROJECT, medfact)")
 parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) or a torch device")
 parser.add_argument("--max_bad_steps", type=int, default=3,
                     help="stop after this many flagged steps (non-finite or spike) in a row")
@@ -257,6 +261,7 @@ def main(args):
     if rank == 0:  # the logs keep exactly the steps before `start`
         for log in ("metrics.jsonl",):
             data.truncate_jsonl(os.path.join(args.out, log), start)
+    tracker = Tracker(args, start)  # --report_to: the same records, on rank 0 (a missing package: one line)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     print0(f"sft: {len(train_rows)} train / {len(val_rows)} val rows, {M.count_params(model) / 1e6:.1f}M params, "
            f"{max_steps} steps of {args.batch_size} ({world} ranks x {args.grad_accum} x {micro}), device {device}")
@@ -264,6 +269,7 @@ def main(args):
     def log(rec):
         if rank == 0:
             data.append_jsonl(os.path.join(args.out, "metrics.jsonl"), [rec])
+            tracker.log(rec)
 
     # -------------------------------------------------------------------------
     # training loop
@@ -315,6 +321,7 @@ def main(args):
         print0(f"final val_loss {final['val_loss']:.4f}")
     save_checkpoint(args.out, vlm, final)  # every rank: under FSDP the weights are gathered first
     print0(f"saved {args.out} ({time.time() - t0:.0f}s)")
+    tracker.close()
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
