@@ -1,7 +1,8 @@
 """
 checkpoint.py: checkpoints and the run folder. A checkpoint is a plain Hugging Face folder (config.json,
 model.safetensors, the processor) that stock transformers runs, plus state.json (step, data position,
-seeds, the step guard) and, for resume, optimizer.pt (tensors only).
+seeds, the step guard) and, for resume, optimizer.pt (tensors only); under LoRA the folder holds the merged
+model and adapter/, the adapter in peft's format (lora.py).
 
 - save_checkpoint writes to a temporary folder and renames it (_commit): a kill never leaves half a model;
 - save_step_checkpoint keeps the last `keep` of out/checkpoints/step_N; resume_from finds the newest;
@@ -26,6 +27,7 @@ from common import CheckpointNotFound, SetupError, is_main, print0
 from families import CHAT_TEMPLATE, build_processor
 from fsdp import is_sharded
 import lite0
+import lora
 
 
 def hf_processor(vlm):
@@ -62,6 +64,9 @@ def save_checkpoint(path, vlm, state=None, optimizer=None, model=None, attach=No
     """
     model = model or vlm.model
     weights, optim = None, optimizer.state_dict() if optimizer is not None else None
+    adapted = getattr(vlm, "lora", None) is not None and model is vlm.model
+    if adapted:  # LoRA (lora.py): the merged plain model, and its adapter beside it in peft's format
+        weights = lora.merged_state_dict(model)
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
@@ -78,6 +83,8 @@ def save_checkpoint(path, vlm, state=None, optimizer=None, model=None, attach=No
         model.config.auto_map = {"AutoConfig": "modeling_medfact.Lite0VLConfig",
                                  "AutoModelForImageTextToText": "modeling_medfact.Lite0VLForConditionalGeneration"}
     model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+    if adapted:
+        lora.save_adapter(vlm, os.path.join(tmp, lora.ADAPTER))
     if isinstance(model, lite0.Lite0VLForConditionalGeneration):  # the tower's own file, as it is
         shutil.copyfile(lite0.__file__, os.path.join(tmp, "modeling_medfact.py"))
     hf_processor(vlm).save_pretrained(tmp)  # tokenizer (left padding, CHAT_TEMPLATE), processor_config.json
@@ -109,7 +116,7 @@ def _is_weights(name):
 def _commit(tmp, path):
     """Move a finished save from `tmp` to `path`. A new folder: one rename, the commit point. A folder that
     holds other things (a run's --out: metrics, checkpoints/): the old model is first made unloadable (its
-    state.json, then its weights, removed), then the new files move in, the weights after the rest (shards
+    state.json, then its weights, then its LoRA adapter removed), then the new files move in, the weights after the rest (shards
     before their index) and state.json last. A kill at any point leaves the old model, the new one, or a
     folder load() refuses in one line ("no *.safetensors weights"): never a mix of two runs' files."""
     if not os.path.exists(path):
@@ -119,6 +126,7 @@ def _commit(tmp, path):
                  key=lambda n: n != "state.json")  # state.json first: the old model is no longer complete
     for name in old:
         os.remove(os.path.join(path, name))
+    shutil.rmtree(os.path.join(path, lora.ADAPTER), ignore_errors=True)  # the old model's LoRA adapter, if any
     new = sorted(os.listdir(tmp), key=lambda n: (n == "state.json", _is_weights(n), n.endswith(".index.json")))
     for name in new:
         os.replace(os.path.join(tmp, name), os.path.join(path, name))

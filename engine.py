@@ -31,6 +31,10 @@ fixed shapes, in plain torch over the checkpoint's own weights:
   If capture fails (an op that syncs, an unsupported kernel), it warns and decodes eagerly: the
   same tokens, only slower.
 
+Under LoRA (lora.py) each adapted projection's weight is merged, W + B A * alpha / r, into this per-rollout
+copy (the adapted layers' weights once more in memory while the rollout runs): a LoRA layer's .weight is its
+base weight, and reading it would sample from the reference.
+
 The decode step runs in the autocast dtype when autocast is on (fp32 weights under bf16 autocast:
 the text weights are cast once per rollout batch, ~6 GB for the 3B), else in the weights' own dtype
 (bf16 training: only q, k, v are copied, fused; float32 on CPU). In float32 it samples token for
@@ -56,6 +60,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+import lora
 import model as M
 from common import print0
 from families import FAMILIES, text_model
@@ -118,16 +123,21 @@ class Decoder:
                 cast[id(p)] = p.detach().to(dtype)  # the parameter itself when it is already `dtype`
             return cast[id(p)]
 
+        def proj(linear):  # under LoRA a layer's .weight is its BASE weight: the adapters merged in (a new tensor)
+            w = lora.merged_weight(linear)
+            return get(w) if w is linear.weight else w.to(dtype)
+
         def weights(layer):
             a, m = layer.self_attn, layer.mlp
             # q, k and v as one projection: one GEMM, then one rotary pass over the q and k heads
             # (a copy per rollout batch: 0.38 GB for the 3B, as the weights change every step)
-            qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).to(dtype)
+            qkv = torch.cat([lora.merged_weight(a.q_proj), lora.merged_weight(a.k_proj),
+                             lora.merged_weight(a.v_proj)]).to(dtype)
             biased = a.q_proj.bias is not None  # Qwen2's q, k, v have biases; Qwen3's and Llama's none
             qkv_bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).to(dtype) if biased else None
             qk_norm = hasattr(a, "q_norm")  # Qwen3: RMSNorm over each q and k head, before the rotary embedding
-            return dict(qkv=qkv, qkv_bias=qkv_bias, o=get(a.o_proj.weight), gate=get(m.gate_proj.weight),
-                        up=get(m.up_proj.weight), down=get(m.down_proj.weight),
+            return dict(qkv=qkv, qkv_bias=qkv_bias, o=proj(a.o_proj), gate=proj(m.gate_proj),
+                        up=proj(m.up_proj), down=proj(m.down_proj),
                         norm1=get(layer.input_layernorm.weight), norm2=get(layer.post_attention_layernorm.weight),
                         q_norm=get(a.q_norm.weight) if qk_norm else None,
                         k_norm=get(a.k_norm.weight) if qk_norm else None)

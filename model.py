@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint as recompute
 
+import lora
 import scratch
 from checkpoint import check_checkpoint
 from common import SetupError, default_dtype
@@ -46,6 +47,7 @@ class VLM:
 
     def __init__(self, model, tokenizer, image_processor, name):
         self.model, self.tokenizer, self.image_processor, self.name = model, tokenizer, image_processor, name
+        self.lora = None  # lora.py: the PeftModel around `model` when it trains LoRA adapters (--lora)
         self.family = family(model.config)
         self.eos_id = tokenizer.convert_tokens_to_ids(self.family["eos"])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
@@ -211,7 +213,7 @@ def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remo
     """Load a model by name: 'tiny', 'tiny-lite0', a tiny random model of another family
     (scratch.TINY_FAMILIES: 'tiny-qwen3-vl', 'tiny-smolvlm', ...), a published architecture with random weights
     ('random:qwen2.5-vl-3b', 'random:qwen3-vl-2b', 'random:smolvlm2-256m', ...), a folder or a hub name of any
-    family in families.FAMILIES.
+    family in families.FAMILIES, or a LoRA adapter folder (peft's format: its base with the adapter merged in).
 
     `texts` trains the tokenizer of a model built from scratch (scratch.build), and only there: a list of
     strings, or a function that returns one (called only when such a model is built; the stages pass
@@ -222,6 +224,8 @@ def load(name, device="cpu", dtype=None, texts=None, max_pixels=None, trust_remo
     dtype = dtype or default_dtype(device)
     if max_pixels is not None and max_pixels < 0:
         raise SetupError(f"--max_pixels {max_pixels}: must be positive")
+    if lora.is_adapter(name):  # the base it names, then the adapter merged into its weights
+        return lora.merge_into(load(lora.base_of(name), device, dtype, texts, max_pixels, trust_remote_code, seed), name)
     if scratch.from_scratch(name):
         model, tokenizer, image_processor = scratch.build(name, texts, device, dtype, seed)
     else:

@@ -103,7 +103,7 @@ def test_no_stage_function_over_120_lines(name):
 STAGES = {"retrieve", "sft", "grpo", "evaluate", "demo"}  # the commands a user runs: nothing imports them
 # the core split by concern (issue #36): each file under 700 lines but these four, which must not grow
 LONG_FILES = {"retrieve": 936, "data": 981, "rewards": 754, "synthetic_cxr": 574}
-CORE = ["common", "tracker", "lite0", "families", "scratch", "fsdp", "checkpoint", "model"]
+CORE = ["common", "tracker", "lite0", "families", "scratch", "fsdp", "lora", "checkpoint", "model"]
 
 
 def test_no_file_imports_a_stage():
