@@ -33,6 +33,7 @@ Paper setting: --lr 1e-6 --kl_coef 0.04 --group_size 6 --temperature 1.0 --inner
     torchrun --nnodes=2 --node_rank=R --master_addr=HOST0 ... grpo.py ...  # 2 nodes: R = 0 on HOST0, 1 on the other
     ... --bf16          # the 3B on one GPU: bf16 weights and AdamW state (optim.py), rollouts on engine.py
     ... --fsdp          # shard policy and reference (FSDP2) when one GPU cannot hold them
+    ... --lora 16       # train LoRA adapters on the SFT model; the reference is it with them off (lora.py)
     ... --resume        # continue exactly from the newest checkpoint in --out (shared by all nodes)
 
 Outputs in --out: the final model (a Hugging Face folder), metrics.jsonl, rollouts.jsonl, checkpoints/.
@@ -50,6 +51,7 @@ from tqdm import tqdm
 
 import data
 import engine
+import lora
 import model as M
 import optim
 import rewards
@@ -83,6 +85,7 @@ parser.add_argument("--trust_remote_code", action="store_true", help="run a chec
 parser.add_argument("--fsdp", action="store_true", help="shard policy and reference over ranks with FSDP2")
 parser.add_argument("--bf16", action="store_true",
                     help="bf16 weights, reference and AdamW state, stochastic rounding (optim.py): the 3B on one GPU")
+lora.add_args(parser)
 # rollouts
 parser.add_argument("--prompts_per_step", type=int, default=96, help="global, over all ranks")
 parser.add_argument("--group_size", type=int, default=6, help="G completions per prompt (paper: 6)")
@@ -315,7 +318,7 @@ def picked_logps(vlm, picked, a, b, args, model=None):
 def frozen_logps(vlm, picked, args, autocast, model=None):
     """4. Log-probs of the picked completions without grad, micro-batch by micro-batch: under the policy
     as it sampled (old_logps, needed when the policy moves between inner epochs) or the reference."""
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast, lora.as_reference(vlm, model):  # LoRA: the policy with its adapters off
         return torch.cat([picked_logps(vlm, picked, a, b, args, model) for a, b in micro_batches(picked, args)])
 
 
@@ -455,11 +458,15 @@ def load_models(args, device, ckpt):
     if args.fsdp and (args.bf16 or args.engine == "static"):
         raise SetupError("--fsdp shards the weights: it takes neither --bf16 nor --engine static")
     dtype = torch.bfloat16 if args.bf16 else torch.float32  # --bf16: the reference is bf16 too
-    vlm = M.load(ckpt or args.ckpt, device=load_on, dtype=dtype, texts=data.tokenizer_texts,
-                 max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code, seed=args.seed)
+    vlm = M.load((None if args.lora else ckpt) or args.ckpt, device=load_on, dtype=dtype,
+                 texts=data.tokenizer_texts, max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code,
+                 seed=args.seed)
+    lora.apply(vlm, args, args.ckpt, resume=ckpt)  # --lora: adapters on the starting model (resumed: ckpt's)
     policy, ref = vlm.model, None
     disable_dropout(policy)  # rollouts, old_logps and the reference run in eval mode: train mode must match
-    if args.kl_coef != 0:  # the reference is the starting model, also after a resume
+    if args.kl_coef != 0 and args.lora:  # the policy itself, its adapters off (lora.as_reference): no copy
+        ref = policy
+    elif args.kl_coef != 0:  # the reference is the starting model, also after a resume
         ref = M.load(args.ckpt, device=load_on, texts=data.tokenizer_texts, max_pixels=args.max_pixels,
                      trust_remote_code=args.trust_remote_code, seed=args.seed).model if ckpt else copy.deepcopy(policy)
         ref = ref.to(dtype if args.bf16 else default_dtype(device)).eval().requires_grad_(False)
@@ -545,7 +552,8 @@ def save_final(vlm, best, start_scores, args, rank, t_start):
                + (" of those holding open answers" if args.open_floor else ""))
         if rank == 0:
             save_checkpoint(args.out, M.load(os.path.join(args.out, "best"), dtype=vlm.model.dtype,
-                                             max_pixels=args.max_pixels), {**state, "selected": best})
+                                             max_pixels=args.max_pixels), {**state, "selected": best},
+                            attach=lora.attached(os.path.join(args.out, "best")))  # LoRA: its adapter too
     if rank == 0 and best is not None:
         shutil.rmtree(os.path.join(args.out, "best"), ignore_errors=True)
     print0(f"saved {args.out} ({time.time() - t_start:.0f}s)")

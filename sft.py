@@ -20,6 +20,7 @@ Run it:
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \\
         sft.py ...                   # 2 nodes: the same command on each, R = 0 on HOST0, 1 on the other
     ... --fsdp                       # shard weights, gradients, optimizer state (FSDP2): too big for 1 GPU
+    ... --lora 16                    # train LoRA adapters on --model instead (lora.py: merged model + adapter/)
     ... --resume                     # continue from the newest runs/sft/checkpoints/step_N
     ... --skip_bad_rows              # skip (and count) bad rows instead of stopping with a one-line error
 Resume is exact: a run killed at any point and restarted with --resume (same --out) reaches the
@@ -45,6 +46,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import lora
 import model as M
 import optim
 from checkpoint import TrainingStopped, resume_from, resume_or_start, save_checkpoint, save_step_checkpoint
@@ -73,6 +75,7 @@ parser.add_argument("--trust_remote_code", action="store_true", help="run a chec
 parser.add_argument("--fsdp", action="store_true", help="shard the model over ranks (FSDP2): too big for 1 GPU")
 parser.add_argument("--bf16", action="store_true",
                     help="bf16 weights and AdamW state with stochastic rounding (optim.py): half the memory")
+lora.add_args(parser)
 # optimisation
 parser.add_argument("--batch_size", type=int, default=32, help="global batch (sequences per optimizer step)")
 parser.add_argument("--grad_accum", type=int, default=1, help="micro-steps per rank per optimizer step")
@@ -226,9 +229,10 @@ def main(args):
         [p["text"] for r in train_rows[:2000] for p in r.get("evidence", [])[:1] if isinstance(p, dict)]
     if args.bf16 and args.fsdp:
         raise SetupError("--bf16 is for unsharded weights: drop --fsdp (or --bf16)")
-    vlm = M.load(ckpt or args.model, device="cpu" if args.fsdp else device,
+    vlm = M.load((None if args.lora else ckpt) or args.model, device="cpu" if args.fsdp else device,
                  dtype=torch.bfloat16 if args.bf16 else torch.float32, texts=texts,
                  max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code, seed=args.seed)
+    lora.apply(vlm, args, args.model, resume=ckpt)  # --lora: adapters on --model (resumed: the checkpoint's)
     # its image decodes and its prompt fits, or a one-line error (--skip_bad_rows: skipped and counted)
     train_rows = data.check_rows(vlm, train_rows, args.skip_bad_rows, target=True)
     val_rows = data.check_rows(vlm, val_rows, args.skip_bad_rows, target=True)
