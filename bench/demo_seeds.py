@@ -26,6 +26,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # evaluate.py (paired, mcnemar), when run as bench/demo_seeds.py
 
 
 def command(argv, root=ROOT):
