@@ -97,6 +97,7 @@ def child(args):
         torch.cuda.reset_peak_memory_stats()
         state_mb = torch.cuda.memory_allocated() / 2 ** 20
     else:
+        build_mb = vm_hwm_mb()  # the peak while the model was built
         reset_peak()
         state_mb = vm_hwm_mb()
     # the step, as grpo.main runs it: rollout, score, advantages, reference, train (forward, backward, AdamW)
@@ -120,8 +121,8 @@ def child(args):
     print(json.dumps({"config": args.child, "device": args.device, "dtype": "bf16" if cuda else "fp32",
                       "params": n_params, "trainable": sum(p.numel() for p in params), "lora_params": n_lora,
                       "before_model_mb": round(before_mb, 1), "state_mb": round(state_mb, 1),
-                      "peak_step_mb": round(step_mb, 1), "peak_process_mb": round(max(step_mb, vm_hwm_mb()), 1)
-                      if not cuda else None, "tokens": int(rollouts["mask"].sum()),
+                      "peak_step_mb": round(step_mb, 1), "peak_process_mb": None if cuda else round(max(build_mb, step_mb), 1),
+                      "tokens": int(rollouts["mask"].sum()),
                       "grad_norm": float(grad_norm), "build_s": round(built_s, 1),
                       "step_s": round(time.time() - t1, 1)}), flush=True)
 
@@ -150,7 +151,8 @@ def main(args):
         t = time.time()
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0:
-            raise SystemExit(f"error: {config} failed:\n{proc.stderr[-3000:]}")
+            raise SystemExit(f"error: {config} failed (exit status {proc.returncode}; -9: killed, e.g. out of memory)"
+                             f":\n{proc.stderr[-3000:]}")
         run = json.loads(proc.stdout.strip().splitlines()[-1])
         run.update(computed_mb=round(computed(run, cuda), 1), seconds=round(time.time() - t, 1))
         measured = run["peak_step_mb"]
