@@ -18,7 +18,8 @@ checkpoint), and the adapter folder in peft's own format.
   transformers runs without peft, plus ADAPTER/ in peft's format, which stock
   PeftModel.from_pretrained(base, folder/adapter) loads; model.load takes either (an adapter folder: its base,
   named in adapter_config.json, with the adapter merged in). Step checkpoints carry both, and resume reads the
-  adapter (exact, as the merged weights are rounded).
+  adapter (exact, as the merged weights are rounded). An adapter folder alone becomes a plain one with
+  `python model.py runs/x/adapter --save runs/x_merged`.
 
 Not with --fsdp (refused in one line: the merged save and engine.py need whole weights; LoRA's point is that
 the trainable state is small, so torchrun replicas fit where full fine-tuning needed sharding). peft is

@@ -542,12 +542,20 @@ def count_params(model):
 
 if __name__ == "__main__":
     # smoke: python model.py [name]  -> parameter count (meta device for the published sizes)
+    # merge: python model.py runs/x/adapter --save runs/x_merged  -> a LoRA adapter and its base as one plain folder
     import argparse
     parser = argparse.ArgumentParser(description="Load or build a model and print its parameter count.")
     parser.add_argument("name", nargs="?", default="tiny",
                         help="tiny | random:qwen2.5-vl-3b | random:qwen2-vl-2b (built on the meta device, "
-                             "no weights) | a checkpoint folder | a hub name (default: tiny)")
-    name = parser.parse_args().name
-    dev = "meta" if name.startswith("random:") else "cpu"
+                             "no weights) | a checkpoint folder | a LoRA adapter folder | a hub name (default: tiny)")
+    parser.add_argument("--save", default=None, help="write the loaded model there, a plain Hugging Face folder "
+                                                     "(an adapter folder: its base with the adapter merged in)")
+    cli = parser.parse_args()
+    name = cli.name
+    dev = "meta" if name.startswith("random:") and not cli.save else "cpu"
     vlm = load(name, device=dev, texts=[INSTRUCTION])  # a from-scratch tokenizer from the prompt alone: a smoke
     print(f"{name}: {count_params(vlm.model) / 1e6:.2f} M parameters")
+    if cli.save:
+        from checkpoint import save_checkpoint
+        save_checkpoint(cli.save, vlm, {"step": 0, "from": name})
+        print(f"saved {cli.save}")

@@ -5,10 +5,13 @@
 - with random non-zero adapters: engine.sample samples what model.sample samples (and not what the base
   samples), for every family the engine runs; the reference (adapters off) gives the base's log-probs;
   and the engine test can fail: with the merge switched off it samples from the base, and the check sees it;
+- with --bf16, --grad_ckpt and --freeze_vision, every family: gradients on the adapters only, finite;
 - checkpoints: the adapter loaded by stock peft + transformers, and the merged folder by transformers alone,
   each in a process that never imports medfact, reproduce evaluate.py's greedy tokens; evaluate.py takes both;
+  `python model.py ADAPTER --save DIR` writes the same merged folder;
 - sft.py and grpo.py with --lora: exact resume after SIGKILL, 2 processes give 1's weights (the harness of
-  tests/test_reliability.py), the KL 0 at step 1 and not after, only the adapted layers move;
+  tests/test_reliability.py), the KL 0 at step 1 and not after, only the adapted layers move; grpo.py with
+  --bf16 --grad_ckpt --freeze_vision;
 - the one-line refusals (peft missing, from scratch, --fsdp, a target that is not there).
 """
 import argparse
@@ -177,6 +180,35 @@ def test_random_adapters_the_engine_samples_the_policy_and_the_reference_is_the_
     assert not torch.equal(engine.sample(policy, batch, 3, 16, 1.0, seeds)["tokens"], plain["tokens"])
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_lora_trains_with_bf16_gradient_checkpointing_and_frozen_vision(bases, name):
+    # what sft.py/grpo.py --lora --bf16 --grad_ckpt --freeze_vision do to the model, then a loss and a backward
+    # through the family's own forward: finite, gradients on the adapters only (fp32: peft keeps them so)
+    policy = M.load(bases(name), dtype=torch.bfloat16)
+    args = lora_args("--lora", 4)
+    args.freeze_vision = True
+    lora.apply(policy, args, bases(name))
+    model = policy.model
+    model.train()
+    families.freeze_vision(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with torch.no_grad():  # non-zero B, so A gets a gradient too
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    batch = policy.encode(images(), QUESTIONS)
+    tokens = policy.tokenizer(["<answer>yes</answer>", "<answer>left</answer>"], add_special_tokens=False,
+                              return_tensors="pt", padding=True).input_ids
+    logps = M.completion_logps(policy, batch, tokens)
+    assert logps.dtype == torch.float32 and torch.isfinite(logps).all()
+    (-logps.mean()).backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    adapters = {n for n, p in model.named_parameters() if ".lora_" in n}
+    assert with_grad == adapters and all(p.dtype == torch.float32 and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0
+                                         for n, p in model.named_parameters() if n in adapters)
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if n not in adapters)
+
+
 # -----------------------------------------------------------------------------
 # checkpoints: the adapter in stock peft, the merged folder in stock transformers, evaluate.py on both
 
@@ -219,7 +251,14 @@ def test_the_adapter_in_stock_peft_and_the_merged_folder_in_transformers_give_ev
     checkpoint.save_checkpoint(saved, policy, {"step": 1})
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(os.path.join(saved, "adapter")))
     assert lora.base_of(os.path.join(saved, "adapter")) == os.path.abspath(base_dir)
-    assert not any("lora" in k or "base_layer" in k for k in load_file(os.path.join(saved, "model.safetensors")))
+    merged_weights = load_file(os.path.join(saved, "model.safetensors"))
+    assert not any("lora" in k or "base_layer" in k for k in merged_weights)
+    # the small command: the adapter folder alone, merged into its base, gives the same plain folder
+    again = str(tmp_path / "merged_again")
+    res = subprocess.run([sys.executable, "model.py", os.path.join(saved, "adapter"), "--save", again], cwd=ROOT,
+                         env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert all(torch.equal(v, merged_weights[k]) for k, v in load_file(os.path.join(again, "model.safetensors")).items())
     # evaluate.py on both: the merged folder, and the adapter folder (its base, the adapter merged in)
     outs = {}
     for kind, ckpt in (("merged", saved), ("adapter", os.path.join(saved, "adapter"))):
@@ -332,6 +371,15 @@ def test_lora_runs_train_only_the_adapted_layers_with_the_exact_reference(tmp, r
     kl = [r["kl"] for r in records(refs["grpo"])]
     assert kl[0] == 0.0 and max(kl[1:]) > 0, kl  # step 1: the policy is its base, exactly; then it moves away
     assert any(r["grad_norm"] > 0 for r in records(refs["grpo"]))
+
+
+@pytest.mark.slow
+def test_grpo_with_lora_bf16_grad_ckpt_and_frozen_vision_runs(tmp):
+    out = str(tmp["root"] / "grpo_bf16")
+    run(grpo, grpo_lora(tmp, out, "--bf16", "--grad_ckpt", "--freeze_vision", "--max_steps", 3, "--save_every", 0))
+    logged = records(out)
+    assert len(logged) == 3 and all(np.isfinite(v) for r in logged for v in r.values() if isinstance(v, float))
+    assert any(r["grad_norm"] > 0 for r in logged) and os.path.exists(os.path.join(out, "adapter", "adapter_config.json"))
 
 
 @pytest.mark.slow
