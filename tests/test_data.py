@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 import data
+import sources
 import synthetic_cxr
 from data import DataError, normalize_answer
 from evaluate import baselines
@@ -83,12 +84,12 @@ def _image(path, size=(8, 8)):
 
 
 def test_vqa_rad_quirks(tmp_path):
-    _image(str(tmp_path / data.VQA_RAD_IMAGES / "a.jpg"))
+    _image(str(tmp_path / sources.VQA_RAD_IMAGES / "a.jpg"))
     records = [{"qid": "0", "image_name": "a.jpg", "question": "Is it?", "answer": "Yes", "answer_type": "CLOSED ",
                 "phrase_type": "freeform", "question_type": "PRSE"},
                {"qid": "1", "image_name": "a.jpg", "question": "How many?", "answer": 2, "answer_type": "OPEN",
                 "phrase_type": "test_para", "question_type": "COUNT"}]
-    (tmp_path / data.VQA_RAD_JSON).write_text(json.dumps(records))
+    (tmp_path / sources.VQA_RAD_JSON).write_text(json.dumps(records))
     train, test = data.load(str(tmp_path), "train"), data.load(str(tmp_path), "test")
     assert (train[0]["answer_type"], train[0]["category"]) == ("closed", "PRES")
     assert (test[0]["answer"], test[0]["answer_type"]) == ("2", "open")
@@ -245,7 +246,7 @@ def demo_splits():
 
 
 def _images(rows):
-    return list({id(r["image"]): r["image"] for r in rows}.values())
+    return list({data.image_key(r["image"]): r["image"] for r in rows}.values())
 
 
 def test_demo_sizes_and_rows(demo_splits):
@@ -275,7 +276,7 @@ def test_demo_is_deterministic():
 
 def test_demo_splits_share_no_image(demo_splits):
     digests = {s: {hashlib.sha1(im.tobytes()).hexdigest() for im in _images(rows)} for s, rows in demo_splits.items()}
-    assert len(digests["train"]) == len(_images(demo_splits["train"]))  # no repeats within a split either
+    assert len(digests["train"]) == synthetic_cxr.IMAGES["train"]  # no repeats within a split either
     assert not digests["train"] & digests["test"] and not digests["train"] & digests["val"]
     assert not digests["val"] & digests["test"]
 

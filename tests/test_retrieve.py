@@ -257,7 +257,7 @@ def test_demo_targets_score_one_on_every_reward(demo_labels):
     for row, label in zip(rows, labels):
         assert set(row["keywords"]) <= set(label["keywords"])
         assert len(label["evidence"]) == 3 and label["evidence_ids"] == [p["id"] for p in label["evidence"]]
-        assert label["writer"] == "template" and label["image"] is row["image"]
+        assert label["writer"] == "template" and data.image_key(label["image"]) == data.image_key(row["image"])
         assert label["target"].endswith(f"<answer>{row['answer']}</answer>")
         scores = rewards.score(label["target"], label)
         assert scores["total"] == 4.0, (label["target"], scores)
@@ -482,3 +482,94 @@ def test_cli_writes_resumes_and_reloads(tmp_path, capsys):
     loaded = data.load(str(out), "train")
     assert [(r["id"], r["target"]) for r in loaded] == [(r["id"], r["target"]) for r in rows]
     assert data.load_image(loaded[0]).size == data.load("demo", "train", limit=1)[0]["image"].size
+
+
+def _pseudo(out, limit, chunk=8):
+    """retrieve.py on the first `limit` demo rows: (OUT's lines, the sidecar's lines), as bytes."""
+    retrieve.main(retrieve.get_args(["--data", "demo", "--split", "train", "--limit", str(limit), "--out", str(out),
+                                     "--chunk", str(chunk)]))
+    return out.read_bytes().splitlines(keepends=True), _sidecar(out).read_bytes().splitlines(keepends=True)
+
+
+def _sidecar(out):
+    return out.with_name(out.stem + ".passages.jsonl")
+
+
+def test_cli_cites_each_passage_once_in_a_sidecar(tmp_path, capsys):
+    out = tmp_path / "pseudo.jsonl"
+    lines, side = _pseudo(out, 30)
+    rows, passages = [json.loads(x) for x in lines], [json.loads(x) for x in side]
+    # OUT's rows name their passages; the sidecar holds each cited passage once, in order of first citation
+    assert all("evidence" not in r and len(r["evidence_ids"]) == 3 for r in rows)
+    cited = list(dict.fromkeys(i for r in rows for i in r["evidence_ids"]))
+    assert [p["id"] for p in passages] == cited
+    glossary = {p["id"]: dict(p) for p in synthetic_cxr.glossary()}
+    assert passages == [glossary[i] for i in cited]  # the passage dicts build_pseudo_labels cites, as they are
+    # the same rows in memory: evidence in full, the passages the sidecar holds
+    demo = data.load("demo", "train", limit=30)
+    labels = build_pseudo_labels(demo, synthetic_cxr.glossary(), k=3)
+    by_id = {p["id"]: p for p in passages}
+    assert all(label["evidence"] == [by_id[i] for i in r["evidence_ids"]] for label, r in zip(labels, rows))
+    for r, row in zip(rows, demo):  # each row's own image (rows read afresh bring new image objects)
+        assert np.array_equal(np.asarray(data.load_image(str(tmp_path / r["image"]))), np.asarray(data.load_image(row)))
+    # a rerun with more rows appends the rest of both files: as one run over all of them, byte for byte
+    whole = tmp_path / "whole" / "pseudo.jsonl"
+    assert _pseudo(out, 60) == _pseudo(whole, 60)
+    assert "resuming: 30 rows" in capsys.readouterr().out
+    # a fresh OUT starts a fresh sidecar
+    out.unlink()
+    assert _pseudo(out, 30) == (lines, side)
+
+
+@pytest.mark.parametrize("kill", ["between chunks", "mid-row", "mid-passage"])
+def test_cli_resumes_a_killed_run_to_the_same_bytes(tmp_path, capsys, kill):
+    # what a kill leaves: the chunks (of 4 rows) done, the next torn off mid-row, or mid-way through its
+    # passages (written before its rows); the rerun's files are an uninterrupted run's, byte for byte
+    whole_lines, whole_side = _pseudo(tmp_path / "whole" / "pseudo.jsonl", 40, chunk=4)
+    out = tmp_path / "pseudo.jsonl"
+    lines, side = _pseudo(out, 8, chunk=4)
+    assert (lines, side) == (whole_lines[:8], whole_side[:len(side)]) and len(whole_side) > len(side) + 1
+    if kill == "mid-row":  # 5 rows and part of the 6th
+        out.write_bytes(b"".join(whole_lines[:5]) + whole_lines[5][:70])
+    elif kill == "mid-passage":  # the 3rd chunk's first new passage whole, the next one torn
+        _sidecar(out).write_bytes(b"".join(whole_side[:len(side) + 1]) + whole_side[len(side) + 1][:20])
+    else:  # OUT's rows are the input's first 8: found from its last line and its line count, nothing parsed
+        assert retrieve._resume(str(out), data.load("demo", "train", limit=40)) == (8, set())
+    capsys.readouterr()
+    assert _pseudo(out, 40, chunk=4) == (whole_lines, whole_side)
+    said = capsys.readouterr().out
+    assert f"resuming: {5 if kill == 'mid-row' else 8} rows" in said
+    assert ("cut a half-written last row" in said) == (kill == "mid-row")
+    assert f"wrote {35 if kill == 'mid-row' else 32} rows" in said
+
+
+def _cited(lines, passages):
+    """The sidecar's lines for these OUT lines: each passage they cite, once, in order of first citation."""
+    ids = dict.fromkeys(i for x in lines for i in json.loads(x)["evidence_ids"])
+    return [passages[i] for i in ids]
+
+
+def test_cli_resumes_rows_written_in_another_order(tmp_path, capsys):
+    whole_lines, whole_side = _pseudo(tmp_path / "whole" / "pseudo.jsonl", 30)
+    passages = {json.loads(x)["id"]: x for x in whole_side}
+    out = tmp_path / "pseudo.jsonl"
+    # rows 0-9 in reverse, then 15-19, with their passages: the last row is not the 15th, so every line is
+    # read for its id
+    done = whole_lines[:10][::-1] + whole_lines[15:20]
+    out.write_bytes(b"".join(done))
+    _sidecar(out).write_bytes(b"".join(_cited(done, passages)))
+    assert retrieve._resume(str(out), data.load("demo", "train", limit=30)) == (0, {json.loads(x)["id"] for x in done})
+    capsys.readouterr()
+    lines, side = _pseudo(out, 30)
+    assert lines == done + whole_lines[10:15] + whole_lines[20:]  # the missing rows, in input order, once each
+    assert side == _cited(lines, passages)
+    assert "resuming: 15 rows" in capsys.readouterr().out
+    # rows of a longer run (--limit 40): all 30 are done, nothing is written
+    longer = _pseudo(tmp_path / "longer" / "pseudo.jsonl", 40)
+    out.write_bytes(b"".join(longer[0]))
+    _sidecar(out).write_bytes(b"".join(longer[1]))
+    assert _pseudo(out, 30) == longer and "wrote 0 rows" in capsys.readouterr().out
+    # a line that is not a pseudo-label row is named, with what to do
+    out.write_bytes(b"".join(whole_lines[:3]) + b"[1, 2]\n" + whole_lines[5])
+    with pytest.raises(data.DataError, match=r"line 4: not a pseudo-label row with an id; delete"):
+        _pseudo(out, 30)
