@@ -28,8 +28,8 @@ keyed by the source's data files (path, size, modification time; not its images)
 load maps the cache (a file lock makes one process build it while the others, torchrun's ranks too, wait
 and map the same file). Images stay as they came: a path, or the embedded bytes, opened undecoded on
 access (images.py); the build reads each image's header for its size, a column check_rows uses.
-stream() walks a source forward without a cache, for sets larger than a disk cache should hold
-(retrieve.py and evaluate.py take --stream).
+stream() walks a source forward, checked, without a cache, for sets larger than a disk cache should hold
+(your own loop; the stages read the row cache).
 
 Every field a stage reads is checked at load time, for type and content: text is a str (an integer or
 finite number answer becomes one; a list, a dict, a bool, NaN or a lone surrogate is a bad row), keywords
@@ -443,13 +443,43 @@ class Rows:
         return _row_of(rec) if self.columns is None else rec
 
     def batches(self, columns=None, size=BATCH):
-        """The records (dicts of the cache's columns, all or `columns`), a list per `size` rows, in order."""
+        """The records (dicts of the cache's columns, all or `columns`), a list per `size` rows, in order.
+
+        Whole rows in table order (all of them, or an ascending selection) are read from the file a batch at
+        a time, not through the map: a forward walk over a split keeps one batch in memory, where touching
+        every page of the map would keep the whole file resident. Some columns, or rows in another order,
+        are read through the map (only those pages)."""
+        if columns is None and (self.index is None or bool(np.all(np.diff(self.index) >= 0))):
+            yield from self._walk(size)
+            return
         table = self.table if columns is None else self.table.select(list(columns))
         for start in range(0, len(self), size):
             if self.index is None:
                 yield table.slice(start, size).to_pylist()
             else:
                 yield table.take(self.index[start:start + size]).to_pylist()
+
+    def _walk(self, size):
+        import pyarrow as pa
+        pending, offset, k = [], 0, 0  # k: the next position of self.index to find
+        with pa.OSFile(self.path) as f:
+            for batch in pa.ipc.open_stream(f):
+                n = batch.num_rows
+                if self.index is None:
+                    pending += batch.to_pylist()
+                else:
+                    end = int(np.searchsorted(self.index, offset + n, side="left"))
+                    if end > k:
+                        pending += batch.take(pa.array(self.index[k:end] - offset)).to_pylist()
+                    k = end
+                offset += n
+                while len(pending) >= size:
+                    yield pending[:size]
+                    pending = pending[size:]
+                if self.index is not None and k >= len(self.index):
+                    break
+        if pending:
+            yield pending
 
     def column(self, name):
         """One column's values, in order (e.g. ids, answers): a list."""

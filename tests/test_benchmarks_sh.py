@@ -18,7 +18,7 @@ def toy_folder(path, sizes=(("train", 96), ("val", 6), ("test", 6)), demo_split=
     The rows come from the demo's split of the same name, or all from `demo_split`; ids start with the folder's name."""
     os.makedirs(path / "images")
     for split, n in sizes:
-        rows = data.load("demo", demo_split or split, limit=n)
+        rows = list(data.load("demo", demo_split or split, limit=n))  # a list, to edit
         for r in rows:
             r["id"], r["split"] = f"{path.name}-{r['id']}", split
             r["image"].save(path / "images" / f"{r['id']}.png")

@@ -915,8 +915,9 @@ def test_evaluate_checks_out_first_and_decodes_batch_by_batch(tmp, monkeypatch):
                            "--out", bad])
         one_line(e, bad)
         assert events == []  # refused before any answer was generated
-    load_image = data.load_image
-    monkeypatch.setattr(data, "load_image", lambda r: events.append("decode") or load_image(r))
+    import images  # where ImageCache decodes
+    load_image = images.load_image
+    monkeypatch.setattr(images, "load_image", lambda r: events.append("decode") or load_image(r))
     rows = data.load("demo", "test", limit=10)
     evaluate.evaluate(tmp["vlm"], rows, batch_size=4, progress=False)
     # each batch's images are decoded when its turn comes (an image already seen, once): memory does not
