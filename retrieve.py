@@ -40,6 +40,7 @@ Retrieval runs on the CPU in one process (no torchrun). In Python:
 
 
 import argparse
+import array
 import collections
 import hashlib
 import importlib.util
@@ -139,8 +140,10 @@ def _image_ref(image, out, stored):
     folder). A path stays where it is (made absolute: the run folder and the dataset may be anywhere). An
     in-memory image is written once under OUT_images/, named by the hash of its bytes: the bytes it came
     embedded as (parquet, the hub), unchanged, or for one that exists only as pixels (the demo's) a PNG.
-    `stored` maps each image's data.image_key (a hash of its bytes, else the object's id) to its path: an image
-    shared by many questions is written once, under a temporary name and renamed, so one that exists is whole."""
+    `stored` (an OrderedDict) maps the last STORED images' data.image_key (a hash of their bytes, else the
+    object's id) to their path: memory stays flat however many images a split has; an image seen again later
+    is hashed again and found on disk. Each is written once, under a temporary name and renamed, so one that
+    exists is whole."""
     if isinstance(image, str):
         return os.path.abspath(image)
     key = data.image_key(image)  # the hash of embedded bytes: a row read twice may bring a new bytes object
@@ -160,7 +163,13 @@ def _image_ref(image, out, stored):
             os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
         # an image known by its id() is kept alive, so that no other image is ever given its id
         stored[key] = (os.path.join(os.path.basename(folder), name), image if isinstance(key, int) else None)
+        if len(stored) > STORED:
+            stored.popitem(last=False)
+    stored.move_to_end(key)
     return stored[key][0]
+
+
+STORED = 4096  # images whose stored path _image_ref remembers
 
 
 def main(args):
@@ -195,7 +204,7 @@ def main(args):
     cited = {p.get("id") for _, p, _ in data.read_jsonl(sidecar) if isinstance(p, dict)} \
         if os.path.exists(sidecar) else set()
     source = {"data": args.data, "split": args.split, "lang": args.lang}
-    totals, stored, written = {name: 0.0 for name in rewards.REWARDS}, {}, 0
+    totals, stored, written = {name: 0.0 for name in rewards.REWARDS}, collections.OrderedDict(), 0
     with tqdm(total=len(rows), initial=start, desc="pseudo-labels") as bar:
         for i in range(start, len(rows), args.chunk):  # chunks of the input: memory flat in its size
             chunk = [r for r in rows[i:i + args.chunk] if r["id"] not in done]
@@ -300,7 +309,8 @@ class Terms:
 
 
 def image_descriptions(rows, min_share=ATTRIBUTE_SHARE, max_values=ATTRIBUTE_VALUES, max_items=MAX_DESCRIPTION_ITEMS):
-    """A description of each image from the training answers about it: {data.image_key: "ct, abdomen, liver"}.
+    """A description of each image from the training answers about it: a Descriptions, read as a dict
+    {data.image_key: "ct, abdomen, liver"} (.get, [], in, len).
 
     Real datasets ship no report per image, but their training questions describe it: "What modality
     is used?" CT, "Which part of the body?" abdomen. An attribute question is an open question asked
@@ -309,28 +319,94 @@ def image_descriptions(rows, min_share=ATTRIBUTE_SHARE, max_values=ATTRIBUTE_VAL
     its answers to them, the most asked first, max_items at most. The trace states it for every
     question about the image, as the demo states a report's impression: the model learns to say what
     it sees before it reasons, and every question about an image teaches its attributes. Built from
-    training rows only; at test time the model describes the image itself."""
-    images, asked, values = set(), collections.defaultdict(set), collections.defaultdict(set)
-    for r in rows:
-        q, key = rewards.normalize_answer(r["question"]), data.image_key(r.get("image"))
-        images.add(key)
-        asked[q].add(key)
-        values[q].add(rewards.normalize_answer(r["answer"]))
-    need = max(3, min_share * len(images))
-    attributes = {q: len(asked[q]) for q in asked if len(asked[q]) >= need and len(values[q]) <= max_values
-                  and not values[q] <= {"yes", "no"}}
-    facts = collections.defaultdict(dict)  # image -> {question: its first answer}
-    for r in rows:
-        q = rewards.normalize_answer(r["question"])
-        if q in attributes and r["answer_type"] == "open":
-            answer = " ".join(str(r["answer"]).strip().rstrip(".").split()[:6])
-            facts[data.image_key(r.get("image"))].setdefault(q, answer)
-    out = {}
-    for key, answers in facts.items():
-        ranked = [a if a[:2].isupper() else a.lower()  # "CT", "T2" stay; "Abdomen" -> "abdomen"
-                  for q, a in sorted(answers.items(), key=lambda qa: -attributes[qa[0]])]
-        out[key] = ", ".join(list(dict.fromkeys(ranked))[:max_items])
-    return out
+    training rows only; at test time the model describes the image itself. Images, questions and answers
+    are counted as 64-bit hashes in arrays, and the descriptions kept once each: 12 bytes an image."""
+    norm = rewards.normalize_answer
+    keys, qs, answers, open_rows = (array.array("q") for _ in range(4))
+    for i, (key, question, answer, answer_type) in enumerate(_facts(rows)):
+        keys.append(_h64(key))
+        qs.append(_h64(norm(question)))
+        answers.append(_h64(norm(answer)))
+        if answer_type == "open":
+            open_rows.append(i)
+    keys, qs, answers = (np.frombuffer(a, dtype=np.int64) for a in (keys, qs, answers))
+    need = max(3, min_share * len(np.unique(keys)))
+    q_of_pair = np.unique(np.stack([qs, keys], 1), axis=0)[:, 0]  # one (question, image) pair each
+    uq, n_images = np.unique(q_of_pair, return_counts=True)
+    qa = np.unique(np.stack([qs, answers], 1), axis=0)  # one (question, answer) pair each
+    vq, n_values = np.unique(qa[:, 0], return_counts=True)
+    yes_no = np.isin(qa[:, 1], [_h64("yes"), _h64("no")])
+    other = np.unique(qa[~yes_no, 0])  # questions with an answer other than yes or no
+    ok = (n_images >= need) & np.isin(uq, vq[n_values <= max_values]) & np.isin(uq, other)
+    attributes = dict(zip(uq[ok].tolist(), n_images[ok].tolist()))  # question hash -> images asked about
+    rows_open = np.frombuffer(open_rows, dtype=np.int64)
+    first = rows_open[np.isin(qs[rows_open], list(attributes))]  # open rows of attribute questions
+    _, at = np.unique(np.stack([keys[first], qs[first]], 1), axis=0, return_index=True)
+    first = np.sort(first[at])  # each (image, question)'s first row, in row order
+    first = first[np.argsort(keys[first], kind="stable")]  # grouped by image, each in row order
+    return Descriptions(keys[first], [qs[first], first], attributes, rows, max_items)
+
+
+def _h64(text):
+    return int.from_bytes(hashlib.blake2b(str(text).encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                          "little", signed=True)
+
+
+def _facts(rows):
+    """(image key, question, answer, answer type) of each row; Rows read their records, opening no image."""
+    if isinstance(rows, data.Rows):
+        for batch in rows.batches():
+            for rec in batch:
+                key = rec["image"] if rec["image"] is not None else hashlib.sha1(rec["image_bytes"]).hexdigest()
+                yield key, rec["question"], rec["answer"], rec["answer_type"]
+    else:
+        for r in rows:
+            yield data.image_key(r.get("image")), r["question"], r["answer"], r["answer_type"]
+
+
+class Descriptions:
+    """image_descriptions' result: image hashes (sorted) -> the index of their description, each description
+    text held once."""
+
+    def __init__(self, keys, facts, attributes, rows, max_items):
+        qs, where = facts
+        texts, ids, index = [], [], {}
+        for start in range(0, len(keys), 65536):  # the answers of a chunk of (image, question) rows at a time
+            part = where[start:start + 65536]
+            got = data.field(data.take(rows, part.tolist()), "answer")
+            for j, answer in enumerate(got):
+                k = start + j
+                if k == 0 or keys[k] != keys[k - 1]:
+                    items = []
+                    ids.append(None)
+                answer = " ".join(str(answer).strip().rstrip(".").split()[:6])
+                items.append((qs[k], answer))
+                if k + 1 == len(keys) or keys[k + 1] != keys[k]:  # the image's last: its description
+                    ranked = [a if a[:2].isupper() else a.lower()  # "CT", "T2" stay; "Abdomen" -> "abdomen"
+                              for q, a in sorted(items, key=lambda qa: -attributes[int(qa[0])])]
+                    text = ", ".join(list(dict.fromkeys(ranked))[:max_items])
+                    ids[-1] = index.setdefault(text, len(texts))
+                    if ids[-1] == len(texts):
+                        texts.append(text)
+        self.keys = np.unique(keys)
+        self.ids, self.texts = np.array(ids, dtype=np.int32), texts
+
+    def get(self, key, default=None):
+        h = _h64(key)
+        i = int(np.searchsorted(self.keys, h))
+        return self.texts[self.ids[i]] if i < len(self.keys) and self.keys[i] == h else default
+
+    def __getitem__(self, key):
+        text = self.get(key)
+        if text is None:
+            raise KeyError(key)
+        return text
+
+    def __contains__(self, key):
+        return self.get(key) is not None
+
+    def __len__(self):
+        return len(self.keys)
 
 
 def image_finding(row, description=None):

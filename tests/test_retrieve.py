@@ -300,8 +300,10 @@ def test_images_are_described_by_their_attribute_answers():
         if part:
             rows.append(row(n := n + 1, image, "Which part of the body is this?", part))
     rows.append(row(n := n + 1, "a.png", "Where is the lesion?", "left lower lobe"))  # asked of one image
-    assert retrieve.image_descriptions(rows) == {"a.png": "CT, chest", "b.png": "MRI, brain", "c.png": "CT",
-                                                 "d.png": "X-Ray, chest"}
+    described = retrieve.image_descriptions(rows)
+    expected = {"a.png": "CT, chest", "b.png": "MRI, brain", "c.png": "CT", "d.png": "X-Ray, chest"}
+    assert {k: described.get(k) for k in expected} == expected and len(described) == 4
+    assert "e.png" not in described and described.get("e.png") is None
     labels = build_pseudo_labels(rows, synthetic_cxr.glossary(), k=1)
     assert all("The image shows CT, chest." in r["target"] for r in labels if r["image"] == "a.png")
     assert all(rewards.score(r["target"], r)["consistency"] == 1 for r in labels)
@@ -573,3 +575,37 @@ def test_cli_resumes_rows_written_in_another_order(tmp_path, capsys):
     out.write_bytes(b"".join(whole_lines[:3]) + b"[1, 2]\n" + whole_lines[5])
     with pytest.raises(data.DataError, match=r"line 4: not a pseudo-label row with an id; delete"):
         _pseudo(out, 30)
+
+
+def _descriptions_reference(rows, min_share=0.02, max_values=30, max_items=4):
+    """image_descriptions as sets and dicts (the plain statement of the rule the hashed arrays implement)."""
+    import collections
+    norm = rewards.normalize_answer
+    images, asked, values = set(), collections.defaultdict(set), collections.defaultdict(set)
+    for r in rows:
+        q, key = norm(r["question"]), data.image_key(r.get("image"))
+        images.add(key)
+        asked[q].add(key)
+        values[q].add(norm(r["answer"]))
+    need = max(3, min_share * len(images))
+    attributes = {q: len(asked[q]) for q in asked if len(asked[q]) >= need and len(values[q]) <= max_values
+                  and not values[q] <= {"yes", "no"}}
+    facts = collections.defaultdict(dict)
+    for r in rows:
+        q = norm(r["question"])
+        if q in attributes and r["answer_type"] == "open":
+            facts[data.image_key(r.get("image"))].setdefault(q, " ".join(str(r["answer"]).strip().rstrip(".").split()[:6]))
+    return {key: ", ".join(list(dict.fromkeys(a if a[:2].isupper() else a.lower() for q, a in
+                                              sorted(answers.items(), key=lambda qa: -attributes[qa[0]])))[:max_items])
+            for key, answers in facts.items()}
+
+
+@pytest.mark.parametrize("source", ["demo", "slake"])
+def test_image_descriptions_follow_the_rule_on_real_rows(source, request):
+    if source == "slake":
+        source = os.path.join(request.getfixturevalue("shared_data"), "slake")
+    rows = data.load(source, "train")
+    expected = _descriptions_reference(list(rows))
+    got = retrieve.image_descriptions(rows)
+    assert len(expected) > 30 and len(got) == len(expected)
+    assert all(got.get(k) == v for k, v in expected.items())
