@@ -21,15 +21,18 @@ VQA-RAD's question_type), so evaluate.py can break accuracy down by it. Split na
     stream(source, "train")                # the same rows, checked, one at a time, without the cache
     to_dataset(rows)                       # rows (pseudo-labels too) -> a datasets.Dataset, images embedded
 
-**Rows at any size.** load() returns Rows: a sequence (len, rows[i], slices, select, iteration) over a
-memory-mapped Arrow table, so memory does not grow with the split (PMC-VQA: 227k questions). The table is
-built once per source, split and options, and cached under $MEDFACT_CACHE (default ~/.cache/medfact/rows),
-keyed by the source's data files (path, size, modification time; not its images) and this code; a second
-load maps the cache (a file lock makes one process build it while the others, torchrun's ranks too, wait
-and map the same file). Images stay as they came: a path, or the embedded bytes, opened undecoded on
-access (images.py); the build reads each image's header for its size, a column check_rows uses.
-stream() walks a source forward, checked, without a cache, for sets larger than a disk cache should hold
-(your own loop; the stages read the row cache).
+**Rows at any size.** load() returns Rows: a sequence (len, rows[i], slices, select, iteration) over an Arrow
+file, so memory does not grow with the split (PMC-VQA: 227k questions). The file is built once per source, split
+and options, and cached under $MEDFACT_CACHE (default ~/.cache/medfact/rows), keyed by the source's data files
+(path, size, modification time; not its images) and this code; a second load opens the cache (a file lock makes
+one process build it while the others, torchrun's ranks too, wait and read the same file). Arrow's IPC file
+format, as `datasets` keeps its caches, but read with pread a record batch at a time, never memory-mapped: a
+scan of a mapped file keeps every page it touched (and the kernel's neighbours) resident, 62 MB more at 200k
+rows than at 20k for one pass over three text columns; a scan here reads only its columns. Images stay as
+they came: a path, or the embedded bytes, opened undecoded on access (images.py); the build reads each
+image's header for its size, a column check_rows uses.
+stream() walks a source forward, checked, without a cache, for sets larger than a disk cache should hold:
+evaluate.py --stream N reads a split so; the training stages sample rows at random and read the cache.
 
 Every field a stage reads is checked at load time, for type and content: text is a str (an integer or
 finite number answer becomes one; a list, a dict, a bool, NaN or a lone surrogate is a bad row), keywords
@@ -50,6 +53,7 @@ Departures from the paper: MEDFACT-R1 trains on real data only and never release
 demo, the known-bad-row policy, the validation split names and the `category` field are ours.
 """
 
+import collections
 import contextlib
 import hashlib
 import io
@@ -232,14 +236,14 @@ def _checked(raw, name, split, lang, skip_bad_rows, limit):
 
 
 # -----------------------------------------------------------------------------
-# the row cache: one Arrow file per (source, split, options), memory-mapped by every process that loads it
+# the row cache: one Arrow file per (source, split, options), read by every process that loads it
 
 BASE = ("id", "image", "question", "answer", "answer_type", "dataset", "split", "lang", "keywords", "report",
         "category")
 TEXT = ("id", "question", "answer", "answer_type", "dataset", "split", "lang", "report", "category", "target",
         "writer")
 OPTIONAL = ("target", "writer", "evidence_ids")  # a pseudo-label's: in the row when not null
-BATCH = 1024
+BATCH = 256  # rows per record batch of the cache: what a random row read costs
 _CODE = []
 
 
@@ -312,7 +316,7 @@ def _write(path, items):
     """Write the checked rows to an Arrow file (to PATH.tmp, then renamed), and the notes beside it."""
     import pyarrow as pa
     schema, notes, n, batch, images = _schema(), [], 0, [], {}
-    with pa.OSFile(path + ".tmp", "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+    with pa.OSFile(path + ".tmp", "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         for kind, item in items:
             if kind == "note":
                 notes.append(item)
@@ -383,35 +387,70 @@ def _row_of(rec):
     return row
 
 
-class Rows:
-    """The rows of one split, read from a memory-mapped Arrow table: rows[i] is a fresh row dict (editing it
-    edits nothing else), rows[a:b] and rows.select(indices) are Rows over the same table, iteration reads
-    in batches. rows.dataset is the table as a datasets.Dataset."""
+class _File:
+    """A row cache file (Arrow IPC, record batches of BATCH rows), read with pread, never mapped: a row at
+    random reads its batch (the last two kept), a scan reads each batch in turn, only the columns asked for.
+    Memory holds a batch or two, whatever the file's size (a map would keep every page a scan touched)."""
 
-    def __init__(self, table, path, index=None, notes=(), columns=None):
-        self.table, self.path, self.index, self.notes, self.columns = table, path, index, list(notes), columns
+    def __init__(self, path, num_rows):
+        import pyarrow as pa
+        self.path, self.num_rows, self.recent = path, num_rows, collections.OrderedDict()
+        with pa.OSFile(path) as f:
+            self.names = pa.ipc.open_file(f).schema.names
+        self._reader = None
+
+    def batch(self, b):
+        if b not in self.recent:
+            import pyarrow as pa
+            if self._reader is None or self._reader[0] != os.getpid():  # a forked process opens its own
+                f = pa.OSFile(self.path)
+                self._reader = (os.getpid(), f, pa.ipc.open_file(f))
+            self.recent[b] = self._reader[2].get_batch(b)
+            if len(self.recent) > 2:
+                self.recent.popitem(last=False)
+        return self.recent[b]
+
+    def scan(self, columns=None):
+        """(first row, a RecordBatch of `columns`) for each batch, in order."""
+        import pyarrow as pa
+        fields = [self.names.index(c) for c in columns] if columns else []
+        with pa.OSFile(self.path) as f:
+            reader = pa.ipc.open_file(f, options=pa.ipc.IpcReadOptions(included_fields=fields, use_threads=False))
+            for b in range(reader.num_record_batches):
+                yield b * BATCH, reader.get_batch(b)
+
+
+class Rows:
+    """The rows of one split, read from the row cache file (an Arrow IPC file: data.py's docstring): rows[i] is a
+    fresh row dict (editing it edits nothing else), rows[a:b] and rows.select(indices) are Rows over the same
+    file, iteration reads a batch at a time, rows.only(*fields) reads those fields alone."""
+
+    def __init__(self, file, path, index=None, notes=(), columns=None):
+        self.file, self.path, self.index, self.notes, self.columns = file, path, index, list(notes), columns
 
     @classmethod
     def open(cls, path):
-        import datasets
         with open(path + ".json") as f:
             meta = json.load(f)
         for note in meta["notes"]:  # what the build dropped, renamed or skipped, said at every load
             print(note, file=sys.stderr)
-        return cls(datasets.Dataset.from_file(path).data.table, path, notes=meta["notes"])
+        return cls(_File(path, meta["rows"]), path, notes=meta["notes"])
 
     @property
     def dataset(self):
+        """These rows as a datasets.Dataset (the cache's columns; read into memory)."""
         import datasets
-        ds = datasets.Dataset.from_file(self.path)
+        import pyarrow as pa
+        with pa.OSFile(self.path) as f:
+            ds = datasets.Dataset(datasets.table.InMemoryTable(pa.ipc.open_file(f).read_all()))
         return ds if self.index is None else ds.select(self.index)
 
     def __len__(self):
-        return self.table.num_rows if self.index is None else len(self.index)
+        return self.file.num_rows if self.index is None else len(self.index)
 
     def positions(self):
-        """The table rows these rows are, in order."""
-        return np.arange(self.table.num_rows) if self.index is None else self.index
+        """The file rows these rows are, in order."""
+        return np.arange(self.file.num_rows) if self.index is None else self.index
 
     def select(self, indices):
         """Rows i of these, for i in indices (any order, repeats allowed)."""
@@ -419,12 +458,12 @@ class Rows:
         if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
             raise IndexError(f"row index out of range for {len(self)} rows")
         idx = idx % max(len(self), 1)
-        return Rows(self.table, self.path, idx if self.index is None else self.index[idx], self.notes, self.columns)
+        return Rows(self.file, self.path, idx if self.index is None else self.index[idx], self.notes, self.columns)
 
     def only(self, *columns):
         """The same rows read as dicts of these fields alone (text fields: no image is opened), e.g. for
         statistics over a large split."""
-        return Rows(self.table, self.path, self.index, self.notes, columns)
+        return Rows(self.file, self.path, self.index, self.notes, columns)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -432,8 +471,10 @@ class Rows:
         if not -len(self) <= i < len(self):
             raise IndexError(f"row {i} of {len(self)}")
         j = int(i % len(self) if self.index is None else self.index[i])
-        table = self.table if self.columns is None else self.table.select(list(self.columns))
-        return self._row(table.slice(j, 1).to_pylist()[0])
+        batch = self.file.batch(j // BATCH)
+        if self.columns is not None:
+            batch = batch.select(list(self.columns))
+        return self._row(batch.slice(j % BATCH, 1).to_pylist()[0])
 
     def __iter__(self):
         for batch in self.batches(self.columns):
@@ -443,43 +484,39 @@ class Rows:
         return _row_of(rec) if self.columns is None else rec
 
     def batches(self, columns=None, size=BATCH):
-        """The records (dicts of the cache's columns, all or `columns`), a list per `size` rows, in order.
-
-        Whole rows in table order (all of them, or an ascending selection) are read from the file a batch at
-        a time, not through the map: a forward walk over a split keeps one batch in memory, where touching
-        every page of the map would keep the whole file resident. Some columns, or rows in another order,
-        are read through the map (only those pages)."""
-        if columns is None and (self.index is None or bool(np.all(np.diff(self.index) >= 0))):
-            yield from self._walk(size)
+        """The records (dicts of the cache's columns, all or `columns`), a list per `size` rows, in order: one
+        pass over the file, a batch of it at a time. Rows in another order than the file's are collected in that
+        pass (a few thousand: each read at random, from its batch)."""
+        pos = self.positions()
+        if self.index is not None and not bool(np.all(np.diff(pos) >= 0)) and len(pos) <= 4 * BATCH:
+            for start in range(0, len(pos), size):
+                yield [self._record(int(j), columns) for j in pos[start:start + size]]
             return
-        table = self.table if columns is None else self.table.select(list(columns))
-        for start in range(0, len(self), size):
-            if self.index is None:
-                yield table.slice(start, size).to_pylist()
-            else:
-                yield table.take(self.index[start:start + size]).to_pylist()
-
-    def _walk(self, size):
-        import pyarrow as pa
-        pending, offset, k = [], 0, 0  # k: the next position of self.index to find
-        with pa.OSFile(self.path) as f:
-            for batch in pa.ipc.open_stream(f):
-                n = batch.num_rows
-                if self.index is None:
-                    pending += batch.to_pylist()
-                else:
-                    end = int(np.searchsorted(self.index, offset + n, side="left"))
-                    if end > k:
-                        pending += batch.take(pa.array(self.index[k:end] - offset)).to_pylist()
-                    k = end
-                offset += n
+        want = np.unique(pos)
+        ordered = bool(np.all(np.diff(pos) > 0))  # each row once, in file order: passed on as read
+        got, pending = {}, []
+        for first, batch in self.file.scan(columns):
+            lo, hi = np.searchsorted(want, [first, first + batch.num_rows])
+            if hi == lo:
+                continue
+            recs = batch.take(want[lo:hi] - first).to_pylist() if hi - lo < batch.num_rows else batch.to_pylist()
+            if ordered:
+                pending += recs
                 while len(pending) >= size:
                     yield pending[:size]
                     pending = pending[size:]
-                if self.index is not None and k >= len(self.index):
-                    break
-        if pending:
-            yield pending
+            else:
+                got.update(zip(want[lo:hi].tolist(), recs))
+        if ordered:
+            if pending:
+                yield pending
+            return
+        for start in range(0, len(pos), size):
+            yield [got[j] for j in pos[start:start + size].tolist()]
+
+    def _record(self, j, columns=None):
+        batch = self.file.batch(j // BATCH)
+        return (batch.select(list(columns)) if columns else batch).slice(j % BATCH, 1).to_pylist()[0]
 
     def column(self, name):
         """One column's values, in order (e.g. ids, answers): a list."""
@@ -487,7 +524,7 @@ class Rows:
 
     def __add__(self, other):
         if isinstance(other, Rows) and other.path == self.path:
-            return Rows(self.table, self.path, np.concatenate([self.positions(), other.positions()]), self.notes,
+            return Rows(self.file, self.path, np.concatenate([self.positions(), other.positions()]), self.notes,
                         self.columns)
         return list(self) + list(other)
 
@@ -601,7 +638,7 @@ def _counts(vlm, rows, target):
     beside the row cache (per table, tokenizer, image processor and target), computed for rows it lacks."""
     sig = _signature(vlm, target)
     path = f"{rows.path}.{sig}.counts" if sig else None
-    table = np.full((rows.table.num_rows, 2), -2, dtype=np.int64)  # -2: not counted yet
+    table = np.full((rows.file.num_rows, 2), -2, dtype=np.int64)  # -2: not counted yet
     bad = {}
     if path and os.path.exists(path + ".npy"):
         with contextlib.suppress(OSError, ValueError):
@@ -613,7 +650,7 @@ def _counts(vlm, rows, target):
     if len(todo):
         cols = ["id", "dataset", "question", "image", "width", "height", "image_problem"] + (["target"] if target
                                                                                             else [])
-        sub = Rows(rows.table, rows.path, todo)
+        sub = Rows(rows.file, rows.path, todo)
         for j, rec in zip(todo, (rec for batch in sub.batches(cols) for rec in batch)):
             try:
                 table[j] = _count(vlm, rec, target)

@@ -25,6 +25,7 @@ Run it:
     python evaluate.py --ckpt runs/grpo --data ../shared/data/slake --split test --out runs/slake.json
     torchrun --nproc_per_node=8 evaluate.py --ckpt PATH --data vqa-rad --out runs/vqa_rad.json
     (several nodes: torchrun --nnodes=2 --node_rank=R --master_addr=HOST0 --master_port=29500 ...)
+    python evaluate.py --ckpt PATH --data huge.parquet --stream 4096   # no row cache, no baselines
 Writes FILE.predictions.jsonl (one line per row: the completion, the answer and its scores), then
 FILE.json: {"dataset", "split", "n", "accuracy", "closed_accuracy", "open_accuracy", "open_recall",
 "format", "fact", "consistency", "by_category", "predictions" (that file's name), "baselines", ...},
@@ -61,6 +62,9 @@ parser.add_argument("--lang", default="en", help="SLAKE language: en | zh | all"
 parser.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
 parser.add_argument("--skip_bad_rows", action="store_true", help="skip (and count) bad rows instead of failing")
 parser.add_argument("--no_baselines", action="store_true", help="skip the majority / question-only baselines")
+parser.add_argument("--stream", type=int, default=0, metavar="N",
+                    help="read the split N rows at a time without the row cache (data.stream): for a set larger than "
+                         "a disk cache should hold; no baselines")
 # model
 parser.add_argument("--ckpt", "--model", dest="ckpt", default="runs/grpo",
                     help="checkpoint folder (sft.py / grpo.py output), tiny, or a hub name")
@@ -358,6 +362,46 @@ def held_out_scores(vlm, rows, max_new_tokens, rank, world, device, images=data.
             "val_open_recall": open_recall / n_open if n_open else None}
 
 
+def decode(vlm, rows, args, rank, world):
+    """(rows, completions, graded) of checked rows, decoded in strided shards and gathered in order on rank 0."""
+    rows = data.check_rows(vlm, rows, args.skip_bad_rows)  # images read and prompts fit, before any decoding
+    mine = list(range(rank, len(rows), world))
+    with torch.no_grad():
+        completions, graded = evaluate(vlm, data.take(rows, mine), args.batch_size, args.max_new_tokens,
+                                       progress=rank == 0 and not args.quiet and not args.stream)
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, (mine, completions, graded))
+        order = sorted((i, c, g) for m, cs, gs in parts for i, c, g in zip(m, cs, gs))
+        completions, graded = [c for _, c, _ in order], [g for _, _, g in order]
+    return rows, completions, graded
+
+
+def prediction_lines(rows, completions, graded):
+    # one line per row, in the rows' order: what paired() and bench/demo_flips.py compare
+    return ({"id": r.get("id"), "question": r["question"], "gold": r["answer"], "answer_type": r["answer_type"],
+             "category": r.get("category"), "completion": c, **g} for r, c, g in zip(rows, completions, graded))
+
+
+def streamed(vlm, args, rank, world, predictions):
+    """--stream N: the split read N rows at a time (data.stream, no cache), each part's predictions appended as it
+    is decoded; returns what summarize() reads of each row, and every row's grades."""
+    kept, graded, source = [], [], data.stream(args.data, args.split, lang=args.lang,
+                                               skip_bad_rows=args.skip_bad_rows, limit=args.limit)
+    with open(predictions + ".tmp", "w") as f:
+        for part in tqdm(iter(lambda: [r for _, r in zip(range(args.stream), source)], []),
+                         disable=rank != 0 or args.quiet, desc=f"evaluate ({args.stream} rows a part)"):
+            rows, completions, grades = decode(vlm, part, args, rank, world)
+            if rank == 0:
+                f.writelines(data.jsonl_line(p) for p in prediction_lines(rows, completions, grades))
+                kept += [{"answer_type": r["answer_type"], "category": r.get("category"), "dataset": r["dataset"]}
+                         for r in rows]
+                graded += grades
+    if rank == 0:
+        os.replace(predictions + ".tmp", predictions)
+    return kept, graded
+
+
 def main(args):
     rank, world, device = init_dist(args.device)
     t0 = time.time()
@@ -365,30 +409,22 @@ def main(args):
     predictions = predictions_file(args.out)
     data.writable_file(args.out)
     data.writable_file(predictions, flag="--out's predictions file")
-    rows = data.load(args.data, args.split, lang=args.lang, skip_bad_rows=args.skip_bad_rows, limit=args.limit)
+    rows = None if args.stream else data.load(args.data, args.split, lang=args.lang,
+                                              skip_bad_rows=args.skip_bad_rows, limit=args.limit)
     vlm = M.load(args.ckpt, device=device, texts=data.tokenizer_texts, max_pixels=args.max_pixels,
                  trust_remote_code=args.trust_remote_code)
     vlm.model.eval()
-    rows = data.check_rows(vlm, rows, args.skip_bad_rows)  # images decode and prompts fit, before any decoding
-    mine = list(range(rank, len(rows), world))  # strided shards, gathered back in order on rank 0
-    with torch.no_grad():
-        completions, graded = evaluate(vlm, data.take(rows, mine), args.batch_size, args.max_new_tokens,
-                                       progress=rank == 0 and not args.quiet)
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, (mine, completions, graded))
-        order = sorted((i, c, g) for m, cs, gs in parts for i, c, g in zip(m, cs, gs))
-        completions, graded = [c for _, c, _ in order], [g for _, _, g in order]
+    if args.stream:
+        rows, graded = streamed(vlm, args, rank, world, predictions)
+    else:
+        rows, completions, graded = decode(vlm, rows, args, rank, world)
+        if rank == 0:  # the answers go to disk before the baselines run: a failure there must not lose the decoding
+            data.write_jsonl(predictions, prediction_lines(rows, completions, graded))
     if rank == 0:
-        # the answers go to disk before the baselines run: a failure there must not lose the decoding.
-        # One line per row, in the rows' order: what paired() and bench/demo_flips.py compare
-        data.write_jsonl(predictions, ({"id": r.get("id"), "question": r["question"], "gold": r["answer"],
-                                        "answer_type": r["answer_type"], "category": r.get("category"),
-                                        "completion": c, **g} for r, c, g in zip(rows, completions, graded)))
         res = {"dataset": rows[0]["dataset"] if rows else args.data, "split": args.split, "ckpt": args.ckpt,
                **summarize(rows, graded), "predictions": os.path.basename(predictions), "seconds": time.time() - t0}
         write_json(args.out, res)
-        b = None if args.no_baselines else reference_baselines(args, rows)
+        b = None if args.no_baselines or args.stream else reference_baselines(args, rows)
         if b is not None:
             res.update(baselines=b, seconds=time.time() - t0)
             write_json(args.out, res)  # again, with them

@@ -331,20 +331,25 @@ def image_descriptions(rows, min_share=ATTRIBUTE_SHARE, max_values=ATTRIBUTE_VAL
             open_rows.append(i)
     keys, qs, answers = (np.frombuffer(a, dtype=np.int64) for a in (keys, qs, answers))
     need = max(3, min_share * len(np.unique(keys)))
-    q_of_pair = np.unique(np.stack([qs, keys], 1), axis=0)[:, 0]  # one (question, image) pair each
-    uq, n_images = np.unique(q_of_pair, return_counts=True)
-    qa = np.unique(np.stack([qs, answers], 1), axis=0)  # one (question, answer) pair each
-    vq, n_values = np.unique(qa[:, 0], return_counts=True)
-    yes_no = np.isin(qa[:, 1], [_h64("yes"), _h64("no")])
-    other = np.unique(qa[~yes_no, 0])  # questions with an answer other than yes or no
+    _, at = np.unique(_pair(qs, keys), return_index=True)  # one row of each (question, image) pair
+    uq, n_images = np.unique(qs[at], return_counts=True)
+    _, at = np.unique(_pair(qs, answers), return_index=True)  # one row of each (question, answer) pair
+    vq, n_values = np.unique(qs[at], return_counts=True)
+    other = np.unique(qs[at][~np.isin(answers[at], [_h64("yes"), _h64("no")])])  # a non-yes/no answer
     ok = (n_images >= need) & np.isin(uq, vq[n_values <= max_values]) & np.isin(uq, other)
     attributes = dict(zip(uq[ok].tolist(), n_images[ok].tolist()))  # question hash -> images asked about
     rows_open = np.frombuffer(open_rows, dtype=np.int64)
     first = rows_open[np.isin(qs[rows_open], list(attributes))]  # open rows of attribute questions
-    _, at = np.unique(np.stack([keys[first], qs[first]], 1), axis=0, return_index=True)
+    _, at = np.unique(_pair(keys[first], qs[first]), return_index=True)
     first = np.sort(first[at])  # each (image, question)'s first row, in row order
     first = first[np.argsort(keys[first], kind="stable")]  # grouped by image, each in row order
     return Descriptions(keys[first], [qs[first], first], attributes, rows, max_items)
+
+
+def _pair(a, b):
+    """One 64-bit hash of two (arrays of 64-bit hashes), wrapping: a pair counted as one number."""
+    with np.errstate(over="ignore"):
+        return a * np.int64(-7046029254386353131) + b  # 0x9E3779B97F4A7C15, the golden-ratio multiplier
 
 
 def _h64(text):
@@ -371,8 +376,8 @@ class Descriptions:
     def __init__(self, keys, facts, attributes, rows, max_items):
         qs, where = facts
         texts, ids, index = [], [], {}
-        for start in range(0, len(keys), 65536):  # the answers of a chunk of (image, question) rows at a time
-            part = where[start:start + 65536]
+        for start in range(0, len(keys), 8192):  # the answers of a chunk of (image, question) rows at a time
+            part = where[start:start + 8192]
             got = data.field(data.take(rows, part.tolist()), "answer")
             for j, answer in enumerate(got):
                 k = start + j

@@ -103,9 +103,16 @@ parser.add_argument("--debug_nan_steps", type=int, nargs="*", default=[],
                     help="testing: make the loss NaN at these steps (1-based) to exercise the non-finite guard")
 
 
+def target_ids(vlm, r):
+    """A row's target tokens + <|im_end|>, tokenised once a step: kept in the step's copy of the row."""
+    if "_target_ids" not in r:
+        r["_target_ids"] = vlm.tokenizer(r["target"], add_special_tokens=False).input_ids + [vlm.eos_id]
+    return r["_target_ids"]
+
+
 def target_batch(vlm, rows):
     """Tokenised targets (+ <|im_end|>), right-padded: tokens (B, T) and mask (B, T)."""
-    ids = [vlm.tokenizer(r["target"], add_special_tokens=False).input_ids + [vlm.eos_id] for r in rows]
+    ids = [target_ids(vlm, r) for r in rows]
     T = max(len(x) for x in ids)
     tokens = torch.full((len(ids), T), vlm.pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), T), dtype=torch.long)
@@ -126,7 +133,7 @@ def sft_loss(vlm, rows, n_tokens, autocast, images=data.load_image):
 
 
 def n_target_tokens(vlm, rows):
-    return sum(len(vlm.tokenizer(r["target"], add_special_tokens=False).input_ids) + 1 for r in rows)
+    return sum(len(target_ids(vlm, r)) for r in rows)
 
 
 TOKENIZER_ROWS = 20_000  # a from-scratch tokenizer's 4k-token vocabulary learns from this many rows at most

@@ -84,7 +84,7 @@ def test_dataset_objects_and_save_to_disk_folders(pseudo, tmp_path):
 
 def test_embedded_images_stay_in_the_mapped_cache_not_in_memory(tmp_path):
     """PathVQA's parquet repeats an image's bytes on every question of it: the loaded rows hold none of them
-    in Python memory (the row cache is a memory-mapped Arrow file), and a second load maps the same file."""
+    in Python memory (the row cache is an Arrow file, read a batch at a time), and a second load opens the same file."""
     rng = np.random.default_rng(0)
     images = []
     for _ in range(10):  # noise: PNG cannot compress it, ~49 kB each
