@@ -223,7 +223,7 @@ def _load_parquet(files, split, lang, dataset, by_file_name=True):
     counter = itertools.count()  # across the split's files: unique ids
     for file in files:
         try:  # the footer: a file that is not parquet, or was cut short, fails here
-            table = pq.ParquetFile(file)
+            table = pq.ParquetFile(file, pre_buffer=False, buffer_size=1 << 20)  # pre_buffer keeps every chunk read
         except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
             raise DataError(f"{file}: not a readable parquet file ({type(e).__name__}: {e})") from None
         batches = (b.to_pylist() for b in table.iter_batches(batch_size=512))
