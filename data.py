@@ -25,7 +25,8 @@ VQA-RAD's question_type), so evaluate.py can break accuracy down by it. Split na
 file, so memory does not grow with the split (PMC-VQA: 227k questions). The file is built once per source, split
 and options, and cached under $MEDFACT_CACHE (default ~/.cache/medfact/rows), keyed by the source's data files
 (path, size, modification time; not its images) and this code; a second load opens the cache (a file lock makes
-one process build it while the others, torchrun's ranks too, wait and read the same file). Arrow's IPC file
+one process build it while the others, torchrun's ranks too, wait and read the same file); the version of a
+changed source is replaced, the old one deleted a day after its last use. Arrow's IPC file
 format, as `datasets` keeps its caches, but read with pread a record batch at a time, never memory-mapped: a
 scan of a mapped file keeps every page it touched (and the kernel's neighbours) resident, 62 MB more at 200k
 rows than at 20k for one pass over three text columns; a scan here reads only its columns. Images stay as
@@ -109,21 +110,21 @@ def _source(source, split, lang):
     if in_memory:
         fingerprints = [getattr(d, "_fingerprint", None) for d in (source.values() if isinstance(source, dict)
                                                                    else [source])]
-        key = ["datasets", name] + fingerprints if all(fingerprints) else None  # None: built afresh each time
+        key = (["datasets", name], fingerprints) if all(fingerprints) else None  # None: built afresh each time
         return name, split, lambda: datasets_rows(source, split, lang, name), key
     if name == "demo":
-        return name, split, lambda: _demo_rows(split, lang), ["demo"]
+        return name, split, lambda: _demo_rows(split, lang), (["demo"], None)
     path = name
     if name in HUB:
         data_dir = os.environ.get("MEDFACT_DATA_DIR")
         if not data_dir:
-            return HUB[name], split, lambda: hub_rows(name, split, lang), ["hub", name]
+            return HUB[name], split, lambda: hub_rows(name, split, lang), (["hub", name], None)
         path = os.path.join(data_dir, LOCAL_NAMES[name])
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
         raise DataError(f"{path}: dataset path does not exist")
     found, rows = detect(path, split, lang, dataset=name if name in HUB else None)
-    return found, split, lambda: rows, ["path", path, name if name in HUB else None, _stamp(path)]
+    return found, split, lambda: rows, (["path", path, name if name in HUB else None], _stamp(path))
 
 
 def _demo_rows(split, lang):
@@ -288,8 +289,10 @@ def _cache_key(key, split, lang, skip_bad_rows, limit):
             with open(os.path.join(here, f), "rb") as fh:
                 h.update(fh.read())
         _CODE.append(h.hexdigest())
-    text = json.dumps([key, split, lang, bool(skip_bad_rows), limit or None, _CODE[0]], default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:24]
+    (what, version) = key  # which rows (the slot), and which version of them (the data files' stamp, the code)
+    slot = json.dumps([what, split, lang, bool(skip_bad_rows), limit or None], default=str)
+    version = json.dumps([version, _CODE[0]], default=str)
+    return "-".join(hashlib.sha1(t.encode()).hexdigest()[:16] for t in (slot, version))
 
 
 def _cached(key, build):
@@ -307,9 +310,25 @@ def _cached(key, build):
         try:
             if os.path.exists(path) and os.path.exists(path + ".json"):
                 return Rows.open(path)
-            return _write(path, build())
+            rows = _write(path, build())
+            _forget_old_versions(folder, key)
+            return rows
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _forget_old_versions(folder, key, days=1):
+    """Delete the cache files of other versions of the same rows (the source changed, or the code) unused for a
+    day: the cache keeps one copy of each split, not one per edit of a JSONL, while a run that may still read an
+    older version (for hours) keeps it."""
+    import glob
+    import time
+    slot = key.split("-")[0]
+    for old in glob.glob(os.path.join(folder, slot + "-*.arrow")):  # its time: when a load last opened it
+        if not os.path.basename(old).startswith(key) and time.time() - os.path.getmtime(old) > days * 86400:
+            for f in glob.glob(old + "*"):  # the file, its notes, lock and token counts
+                with contextlib.suppress(OSError):
+                    os.remove(f)
 
 
 def _write(path, items):
@@ -434,6 +453,8 @@ class Rows:
             meta = json.load(f)
         for note in meta["notes"]:  # what the build dropped, renamed or skipped, said at every load
             print(note, file=sys.stderr)
+        with contextlib.suppress(OSError):
+            os.utime(path)  # last used now: an old version of these rows is deleted a day after its last use
         return cls(_File(path, meta["rows"]), path, notes=meta["notes"])
 
     @property

@@ -150,3 +150,19 @@ def test_evaluate_streamed_gives_the_predictions_of_the_cached_rows(tmp_path):
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("cached", "streamed"))
     assert {k: v for k, v in a.items() if k not in ("seconds", "predictions")} == \
         {k: v for k, v in b.items() if k not in ("seconds", "predictions")}
+
+
+def test_a_changed_source_replaces_its_cache_once_the_old_one_is_a_day_unused(tmp_path):
+    path = write_rows(tmp_path)
+    first = data.load(path, "train")
+    with open(path, "a") as f:
+        f.write(json.dumps({"id": "r50", "image": "imgs/0.png", "question": "Q?", "answer": "no"}) + "\n")
+    second = data.load(path, "train")
+    assert os.path.exists(first.path) and len(first) == 50  # used an hour ago, say: kept
+    os.utime(first.path, (0, 0))  # now unused for a day and more
+    with open(path, "a") as f:
+        f.write(json.dumps({"id": "r51", "image": "imgs/0.png", "question": "Q?", "answer": "no"}) + "\n")
+    third = data.load(path, "train")
+    assert len(third) == 52 and not any(f.startswith(os.path.basename(first.path))
+                                        for f in os.listdir(os.path.dirname(first.path)))
+    assert os.path.exists(second.path) and data.load(path, "train", limit=3).path != third.path
