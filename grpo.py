@@ -584,7 +584,7 @@ def main(args):
     rows, val_rows = load_rows(args)
     vlm, ref = load_models(args, device, ckpt)
     policy = vlm.model
-    # every image decodes and every prompt fits, or a one-line error (--skip_bad_rows: skipped and counted)
+    # every image header reads and every prompt fits, or a one-line error (--skip_bad_rows: skipped and counted)
     rows, val_rows = data.check_rows(vlm, rows, args.skip_bad_rows), data.check_rows(vlm, val_rows, args.skip_bad_rows)
     images = data.ImageCache(vlm.fit_image)  # each image decoded and resized once, not at every use
     if len(rows) < args.prompts_per_step * K:  # a step samples K x prompts_per_step distinct rows

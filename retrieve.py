@@ -177,7 +177,7 @@ def main(args):
     t0 = time.time()
     data.writable_file(args.out)  # first: a bad --out must not cost the retrieval
     rows = data.load(args.data, args.split, lang=args.lang, limit=args.limit, skip_bad_rows=args.skip_bad_rows)
-    rows = data.check_rows(None, rows, args.skip_bad_rows)  # each image decodes (each distinct image once)
+    rows = data.check_rows(None, rows, args.skip_bad_rows)  # each image header reads (no pixels decoded)
     descriptions = image_descriptions(rows)
     specs = args.corpus
     if not specs:  # the demo's glossary; for other data SLAKE's knowledge graph too, when a copy is found

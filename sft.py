@@ -258,7 +258,7 @@ def main(args):
                  dtype=torch.bfloat16 if args.bf16 else torch.float32, texts=texts,
                  max_pixels=args.max_pixels, trust_remote_code=args.trust_remote_code, seed=args.seed)
     lora.apply(vlm, args, args.model, resume=ckpt)  # --lora: adapters on --model (resumed: the checkpoint's)
-    # its image decodes and its prompt fits, or a one-line error (--skip_bad_rows: skipped and counted)
+    # its image header reads and its prompt fits, or a one-line error (--skip_bad_rows: skipped and counted)
     train_rows = data.check_rows(vlm, train_rows, args.skip_bad_rows, target=True)
     val_rows = data.check_rows(vlm, val_rows, args.skip_bad_rows, target=True)
     images = data.ImageCache(vlm.fit_image)  # each image decoded and resized once, not at every step
