@@ -303,9 +303,15 @@ def _cached(key, build):
         return _write(os.path.join(folder, "rows.arrow"), build())
     import fcntl
     folder = cache_dir()
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, key + ".arrow")
-    with open(path + ".lock", "a") as lock:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        lock = open(path + ".lock", "a")
+    except OSError as e:  # a read-only home, say: this run builds its own copy, and says so once
+        print(f"row cache {folder} not writable ({e.strerror or e}): set $MEDFACT_CACHE; building into a temporary "
+              f"folder", file=sys.stderr)
+        return _cached(None, build)
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the others wait here, then map what the first one built
         try:
             if os.path.exists(path) and os.path.exists(path + ".json"):

@@ -166,3 +166,13 @@ def test_a_changed_source_replaces_its_cache_once_the_old_one_is_a_day_unused(tm
     assert len(third) == 52 and not any(f.startswith(os.path.basename(first.path))
                                         for f in os.listdir(os.path.dirname(first.path)))
     assert os.path.exists(second.path) and data.load(path, "train", limit=3).path != third.path
+
+
+def test_an_unwritable_cache_folder_builds_a_private_copy_and_says_so(tmp_path, monkeypatch, capsys):
+    path = write_rows(tmp_path, n=5)
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("MEDFACT_CACHE", str(blocker))
+    rows = data.load(path, "train")
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(5)] and not rows.path.startswith(str(blocker))
+    assert "not writable" in capsys.readouterr().err
