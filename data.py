@@ -67,8 +67,8 @@ import numpy as np
 from PIL import Image
 
 import synthetic_cxr
-from files import (DataError, SplitNotFound, append_jsonl, cut_torn_line, iter_jsonl, jsonl_line, read_jsonl,  # noqa: F401,E501
-                   short, text_problem, truncate_jsonl, writable_file, writable_folder, write_jsonl)
+from files import (DataError, SplitNotFound, append_jsonl, cut_torn_line, iter_jsonl, jsonl_line,  # noqa: F401
+                   read_jsonl, short, text_problem, truncate_jsonl, writable_file, writable_folder, write_jsonl)
 from images import ImageCache, image_from_bytes, image_key, image_size, load_image  # noqa: F401
 from rewards import normalize_answer  # noqa: F401  ONE answer normalisation, shared with rewards and evaluation
 from sources import HUB, LOCAL_NAMES, SPLITS, datasets_name, datasets_rows, detect, hub_rows
@@ -450,8 +450,8 @@ class Rows:
     fresh row dict (editing it edits nothing else), rows[a:b] and rows.select(indices) are Rows over the same
     file, iteration reads a batch at a time, rows.only(*fields) reads those fields alone."""
 
-    def __init__(self, file, path, index=None, notes=(), columns=None):
-        self.file, self.path, self.index, self.notes, self.columns = file, path, index, list(notes), columns
+    def __init__(self, file, path, index=None, columns=None):
+        self.file, self.path, self.index, self.columns = file, path, index, columns
 
     @classmethod
     def open(cls, path):
@@ -461,7 +461,7 @@ class Rows:
             print(note, file=sys.stderr)
         with contextlib.suppress(OSError):
             os.utime(path)  # last used now: an old version of these rows is deleted a day after its last use
-        return cls(_File(path, meta["rows"]), path, notes=meta["notes"])
+        return cls(_File(path, meta["rows"]), path)
 
     @property
     def dataset(self):
@@ -485,12 +485,12 @@ class Rows:
         if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
             raise IndexError(f"row index out of range for {len(self)} rows")
         idx = idx % max(len(self), 1)
-        return Rows(self.file, self.path, idx if self.index is None else self.index[idx], self.notes, self.columns)
+        return Rows(self.file, self.path, idx if self.index is None else self.index[idx], self.columns)
 
     def only(self, *columns):
         """The same rows read as dicts of these fields alone (text fields: no image is opened), e.g. for
         statistics over a large split."""
-        return Rows(self.file, self.path, self.index, self.notes, columns)
+        return Rows(self.file, self.path, self.index, columns)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -551,8 +551,7 @@ class Rows:
 
     def __add__(self, other):
         if isinstance(other, Rows) and other.path == self.path:
-            return Rows(self.file, self.path, np.concatenate([self.positions(), other.positions()]), self.notes,
-                        self.columns)
+            return Rows(self.file, self.path, np.concatenate([self.positions(), other.positions()]), self.columns)
         return list(self) + list(other)
 
     def __radd__(self, other):

@@ -375,26 +375,19 @@ class Descriptions:
 
     def __init__(self, keys, facts, attributes, rows, max_items):
         qs, where = facts
-        texts, ids, index = [], [], {}
+        ids, index = [], {}  # index: description text -> its id, in the order first seen
         for start in range(0, len(keys), 8192):  # the answers of a chunk of (image, question) rows at a time
-            part = where[start:start + 8192]
-            got = data.field(data.take(rows, part.tolist()), "answer")
-            for j, answer in enumerate(got):
-                k = start + j
-                if k == 0 or keys[k] != keys[k - 1]:
+            answers = data.field(data.take(rows, where[start:start + 8192].tolist()), "answer")
+            for k, answer in enumerate(answers, start):
+                if k == 0 or keys[k] != keys[k - 1]:  # an image's first row: its facts start
                     items = []
-                    ids.append(None)
-                answer = " ".join(str(answer).strip().rstrip(".").split()[:6])
-                items.append((qs[k], answer))
-                if k + 1 == len(keys) or keys[k + 1] != keys[k]:  # the image's last: its description
+                items.append((qs[k], " ".join(str(answer).strip().rstrip(".").split()[:6])))
+                if k + 1 == len(keys) or keys[k + 1] != keys[k]:  # its last: its description
                     ranked = [a if a[:2].isupper() else a.lower()  # "CT", "T2" stay; "Abdomen" -> "abdomen"
                               for q, a in sorted(items, key=lambda qa: -attributes[int(qa[0])])]
-                    text = ", ".join(list(dict.fromkeys(ranked))[:max_items])
-                    ids[-1] = index.setdefault(text, len(texts))
-                    if ids[-1] == len(texts):
-                        texts.append(text)
+                    ids.append(index.setdefault(", ".join(list(dict.fromkeys(ranked))[:max_items]), len(index)))
         self.keys = np.unique(keys)
-        self.ids, self.texts = np.array(ids, dtype=np.int32), texts
+        self.ids, self.texts = np.array(ids, dtype=np.int32), list(index)
 
     def get(self, key, default=None):
         h = _h64(key)

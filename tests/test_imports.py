@@ -102,7 +102,7 @@ def test_no_stage_function_over_120_lines(name):
 
 STAGES = {"retrieve", "sft", "grpo", "evaluate", "demo"}  # the commands a user runs: nothing imports them
 # the core split by concern (issue #36): each file under 700 lines but these four, which must not grow
-LONG_FILES = {"retrieve": 873, "data": 771, "rewards": 754, "synthetic_cxr": 574}  # data, retrieve: #35's sizes
+LONG_FILES = {"retrieve": 866, "data": 770, "rewards": 754, "synthetic_cxr": 574}  # data, retrieve: #35's sizes
 # the rows split by concern (issue #35), listed bottom up like CORE: each imports only files listed before it
 ROWS = ["files", "images", "sources", "data"]
 CORE = ["common", "tracker", "lite0", "families", "scratch", "fsdp", "lora", "checkpoint", "model"]
