@@ -65,18 +65,19 @@ def save_checkpoint(path, vlm, state=None, optimizer=None, model=None, attach=No
     model = model or vlm.model
     weights, optim = None, optimizer.state_dict() if optimizer is not None else None
     adapted = getattr(vlm, "lora", None) is not None and model is vlm.model
-    if adapted:  # LoRA (lora.py): the merged plain model, and its adapter beside it in peft's format
-        weights = lora.merged_state_dict(model)
+    gathered = None  # under FSDP: the whole state dict, on rank 0's CPU
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU
-        weights = get_model_state_dict(model, options=full)
+        weights = gathered = get_model_state_dict(model, options=full)
         if model.lm_head.weight is model.get_input_embeddings().weight:  # tied: saved once, as unsharded models are
             weights.pop("lm_head.weight", None)
         optim = get_optimizer_state_dict(model, optimizer, options=full) if optimizer is not None else None
     if not is_main():
         return
+    if adapted:  # LoRA (lora.py): the merged plain model, and its adapter beside it in peft's format
+        weights = lora.merged_state_dict(model, gathered)
     tmp = path.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if isinstance(model, lite0.Lite0VLForConditionalGeneration):  # stock transformers runs it as remote code
@@ -84,7 +85,7 @@ def save_checkpoint(path, vlm, state=None, optimizer=None, model=None, attach=No
                                  "AutoModelForImageTextToText": "modeling_medfact.Lite0VLForConditionalGeneration"}
     model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
     if adapted:
-        lora.save_adapter(vlm, os.path.join(tmp, lora.ADAPTER))
+        lora.save_adapter(vlm, os.path.join(tmp, lora.ADAPTER), gathered)
     if isinstance(model, lite0.Lite0VLForConditionalGeneration):  # the tower's own file, as it is
         shutil.copyfile(lite0.__file__, os.path.join(tmp, "modeling_medfact.py"))
     hf_processor(vlm).save_pretrained(tmp)  # tokenizer (left padding, CHAT_TEMPLATE), processor_config.json

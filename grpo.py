@@ -476,7 +476,7 @@ def load_models(args, device, ckpt):
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.fsdp:  # each rank holds 1/world of the weights, gradients and optimizer state
         fsdp_shard(policy)
-        if ref is not None:
+        if ref is not None and ref is not policy:  # LoRA's reference is the policy: sharded once
             fsdp_shard(ref)
     return vlm, ref
 

@@ -21,9 +21,10 @@ checkpoint), and the adapter folder in peft's own format.
   adapter (exact, as the merged weights are rounded). An adapter folder alone becomes a plain one with
   `python model.py runs/x/adapter --save runs/x_merged`.
 
-Not with --fsdp (refused in one line: the merged save and engine.py need whole weights; LoRA's point is that
-the trainable state is small, so torchrun replicas fit where full fine-tuning needed sharding). peft is
-optional: `pip install peft` (requirements-test.txt has it); without --lora nothing here runs.
+With --fsdp the adapters are sharded with their layers (FSDP2 holds frozen and trainable weights in one group);
+a save gathers the whole state dict first and merges and writes from it (merged_state_dict(model, state),
+save_adapter(vlm, folder, state)). engine.py does not run under --fsdp. peft is optional: `pip install peft`
+(requirements-test.txt has it); without --lora nothing here runs.
 """
 
 import contextlib
@@ -85,9 +86,6 @@ def apply(vlm, args, base, resume=None):
     if base is not None and scratch.from_scratch(base):
         raise SetupError(f"--lora adapts a trained checkpoint; {base} is built from scratch with random weights: "
                          f"train it fully (drop --lora), or save it and pass its folder")
-    if args.fsdp:
-        raise SetupError("--lora with --fsdp is not supported (the merged save and engine.py need whole weights): "
-                         "with LoRA the trainable state is small, run torchrun without --fsdp")
     if args.lora_vision and args.freeze_vision:
         raise SetupError("--lora_vision puts adapters on the vision tower, --freeze_vision freezes it: pick one")
     if getattr(args, "train_cnn_blocks", 0):
@@ -131,21 +129,40 @@ def merged_weight(linear):
     return (w + sum(deltas)).to(w.dtype).detach() if deltas else w
 
 
-def merged_state_dict(model):
+def merged_state_dict(model, state=None):
     """The weights of the plain model LoRA makes, under the names it has without peft (...q_proj.weight, not
-    ...q_proj.base_layer.weight): each LoRA layer's merged_weight, every other tensor as it is (no copy)."""
-    weights = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
+    ...q_proj.base_layer.weight): each LoRA layer's merged_weight, every other tensor as it is (no copy).
+    `state`: the whole state dict of an FSDP-sharded `model`, gathered (its own tensors are shards): each LoRA
+    layer is then merged from that (_merged_from)."""
+    gathered, state = state is not None, model.state_dict() if state is None else state
+    weights = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
     for name, m in model.named_modules():
         if hasattr(m, "lora_A"):
-            weights[name + ".weight"] = merged_weight(m)
+            weights[name + ".weight"] = _merged_from(state, name, m) if gathered else merged_weight(m)
     return weights
 
 
-def save_adapter(vlm, folder):
-    """The adapter in peft's own format: adapter_config.json (naming its base) and adapter_model.safetensors."""
+def _merged_from(state, name, layer):
+    """merged_weight of `layer` (full name `name`) from a gathered state dict: its base weight plus each active
+    adapter's B A * alpha / r, the product in fp32 (as get_delta_weight computes it on the CPU)."""
+    w = state[name + ".base_layer.weight"]
+    if layer.disable_adapters or layer.merged:
+        return w
+    for a in layer.active_adapters:
+        if a in layer.lora_A:
+            delta = state[f"{name}.lora_B.{a}.weight"].float() @ state[f"{name}.lora_A.{a}.weight"].float()
+            w = w + (delta * layer.scaling[a]).to(w.dtype)
+    return w
+
+
+def save_adapter(vlm, folder, state=None):
+    """The adapter in peft's own format: adapter_config.json (naming its base) and adapter_model.safetensors.
+    `state`: the gathered state dict of an FSDP-sharded model (peft reads the adapter's tensors from it)."""
+    if state is not None:  # peft's names are the PeftModel's: base_model.model. + the model's own
+        state = {"base_model.model." + k: v for k, v in state.items() if ".lora_" in k}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft's notes about the base model's files
-        vlm.lora.save_pretrained(folder, save_embedding_layers=False)
+        vlm.lora.save_pretrained(folder, save_embedding_layers=False, state_dict=state)
 
 
 def attached(folder):

@@ -10,7 +10,10 @@ Beside each, the requirement computed from the parameter counts: full fine-tunin
 AdamW's two moments + the reference copy (fp32: 4 + 4 + 8 + 4 = 20 bytes a parameter; bf16: 10); LoRA the
 weights plus the adapters' weights, gradients and moments (16 bytes an adapter parameter; the reference is the
 base with its adapters off, no copy); on the CPU both plus the process before the model (imports, data). The
-computed figure leaves out activations; the measured one has them, at the stated small shape.
+computed figure leaves out activations. It is checked against the memory held right after AdamW's step (an
+optimizer step hook: gradients still there, both moments made, the backward's activations freed), which holds
+exactly what it counts (state_measured_over_computed); the step's peak has the activations on top, at the stated
+small shape (measured_over_computed, activations_mb).
 
     python bench/lora_memory.py --model random:smolvlm2-256m --out bench/results/lora_memory_smolvlm2_256m.json
     nice -n 10 python bench/lora_memory.py --model random:qwen2.5-vl-3b --configs lora \\
@@ -50,6 +53,12 @@ def vm_hwm_mb():
     """This process's peak resident memory (MB) since it started or since the last reset_peak()."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def vm_rss_mb():
+    """This process's resident memory now (MB)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
 def reset_peak():
@@ -100,6 +109,11 @@ def child(args):
         build_mb = vm_hwm_mb()  # the peak while the model was built
         reset_peak()
         state_mb = vm_hwm_mb()
+    # the training state measured where it is whole: right after AdamW's step, gradients not yet freed and both
+    # moments allocated (AdamW makes them at its first step), the activations of the backward already freed
+    after_step = []
+    optimizer.register_step_post_hook(lambda *_: after_step.append(
+        torch.cuda.memory_allocated() / 2 ** 20 if cuda else vm_rss_mb()))
     # the step, as grpo.main runs it: rollout, score, advantages, reference, train (forward, backward, AdamW)
     t1 = time.time()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
@@ -121,7 +135,7 @@ def child(args):
     print(json.dumps({"config": args.child, "device": args.device, "dtype": "bf16" if cuda else "fp32",
                       "params": n_params, "trainable": sum(p.numel() for p in params), "lora_params": n_lora,
                       "before_model_mb": round(before_mb, 1), "state_mb": round(state_mb, 1),
-                      "peak_step_mb": round(step_mb, 1), "peak_process_mb": None if cuda else round(max(build_mb, step_mb), 1),
+                      "peak_step_mb": round(step_mb, 1), "after_adamw_mb": round(max(after_step), 1), "peak_process_mb": None if cuda else round(max(build_mb, step_mb), 1),
                       "tokens": int(rollouts["mask"].sum()),
                       "grad_norm": float(grad_norm), "build_s": round(built_s, 1),
                       "step_s": round(time.time() - t1, 1)}), flush=True)
@@ -157,10 +171,15 @@ def main(args):
         run.update(computed_mb=round(computed(run, cuda), 1), seconds=round(time.time() - t, 1))
         measured = run["peak_step_mb"]
         run["measured_over_computed"] = round(measured / run["computed_mb"], 3)
+        # the arithmetic's own check: the state it counts, measured when all of it is held (after AdamW's step)
+        run["state_measured_over_computed"] = round(run["after_adamw_mb"] / run["computed_mb"], 3)
+        run["activations_mb"] = round(measured - run["after_adamw_mb"], 1)  # the step's peak above that state
         runs.append(run)
-        print(f"{config}: peak {measured / 1024:.2f} GiB over the step (computed {run['computed_mb'] / 1024:.2f} GiB, "
-              f"x{run['measured_over_computed']}), {run['trainable'] / 1e6:.2f} M trainable, "
-              f"step {run['step_s']} s", flush=True)
+        print(f"{config}: after AdamW's step {run['after_adamw_mb'] / 1024:.2f} GiB against "
+              f"{run['computed_mb'] / 1024:.2f} GiB computed (x{run['state_measured_over_computed']}); peak "
+              f"{measured / 1024:.2f} GiB over the step (x{run['measured_over_computed']}: activations "
+              f"{run['activations_mb']:.0f} MB), {run['trainable'] / 1e6:.2f} M trainable, step {run['step_s']} s",
+              flush=True)
     P = runs[0]["params"]
     b = 2 if cuda else 4
     result = {"command": " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:]),

@@ -10,9 +10,9 @@
   each in a process that never imports medfact, reproduce evaluate.py's greedy tokens; evaluate.py takes both;
   `python model.py ADAPTER --save DIR` writes the same merged folder;
 - sft.py and grpo.py with --lora: exact resume after SIGKILL, 2 processes give 1's weights (the harness of
-  tests/test_reliability.py), the KL 0 at step 1 and not after, only the adapted layers move; grpo.py with
-  --bf16 --grad_ckpt --freeze_vision;
-- the one-line refusals (peft missing, from scratch, --fsdp, a target that is not there).
+  tests/test_reliability.py), with --fsdp too (adapters and merged weights, and an FSDP SFT run resumed), the
+  KL 0 at step 1 and not after, only the adapted layers move; grpo.py with --bf16 --grad_ckpt --freeze_vision;
+- the one-line refusals (peft missing, from scratch, a target that is not there).
 """
 import argparse
 import json
@@ -403,6 +403,9 @@ def test_two_processes_with_lora_equal_one(tmp, refs):
     for stage, (_, make_args) in STAGES.items():
         outs[stage] = str(tmp["root"] / f"{stage}_2p")
         plan.append((stage, [str(a) for a in make_args(tmp, outs[stage])]))
+    for stage, (_, make_args) in STAGES.items():  # --fsdp: adapters sharded with their layers; the plan also
+        outs[stage + "_fsdp"] = str(tmp["root"] / f"{stage}_2p_fsdp")  # resumes the finished SFT run from step 4
+        plan.append((stage, [str(a) for a in make_args(tmp, outs[stage + "_fsdp"], "--fsdp")]))
     (tmp["root"] / "plan.json").write_text(json.dumps(plan))
     log = tmp["root"] / "torchrun.log"
     with open(log, "w") as f:  # the 2-process side of test_reliability.py runs the plan
@@ -410,11 +413,15 @@ def test_two_processes_with_lora_equal_one(tmp, refs):
                os.path.join(ROOT, "tests", "test_reliability.py"), str(tmp["root"] / "plan.json")]
         rc = subprocess.run(cmd, cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT, timeout=480).returncode
     assert rc == 0, log.read_text()[-3000:]
-    for stage, two in outs.items():
+    for run_name, two in outs.items():
+        stage = run_name.split("_")[0]
         assert_close_records(records(refs[stage]), records(two), exact=False)
         a, b = adapter_weights(refs[stage]), adapter_weights(two)
         # 2 processes sum gradients in another order; Adam turns that float noise into ~1e-6 differences
-        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a), stage
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a), run_name
+        a, b = (load_file(os.path.join(p, "model.safetensors")) for p in (refs[stage], two))  # the merged models
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a), run_name
+    assert "resumed from" in log.read_text() and len(records(outs["sft_fsdp"])) == 6
     texts = lambda out: [json.loads(line)["completion"] for line in open(os.path.join(out, "rollouts.jsonl"))]  # noqa: E731
     assert texts(refs["grpo"]) == texts(outs["grpo"]) and texts(outs["grpo"])
 
@@ -430,7 +437,6 @@ def test_lora_refusals_are_one_line(tmp, monkeypatch):
         assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
     root = tmp["root"]
     refused(sft, sft_lora(tmp, str(root / "r1"), "--model", "tiny"), "from scratch", "drop --lora")
-    refused(sft, sft_lora(tmp, str(root / "r2"), "--fsdp"), "--fsdp", "not supported")
     refused(grpo, grpo_lora(tmp, str(root / "r3"), "--lora_vision", "--freeze_vision"), "--lora_vision")
     refused(grpo, grpo_lora(tmp, str(root / "r4"), "--lora_targets", "q_proj,w_proj"), "w_proj", "q_proj")
     monkeypatch.setitem(sys.modules, "peft", None)  # peft not installed: the one-line hint
