@@ -9,26 +9,28 @@
 #      --bf16 against TRL 1.16's GRPOTrainer (bf16 model), 1 x 6 and 3 x 6 prompts x G, 256 forced
 #      tokens, kl 0.04, gradient checkpointing; writes bench/results/grpo_speed_<device>.json;
 #   2b. the same GRPO step for random:qwen3-vl-2b beside TRL's (issue 27; info, when time is left);
+#   2c. issue 33: one whole GRPO step of random:qwen2.5-vl-3b in bf16, full fine-tuning and --lora 16,
+#      torch.cuda.max_memory_allocated (bench/lora_memory.py --device cuda; info, when time is left);
 #   3. last, a short table of the issue's targets, each PASS or FAIL.
 #
 # Wheels. The GPU image has torch, accelerate, pandas, pyarrow, xxhash, psutil, pytest, but
 # transformers 5.17 (we need >= 5.24) and no trl, datasets, dill or multiprocess. Bring them as
 # wheels in .whl/ (git-ignored: `echo /.whl/ >> .git/info/exclude` once), fetched where pip works:
 #     bash bench/gpu_check.sh --fetch        # pip download into .whl/, ~16 MB:
-#         transformers==5.24.0 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+#         transformers==5.24.0 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 peft==0.21.2
 # This script installs them with `pip install --no-index --no-deps --target /tmp/site` and puts
 # /tmp/site on PYTHONPATH. The preflight below checks what datasets 5.2 needs of the image
 # (pyarrow >= 24, fsspec <= 2026.9.0, huggingface-hub >= 1.31); if one fails, fetch that wheel too
 # (e.g. `... --fetch pyarrow==26.0.1`, ~40 MB: the tree that travels is limited to 64 MiB).
 #
 # Run (from the repo root; the device tool: carry [".whl"], timeout 600):
-#     bash bench/gpu_check.sh && cp bench/results/grpo_speed_*.json "$OUT"/
+#     bash bench/gpu_check.sh && cp bench/results/grpo_speed_*.json bench/results/lora_memory_*nvidia*.json "$OUT"/
 # STEPS and REPEATS (default 2 and 1) set the timed GRPO steps per run and the runs per side.
 set -uo pipefail
 SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$SELF")/.."
 PY=${PYTHON:-python3}
-WHEELS="transformers==5.24.0 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19"
+WHEELS="transformers==5.24.0 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 peft==0.21.2"
 
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then  # usage: the header above, nothing run
     echo "usage: bash bench/gpu_check.sh [--fetch [PKG==VER ...]]"
@@ -103,6 +105,15 @@ if [ $left -ge 100 ]; then
     rm -rf /tmp/grpo_speed_q3
 else
     echo "gpu_check: no time left for the qwen3-vl-2b GRPO step ($left s)"
+fi
+# 2c. issue 33: the GRPO step's GPU memory, full fine-tuning against LoRA, if at least 60 s are left (info)
+left=$(( 570 - ($(date +%s) - t0) ))
+if [ $left -ge 60 ] && "$PY" -c "import peft" 2>/dev/null; then
+    timeout $left "$PY" bench/lora_memory.py --model random:qwen2.5-vl-3b --device cuda \
+        --out bench/results/lora_memory_qwen2.5_vl_3b_$DEV.json
+    echo "gpu_check: lora memory exit $? ($(( $(date +%s) - t0 )) s in all)"
+else
+    echo "gpu_check: no LoRA memory step ($left s left, or no peft: bring its wheel)"
 fi
 
 # -----------------------------------------------------------------------------
