@@ -29,14 +29,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # evaluate.py (paired, mcnemar), when run as bench/demo_seeds.py
 
 
-def command(argv, root=ROOT):
+def command(argv, root=ROOT, script="bench/demo_seeds.py"):
     """The command line as a reader pastes it at the repo root: an absolute path in the repo or beside it
     (in its parent folder) relative to the root; any other word as given."""
     root = os.path.realpath(root)
     near = (root + os.sep, os.path.dirname(root) + os.sep)
     rel = lambda a: os.path.relpath(os.path.realpath(a), root) if a.startswith("/") and (
         os.path.realpath(a) == root or os.path.realpath(a).startswith(near)) else a
-    return " ".join(["python bench/demo_seeds.py"] + [rel(a) for a in argv])
+    return " ".join(["python", script] + [rel(a) for a in argv])
 
 
 def main():
