@@ -116,16 +116,17 @@ def as_reference(vlm, model):
     return contextlib.nullcontext()
 
 
-def merged_weight(linear):
+def merged_weight(linear, w=None, delta=None):
     """The weight `linear` computes with: its own parameter, or for a LoRA layer its base weight plus each active
     adapter's B A * alpha / r (peft's get_delta_weight, as peft's merge adds it), a new tensor in the base's
-    dtype; the base weight alone while its adapters are off."""
+    dtype; the base weight alone while its adapters are off. `w`, `delta(adapter)`: the base weight and the
+    deltas from elsewhere (merged_state_dict's gathered tensors)."""
     if not hasattr(linear, "lora_A"):
         return linear.weight
-    w = linear.get_base_layer().weight
+    w, delta = (linear.get_base_layer().weight, linear.get_delta_weight) if w is None else (w, delta)
     if linear.disable_adapters or linear.merged:
         return w
-    deltas = [linear.get_delta_weight(a) for a in linear.active_adapters if a in linear.lora_A]
+    deltas = [delta(a) for a in linear.active_adapters if a in linear.lora_A]
     return (w + sum(deltas)).to(w.dtype).detach() if deltas else w
 
 
@@ -133,26 +134,21 @@ def merged_state_dict(model, state=None):
     """The weights of the plain model LoRA makes, under the names it has without peft (...q_proj.weight, not
     ...q_proj.base_layer.weight): each LoRA layer's merged_weight, every other tensor as it is (no copy).
     `state`: the whole state dict of an FSDP-sharded `model`, gathered (its own tensors are shards): each LoRA
-    layer is then merged from that (_merged_from)."""
-    gathered, state = state is not None, model.state_dict() if state is None else state
+    layer is then merged from that, B A in fp32 (as get_delta_weight computes it on the CPU; --fsdp is fp32)."""
+    gathered = state is not None
+    state = state if gathered else model.state_dict()
     weights = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
     for name, m in model.named_modules():
         if hasattr(m, "lora_A"):
-            weights[name + ".weight"] = _merged_from(state, name, m) if gathered else merged_weight(m)
+            weights[name + ".weight"] = merged_weight(m, state[name + ".base_layer.weight"],
+                                                      _delta(state, name, m)) if gathered else merged_weight(m)
     return weights
 
 
-def _merged_from(state, name, layer):
-    """merged_weight of `layer` (full name `name`) from a gathered state dict: its base weight plus each active
-    adapter's B A * alpha / r, the product in fp32 (as get_delta_weight computes it on the CPU)."""
-    w = state[name + ".base_layer.weight"]
-    if layer.disable_adapters or layer.merged:
-        return w
-    for a in layer.active_adapters:
-        if a in layer.lora_A:
-            delta = state[f"{name}.lora_B.{a}.weight"].float() @ state[f"{name}.lora_A.{a}.weight"].float()
-            w = w + (delta * layer.scaling[a]).to(w.dtype)
-    return w
+def _delta(state, name, layer):
+    """delta(adapter) of the LoRA layer `name` from a gathered state dict: B A * alpha / r, in fp32."""
+    return lambda a: state[f"{name}.lora_B.{a}.weight"].float() @ state[f"{name}.lora_A.{a}.weight"].float() \
+        * layer.scaling[a]
 
 
 def save_adapter(vlm, folder, state=None):

@@ -49,16 +49,11 @@ parser.add_argument("--out", required=True, help="results JSON")
 parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one configuration, in this process
 
 
-def vm_hwm_mb():
-    """This process's peak resident memory (MB) since it started or since the last reset_peak()."""
+def status_mb(field="VmHWM"):
+    """A memory field of /proc/self/status in MB: VmHWM, the peak resident memory since the process started or
+    since the last reset_peak(); VmRSS, the resident memory now."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-
-
-def vm_rss_mb():
-    """This process's resident memory now (MB)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
 def reset_peak():
@@ -85,7 +80,7 @@ def child(args):
     gargs = grpo.parser.parse_args([str(a) for a in argv])
     rows = data.load("demo", "train", limit=args.prompts)
     device = torch.device(args.device)
-    before_mb = vm_hwm_mb()  # the process without the model: imports, rows
+    before_mb = status_mb()  # the process without the model: imports, rows
     t0 = time.time()
     qwen = "qwen" in args.model
     vlm = M.load(args.model, device=device, dtype=torch.bfloat16 if cuda else torch.float32,
@@ -106,14 +101,14 @@ def child(args):
         torch.cuda.reset_peak_memory_stats()
         state_mb = torch.cuda.memory_allocated() / 2 ** 20
     else:
-        build_mb = vm_hwm_mb()  # the peak while the model was built
+        build_mb = status_mb()  # the peak while the model was built
         reset_peak()
-        state_mb = vm_hwm_mb()
+        state_mb = status_mb()
     # the training state measured where it is whole: right after AdamW's step, gradients not yet freed and both
     # moments allocated (AdamW makes them at its first step), the activations of the backward already freed
     after_step = []
     optimizer.register_step_post_hook(lambda *_: after_step.append(
-        torch.cuda.memory_allocated() / 2 ** 20 if cuda else vm_rss_mb()))
+        torch.cuda.memory_allocated() / 2 ** 20 if cuda else status_mb("VmRSS")))
     # the step, as grpo.main runs it: rollout, score, advantages, reference, train (forward, backward, AdamW)
     t1 = time.time()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
@@ -129,7 +124,7 @@ def child(args):
         torch.cuda.synchronize()
         step_mb = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
-        step_mb = vm_hwm_mb()
+        step_mb = status_mb()
     n_lora = sum(p.numel() for n, p in vlm.model.named_parameters() if ".lora_" in n)
     n_params = sum(p.numel() for p in vlm.model.parameters()) - n_lora  # the model's own
     print(json.dumps({"config": args.child, "device": args.device, "dtype": "bf16" if cuda else "fp32",
