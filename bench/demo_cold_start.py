@@ -6,7 +6,7 @@ the equal-compute control (the same SFT model, --control_steps more SFT steps on
 Why: on `make demo` every training question has a pseudo-label, so more SFT teaches what GRPO's reward does,
 and the control beat GRPO (docs/EXPERIMENTS.md 1.6). Labelling costs a teacher call (or a person) a question;
 a gold answer costs nothing more. Here SFT sees the first --labelled questions (retrieve.py --limit), GRPO all
-4,400. The design was chosen on the val split (--split val), then scored once on test. One run per seed, one
+4,400. The design was chosen on the val split (--split val), then scored once on test; it is make demo's. One run per seed, one
 thread each, each stage the command a user types (written to SEED/commands.txt), skipped when done:
 
     retrieve.py --limit L -> sft.py (--sft_steps) -> grpo.py (--grpo_steps, --temperature, --grpo_lr)

@@ -274,6 +274,20 @@ def test_demo_is_deterministic():
     assert other[0]["image"].tobytes() != synthetic_cxr.rows("val")[0]["image"].tobytes()
 
 
+def test_demo_test_split_grew_by_drawing_on(monkeypatch):
+    """Issue #34 grew the test split from 160 to 640 images by drawing on from the same random stream: its first
+    640 questions are the split every result before it was scored on (their texts pinned here), image for image."""
+    rows = synthetic_cxr.rows("test")
+    assert len(rows) == 2560
+    texts = json.dumps([[r["id"], r["question"], r["answer"], r["category"]] for r in rows[:640]])
+    assert hashlib.sha1(texts.encode()).hexdigest() == "6cd76925d1d63ada62486cabdc17a32ad34de155"
+    monkeypatch.setitem(synthetic_cxr.IMAGES, "test", 160)
+    old = synthetic_cxr._rows.__wrapped__("test", 0)
+    assert len(old) == 640
+    assert all(a["image"].tobytes() == b["image"].tobytes() and a["answer"] == b["answer"]
+               for a, b in zip(old, rows[:640]))
+
+
 def test_demo_splits_share_no_image(demo_splits):
     digests = {s: {hashlib.sha1(im.tobytes()).hexdigest() for im in _images(rows)} for s, rows in demo_splits.items()}
     assert len(digests["train"]) == synthetic_cxr.IMAGES["train"]  # no repeats within a split either
