@@ -1,5 +1,7 @@
 """
-Which GRPO setting does the demo use? Chosen on the val split, three seeds each, from one SFT checkpoint.
+Which GRPO setting did the demo use before issue #34 (every question labelled)? Chosen on the val split, three
+seeds each, from one SFT checkpoint. Today's demo is a cold start, its setting chosen by bench/demo_cold_start.py
+(docs/EXPERIMENTS.md 1.6).
 
     python bench/grpo_settings.py --sft runs/demo/sft      # after `make demo`; ~1 h on 2 CPU cores
     python bench/grpo_settings.py --no_run                 # only tabulate the runs already in --runs
@@ -7,7 +9,7 @@ Which GRPO setting does the demo use? Chosen on the val split, three seeds each,
 
 Each setting is grpo.py's defaults (T 0.5, lr 5e-5, G 6, kl 0.04) with the prompts per step and
 steps named; each (setting, seed) runs grpo.py, then evaluate.py on the val split (300 questions,
-used to choose) and the test split (640, reported), each skipped when its output exists. Printed:
+used to choose) and the test split (reported: 2,560 since issue #34; the committed table scored the 640 of then), each skipped when its output exists. Printed:
 accuracy per seed, the mean, and each run against SFT alone on the same questions (answers fixed /
 broken, exact McNemar p, as demo.py computes it). The runs go to --runs; the table is printed,
 and written as JSON only with --out.
