@@ -116,9 +116,7 @@ def glossary():
 # what each image shows
 
 IMAGE_SIZE = 112
-IMAGES = {"train": 1100, "val": 75, "test": 640}  # x 4 questions: 4,400 / 300 / 2,560 rows
-# test was 160 images (640 questions) until issue #34: too few to tell a 2-point change from chance. It grew by
-# drawing on from the same random stream, so its first 640 questions are the old split, unchanged.
+IMAGES = {"train": 1100, "val": 75, "test": 640}  # x 4: 4,400 / 300 / 2,560 rows; test's first 160: the pre-#34 test
 QUESTIONS_PER_IMAGE = 4
 SIDES, ZONES, SIZES = ("left", "right"), ("upper", "middle", "lower"), ("small", "large")
 FINDINGS = ("effusion", "pneumothorax", "nodule", "cardiomegaly")
