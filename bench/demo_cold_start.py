@@ -1,7 +1,8 @@
 """
 bench/demo_cold_start.py: the demo with a cold start (issue #34): pseudo-labels for only part of the training
 questions, SFT on those, then GRPO on every training question (its accuracy reward reads the gold answer), against
-the equal-compute control (the same SFT model, --control_steps more SFT steps on the same pseudo-labels).
+the equal-compute control (the same SFT model, --control_steps more SFT steps on the same pseudo-labels, as long
+as GRPO ran).
 
 Why: on `make demo` every training question has a pseudo-label, so more SFT teaches what GRPO's reward does,
 and the control beat GRPO (docs/EXPERIMENTS.md 1.6). Labelling costs a teacher call (or a person) a question;
@@ -37,7 +38,9 @@ def main():
     parser.add_argument("--grpo_steps", type=int, default=60, help="GRPO steps of 96 prompts x 6")
     parser.add_argument("--temperature", type=float, default=1.0, help="GRPO's sampling temperature")
     parser.add_argument("--grpo_lr", type=float, default=3e-4, help="GRPO's learning rate")
-    parser.add_argument("--control_steps", type=int, default=400, help="the control's SFT steps (as long as GRPO)")
+    # as long as GRPO: its 60 steps took as long as 497 and 525 SFT steps at one thread (seeds 1, 2) and 541 in make
+    # demo's run at two (EXPERIMENTS 1.6); the longest, rounded
+    parser.add_argument("--control_steps", type=int, default=540, help="the control's SFT steps (as long as GRPO)")
     parser.add_argument("--split", default="test", help="the split scored: val to choose a design, test to report")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every stage")
     parser.add_argument("--runs", default="runs/demo_cold_start", help="one folder per seed: RUNS/seedS")
