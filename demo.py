@@ -53,6 +53,8 @@ parser.add_argument("--coverage", type=float, default=1.0, help="share of pseudo
 parser.add_argument("--seed", type=int, default=0, help="passed to retrieve.py, sft.py and grpo.py")
 
 PY = sys.executable
+BASE_QUESTIONS = 640  # the untrained model is scored on the first 640 test questions only (main says why)
+BASE = f"base (untrained, first {BASE_QUESTIONS})"  # its row
 KEYS = ["accuracy", "closed_accuracy", "open_accuracy", "open_recall", "format", "fact", "consistency"]
 
 
@@ -210,7 +212,7 @@ REPORT_STYLE = (
 
 def results_html(report):
     """report.json as a table (one row per model, then the baselines), the paired comparison and the times."""
-    models = [(name, report[key]) for name, key in (("base (untrained, first 640)", "base"), ("after SFT", "sft"),
+    models = [(name, report[key]) for name, key in ((BASE, "base"), ("after SFT", "sft"),
                                                      ("after SFT + GRPO", "grpo")) if key in report]
     if not models:
         return ""
@@ -307,9 +309,9 @@ def main(args):
     run([PY, "grpo.py", "--ckpt", sft_dir, "--data", "demo", "--out", grpo_dir, *grpo_flags(args)],
         os.path.join(grpo_dir, "state.json"), seconds, "grpo", fresh)
     # the untrained model on the first 640 questions only: it writes 128 tokens of noise for each (0.000 on any
-    # number of them), and all 2,560 would cost ~4 of the demo's 15 minutes
+    # number of them), and all 2,560 would cost ~2 of the demo's 15 minutes (640 took 29 s, EXPERIMENTS 1.1)
     results = {"base": evaluate_ckpt("tiny", os.path.join(out, "eval_base"), "eval_base", seconds, fresh,
-                                     extra=("--limit", "640")),
+                                     extra=("--limit", str(BASE_QUESTIONS))),
                "sft": evaluate_ckpt(sft_dir, os.path.join(out, "eval_sft"), "eval_sft", seconds, fresh),
                "grpo": evaluate_ckpt(grpo_dir, os.path.join(out, "eval_grpo"), "eval_grpo", seconds, fresh)}
     change = paired(os.path.join(out, "eval_sft", "metrics.json"), os.path.join(out, "eval_grpo", "metrics.json"))
@@ -320,7 +322,7 @@ def main(args):
         json.dump(report, f, indent=1)
     curves, page = plot(out), write_report(out)  # seconds
     b = results["grpo"].get("baselines", {})
-    table({"base (untrained, first 640)": results["base"], "after SFT": results["sft"], "after SFT + GRPO": results["grpo"]},
+    table({BASE: results["base"], "after SFT": results["sft"], "after SFT + GRPO": results["grpo"]},
           f"held-out demo test split (n={results['grpo']['n']}); baselines: question-only "
           f"{b.get('question_only', float('nan')):.3f}, majority {b.get('majority', float('nan')):.3f}")
     print(f"GRPO vs SFT on the same {results['grpo']['n']} questions: {verdict(change)}")

@@ -4,11 +4,12 @@ questions, SFT on those, then GRPO on every training question (its accuracy rewa
 the equal-compute control (the same SFT model, --control_steps more SFT steps on the same pseudo-labels, as long
 as GRPO ran).
 
-Why: on `make demo` every training question has a pseudo-label, so more SFT teaches what GRPO's reward does,
-and the control beat GRPO (docs/EXPERIMENTS.md 1.6). Labelling costs a teacher call (or a person) a question;
-a gold answer costs nothing more. Here SFT sees the first --labelled questions (retrieve.py --limit), GRPO all
-4,400. The design was chosen on the val split (--split val), then scored once on test; it is make demo's. One run per seed, one
-thread each, each stage the command a user types (written to SEED/commands.txt), skipped when done:
+Why: with a pseudo-label for every training question (the demo before issue #34), more SFT taught what GRPO's
+reward does, and the control beat GRPO (docs/EXPERIMENTS.md 1.6). Labelling costs a teacher call (or a person) a
+question; a gold answer costs nothing more. Here SFT sees the first --labelled questions (retrieve.py --limit),
+GRPO all 4,400. The design was chosen on the val split (--split val), then scored once on test; it is make demo's,
+and its defaults are demo.py's. One run per seed, one thread each, each stage the command a user types (written
+to SEED/commands.txt), skipped when done:
 
     retrieve.py --limit L -> sft.py (--sft_steps) -> grpo.py (--grpo_steps, --temperature, --grpo_lr)
                           -> the control: sft.py from the SFT model, --control_steps at the lr SFT ended on
@@ -26,18 +27,21 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # evaluate.py (paired)
+sys.path.insert(0, ROOT)  # evaluate.py (paired), demo.py (the design)
 sys.path.insert(0, os.path.join(ROOT, "bench"))  # demo_seeds.py (pool, table)
 
 
 def main():
+    import demo  # make demo's design: the defaults below are its own, so the two cannot drift apart
+    design = lambda k: demo.parser.get_default(k)  # noqa: E731
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--seed of every stage")
-    parser.add_argument("--labelled", type=int, default=1100, help="training questions with a pseudo-label (of 4,400)")
-    parser.add_argument("--sft_steps", type=int, default=600, help="SFT steps of 32")
-    parser.add_argument("--grpo_steps", type=int, default=60, help="GRPO steps of 96 prompts x 6")
-    parser.add_argument("--temperature", type=float, default=1.0, help="GRPO's sampling temperature")
-    parser.add_argument("--grpo_lr", type=float, default=3e-4, help="GRPO's learning rate")
+    parser.add_argument("--labelled", type=int, default=design("labelled"),
+                        help="training questions with a pseudo-label (of 4,400)")
+    parser.add_argument("--sft_steps", type=int, default=design("sft_steps"), help="SFT steps of 32")
+    parser.add_argument("--grpo_steps", type=int, default=design("grpo_steps"), help="GRPO steps of 96 prompts x 6")
+    parser.add_argument("--temperature", type=float, default=design("temperature"), help="GRPO's sampling temperature")
+    parser.add_argument("--grpo_lr", type=float, default=design("grpo_lr"), help="GRPO's learning rate")
     # as long as GRPO: its 60 steps took as long as 497 and 525 SFT steps at one thread (seeds 1, 2) and 541 in make
     # demo's run at two (EXPERIMENTS 1.6); the longest, rounded
     parser.add_argument("--control_steps", type=int, default=540, help="the control's SFT steps (as long as GRPO)")
@@ -98,7 +102,8 @@ def one_seed(args, seed):
     wall = sum(int(w) for w in open(j("wall_seconds"))) if os.path.exists(j("wall_seconds")) else 0
     return {"seed": seed, "threads": args.threads, "sft": acc["sft"], "grpo": acc["grpo"],
             "paired": paired(metrics["sft"], metrics["grpo"]),
-            "control": {"steps": args.control_steps, "accuracy": acc["ctrl"], "vs_sft": paired(metrics["sft"], metrics["ctrl"]),
+            "control": {"steps": args.control_steps, "accuracy": acc["ctrl"],
+                        "vs_sft": paired(metrics["sft"], metrics["ctrl"]),
                         "grpo_vs_control": paired(metrics["ctrl"], metrics["grpo"])},
             "wall_seconds": wall}
 

@@ -9,7 +9,8 @@ seeds each, from one SFT checkpoint. Today's demo is a cold start, its setting c
 
 Each setting is grpo.py's defaults (T 0.5, lr 5e-5, G 6, kl 0.04) with the prompts per step and
 steps named; each (setting, seed) runs grpo.py, then evaluate.py on the val split (300 questions,
-used to choose) and the test split (reported: 2,560 since issue #34; the committed table scored the 640 of then), each skipped when its output exists. Printed:
+used to choose) and the test split (reported: 2,560 since issue #34; the committed table scored the
+640 of then), each skipped when its output exists. Printed:
 accuracy per seed, the mean, and each run against SFT alone on the same questions (answers fixed /
 broken, exact McNemar p, as demo.py computes it). The runs go to --runs; the table is printed,
 and written as JSON only with --out.
