@@ -25,8 +25,9 @@ design was chosen on the val split.
 
 The tiny model starts from random weights (the paper's starts from a pretrained Qwen2.5-VL) and
 the whole job must fit in ~15 minutes on a 2-core CPU: 600 SFT steps (--sft_steps) took ~6 min and
-60 GRPO steps (96 prompts x 6 samples each) ~5.5 min (bench/results/demo_report.json, "seconds"). The README has the measured table;
-docs/EXPERIMENTS.md (part 1) the time of each stage, the seeds, the control and the ablation.
+60 GRPO steps (96 prompts x 6 samples each) ~5.5 min (bench/results/demo_report.json, "seconds").
+The README has the measured table; docs/EXPERIMENTS.md (part 1) the time of each stage, the seeds,
+the control and the ablation.
 """
 
 import argparse
